@@ -1,0 +1,40 @@
+# sglang-indexcache: `make demo` and `make test` are the whole set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3.11
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SGLANG_VERSION := $(shell cat patches/sglang-version 2>/dev/null)
+SGLANG_DIR ?=
+
+.PHONY: install demo test test-fast apply-patches revert-patches check-patches bench clean-venv
+
+install: $(STAMP)
+
+# Re-installs only when the project's dependency files change.
+$(STAMP): pyproject.toml requirements/lock.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (SGLang 0.5.23 ships cp311 wheels only)"; exit 2; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e '.[test]'
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m sglang_indexcache.demo
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(VENV)/bin/indexcache bench prefill --config tiny
+
+apply-patches: install
+	$(PY) -m sglang_indexcache.sglang_overlay.patchset apply "$(SGLANG_DIR)"
+
+revert-patches: install
+	$(PY) -m sglang_indexcache.sglang_overlay.patchset revert "$(SGLANG_DIR)"
+
+check-patches: install
+	$(PY) -m sglang_indexcache.sglang_overlay.patchset check "$(SGLANG_DIR)"
+
+clean-venv:
+	rm -rf $(VENV)

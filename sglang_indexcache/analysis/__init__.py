@@ -1,0 +1,1 @@
+"""Analysis: cross-layer top-k overlap."""

@@ -1,0 +1,1 @@
+"""Speed benchmarks: DSA layer stacks under IndexCache patterns, and kernels."""

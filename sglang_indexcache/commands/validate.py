@@ -1,0 +1,25 @@
+"""Check a pattern (string, ``every-N``, ``all-F`` or pattern file) against a model directory.
+
+Checks the layer count, layer 0, that every F layer has indexer weights in the checkpoint, and for
+a pattern file its format and model fingerprint. Prints one summary line; exit 2 if invalid.
+"""
+
+from __future__ import annotations
+
+from .. import pattern as pat
+from .. import pattern_file
+from ..model_info import load_model_info
+from ..validation import check_against_model
+
+
+def add_arguments(parser):
+    parser.add_argument("pattern", metavar="PATTERN|FILE", help="pattern, every-N, all-F or a pattern file")
+    parser.add_argument("--model", required=True, metavar="DIR", help="HF-format DSA checkpoint directory")
+
+
+def run(args) -> int:
+    model = load_model_info(args.model)
+    pattern = pattern_file.resolve(args.pattern, model.num_dsa_layers, model)
+    pattern = check_against_model(pattern, model)
+    print(f"valid for {model.architecture} ({model.num_dsa_layers} DSA layers): {pat.describe(pattern)}")
+    return 0

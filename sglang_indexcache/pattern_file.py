@@ -1,0 +1,147 @@
+"""Pattern files (``"format": "indexcache-pattern/v1"``) and pattern specs given on command lines.
+
+A spec is ``all-F``, ``every-N``, a pattern string, or the path of a pattern file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from . import pattern as pat
+from .errors import PatternError, PatternFileError
+from .model_info import ModelInfo
+
+FORMAT = "indexcache-pattern/v1"
+METHODS = ("greedy", "uniform", "distilled", "manual")
+EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_document(pattern: str, model: ModelInfo, method: str = "manual", **calibration) -> dict:
+    """Build a v1 document; ``calibration`` holds keep_ratio, data, baseline_loss, loss, steps..."""
+    if method not in METHODS:
+        raise PatternFileError(f"unknown calibration method {method!r}; one of {', '.join(METHODS)}")
+    pattern = pat.validate(pattern, model.num_dsa_layers)
+    model_block = model.summary()
+    model_block["fingerprint"] = model.fingerprint()
+    model_block["fingerprint_fields"] = model.fingerprint_fields()
+    return {
+        "format": FORMAT,
+        "pattern": pattern,
+        "model": model_block,
+        "calibration": {"method": method, **calibration},
+        "created_by": f"sglang-indexcache {__version__}",
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write(path, document: dict) -> None:
+    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+
+
+def read(path) -> dict:
+    """Read and check a pattern file's structure (not yet against a model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PatternFileError(f"pattern file {path} does not exist")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PatternFileError(f"pattern file {path} is not UTF-8 text: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise PatternFileError(f"pattern file {path} is not valid JSON (corrupt or truncated): {exc}") from exc
+    if not isinstance(document, dict):
+        raise PatternFileError(f"pattern file {path} must hold a JSON object")
+    fmt = document.get("format")
+    if fmt != FORMAT:
+        raise PatternFileError(f"pattern file {path} has format {fmt!r}; only {FORMAT!r} is understood")
+    for key, kind in (("pattern", str), ("model", dict)):
+        if not isinstance(document.get(key), kind):
+            raise PatternFileError(f"pattern file {path} lacks a valid {key!r} entry")
+    model = document["model"]
+    try:
+        document["pattern"] = pat.validate(document["pattern"], model.get("num_dsa_layers"))
+    except PatternError as exc:
+        raise PatternFileError(f"pattern file {path}: {exc}") from exc
+    if not isinstance(model.get("fingerprint"), str):
+        raise PatternFileError(f"pattern file {path} lacks model.fingerprint")
+    return document
+
+
+def check_matches(document: dict, model: ModelInfo, source="pattern file") -> None:
+    """Refuse a document made for another model, naming the first field that differs."""
+    recorded = document["model"]
+    current = model.summary()
+    for key, value in current.items():
+        if key in recorded and recorded[key] != value:
+            raise PatternFileError(
+                f"{source} was made for another model: {key} is {recorded[key]!r} in the file"
+                f" but {value!r} in {model.path}"
+            )
+    if recorded["fingerprint"] == model.fingerprint():
+        return
+    fields = recorded.get("fingerprint_fields") or {}
+    for key, value in model.fingerprint_fields().items():
+        if key in fields and fields[key] != value:
+            raise PatternFileError(
+                f"{source} fingerprint does not match {model.path}: {key} is {fields[key]!r} in the"
+                f" file but {value!r} in the model"
+            )
+    raise PatternFileError(
+        f"{source} fingerprint {recorded['fingerprint']} does not match {model.path}"
+        f" ({model.fingerprint()}): its config or indexer weight names/shapes differ"
+    )
+
+
+def looks_like_file(spec: str) -> bool:
+    return spec.endswith(".json") or os.sep in spec or Path(spec).is_file()
+
+
+def resolve(spec: str, num_layers: int, model: ModelInfo | None = None) -> str:
+    """Turn a command-line pattern spec into a validated canonical pattern for ``num_layers``."""
+    text = spec.strip()
+    if text.lower() in ("all-f", "allf", "full"):
+        return pat.FULL * pat.check_num_layers(num_layers)
+    match = EVERY_RE.match(text)
+    if match:
+        return pat.uniform(num_layers, int(match.group(1)))
+    if looks_like_file(text):
+        document = read(text)
+        if model is not None:
+            check_matches(document, model, source=f"pattern file {text}")
+        return pat.validate(document["pattern"], num_layers)
+    return pat.validate(text, num_layers)
+
+
+def spec_label(spec: str) -> str:
+    """A short label for tables: ``all-F``, ``every-4``, the file name, or the pattern itself."""
+    text = spec.strip()
+    if text.lower() in ("all-f", "allf", "full"):
+        return "all-F"
+    match = EVERY_RE.match(text)
+    if match:
+        return f"every-{match.group(1)}"
+    if looks_like_file(text):
+        return Path(text).name
+    return text.upper()

@@ -1,0 +1,1 @@
+"""Code the SGLang patch set calls: flags, validation, observability, calibration mode."""

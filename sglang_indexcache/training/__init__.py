@@ -1,0 +1,1 @@
+"""Training: the embedded tiny model recipe and the multi-layer distillation loss."""

@@ -1,0 +1,91 @@
+"""The `indexcache` command line: pattern and validate verbs, exit codes, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sglang_indexcache import pattern_file
+from sglang_indexcache.model_info import load_model_info
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "sglang_indexcache", *args], capture_output=True, text=True)
+
+
+def assert_usage_error(result, match):
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert match in lines[0], lines[0]
+
+
+def test_every_4():
+    result = cli("pattern", "--every", "4", "--layers", "8")
+    assert (result.returncode, result.stdout) == (0, "FSSSFSSS\n")
+
+
+def test_from_engine_freq_sglang():
+    result = cli("pattern", "--every", "4", "--layers", "8", "--from-engine-freq", "sglang")
+    assert (result.returncode, result.stdout) == (0, "FFSSSFSS\n")
+
+
+def test_engine_export():
+    result = cli("pattern", " fsssfsss ", "--engine", "sglang")
+    assert result.returncode == 0
+    flag = result.stdout.strip()
+    assert json.loads(flag.split("'")[1])["index_topk_pattern"] == "FSSSFSSS"
+    result = cli("pattern", "FSSF", "--engine", "transformers")
+    assert json.loads(result.stdout) == {"indexer_types": ["full", "shared", "shared", "full"]}
+
+
+@pytest.mark.parametrize("args, match", [
+    (("pattern", "SFFF"), "layer 0 must be F"),
+    (("pattern", "FSS", "--layers", "4"), "3 layers but the model has 4"),
+    (("pattern", "FS SF"), "position 3"),
+    (("pattern", ""), "empty"),
+    (("pattern", "--every", "0", "--layers", "8"), "positive integer"),
+    (("pattern", "--every", "4", "--layers", "0"), "positive integer"),
+    (("pattern", "--every", "4"), "needs --layers"),
+    (("pattern", "--every", "x", "--layers", "4"), "invalid int value"),
+    (("pattern",), "either a PATTERN or --every"),
+    (("pattern", "FS", "--engine", "tgi"), "invalid choice"),
+    (("frobnicate",), "invalid choice"),
+])
+def test_bad_input_exits_2(args, match):
+    assert_usage_error(cli(*args), match)
+
+
+def test_validate_ok(dsa_checkpoint):
+    result = cli("validate", "every-4", "--model", str(dsa_checkpoint))
+    assert result.returncode == 0 and "FSSSFSSS (2/8 indexers kept" in result.stdout
+
+
+def test_validate_file(tmp_path, dsa_checkpoint, make_checkpoint):
+    doc = pattern_file.make_document("FSSSFSSS", load_model_info(dsa_checkpoint), method="manual")
+    path = tmp_path / "p.json"
+    pattern_file.write(path, doc)
+    assert cli("validate", str(path), "--model", str(dsa_checkpoint)).returncode == 0
+    other = make_checkpoint("other", extra_config={"vocab_size": 512})
+    assert_usage_error(cli("validate", str(path), "--model", str(other)), "vocab_size is 256 in the file but 512")
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("FSSS", "4 layers but the model has 8"),
+    ("SSSSFSSS", "layer 0 must be F"),
+    ("missing.json", "does not exist"),
+])
+def test_validate_bad(dsa_checkpoint, spec, match):
+    assert_usage_error(cli("validate", spec, "--model", str(dsa_checkpoint)), match)
+
+
+def test_validate_missing_indexer(make_checkpoint):
+    model = make_checkpoint(indexer_layers=[0, 4])
+    assert cli("validate", "FSSSFSSS", "--model", str(model)).returncode == 0
+    assert_usage_error(cli("validate", "every-2", "--model", str(model)), "layer 2 is F but")
+
+
+def test_validate_model_dir_errors(tmp_path):
+    assert_usage_error(cli("validate", "F", "--model", str(tmp_path / "none")), "does not exist")
+    assert_usage_error(cli("validate", "F", "--model", str(tmp_path)), "no config.json")
