@@ -1,0 +1,170 @@
+"""Pure-PyTorch float32 references: the specification of every kernel in this package.
+
+Each ``*_ref`` has the signature of its Triton kernel (``indexer_topk.py``, ``sparse_mla_decode.py``)
+and is the answer the kernel is tested against. They are also the CPU path of the rest of the project
+where Triton is not wanted. Dimension names, used identically in docstrings, code and tests:
+
+``b`` requests, ``t`` tokens of a ragged batch, ``h`` heads, ``d`` index head dim (128),
+``d_qk`` MLA query/key dim (576 = latent 512 + rope 64), ``d_v`` value dim (512), ``topk`` selected
+tokens, ``num_pages`` physical pages of a paged cache, ``max_pages`` page-table width, page size 64.
+
+Token indices are int32 positions *within the request* (0 .. seq_len-1), padded with -1.
+A paged cache stores position ``p`` of request ``i`` at ``cache[page_table[i, p // 64], p % 64]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PAGE_SIZE = 64
+
+__all__ = [
+    "PAGE_SIZE", "paged_rows", "select_topk", "indexer_scores_prefill_ref", "indexer_topk_prefill_ref",
+    "indexer_scores_decode_ref", "indexer_topk_decode_ref", "sparse_mla_decode_ref",
+]
+
+
+def paged_rows(page_table_row: torch.Tensor, positions: torch.Tensor, page_size: int = PAGE_SIZE):
+    """Flat cache rows ``[n]`` (int64) of ``positions`` [n] (valid, >= 0) for one request's page table."""
+    pos = positions.long()
+    return page_table_row.long()[pos // page_size] * page_size + pos % page_size
+
+
+def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices ``[rows, topk]`` int32 of the ``topk`` largest of ``scores`` [rows, n] fp32.
+
+    ``-inf`` marks a non-candidate: its slot becomes -1, as do slots beyond ``n``.
+    """
+    rows, n = scores.shape
+    out = torch.full((rows, topk), -1, dtype=torch.int32, device=scores.device)
+    k = min(topk, n)
+    if k == 0:
+        return out
+    vals, idx = torch.topk(scores, k, dim=-1)                    # [rows, k]
+    out[:, :k] = torch.where(vals == float("-inf"), -1, idx).to(torch.int32)
+    return out
+
+
+def _index_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * sum_h w[r,h] * relu(q[r,h] . k[s])`` in fp32: q [r, h, d], w [r, h], k [n, d] -> [r, n]."""
+    logits = torch.einsum("rhd,nd->rhn", q.float(), k.float())  # [r, h, n]
+    return torch.einsum("rhn,rh->rn", logits.relu(), weights.float()) * scale
+
+
+def indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale: float) -> torch.Tensor:
+    """Dense causal index scores ``[t, max_len]`` fp32 of a ragged batch (small sizes: tests, CPU).
+
+    Row ``t`` (position ``p`` in its request) holds ``I[t, s]`` for positions ``s <= p`` and -inf
+    elsewhere. Argument shapes as in ``indexer_topk_prefill_ref``.
+    """
+    bounds = cu_seqlens.tolist()
+    max_len = max([e - s for s, e in zip(bounds[:-1], bounds[1:])], default=0)
+    out = torch.full((q.shape[0], max_len), float("-inf"), dtype=torch.float32, device=q.device)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        n = end - start
+        if n <= 0:
+            continue
+        scores = _index_scores(q[start:end], weights[start:end], k[start:end], scale)  # [n, n]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        out[start:end, :n] = scores.masked_fill(~causal, float("-inf"))
+    return out
+
+
+def indexer_topk_prefill_ref(q, weights, k, cu_seqlens, topk: int, scale: float) -> torch.Tensor:
+    """Lightning-indexer top-k for a ragged prefill batch (no cached prefix).
+
+    Args:
+        q: ``[t, h, d]`` bf16/fp32, index queries of all tokens of the batch.
+        weights: ``[t, h]`` fp32, per-token per-head weights ``w[t, h]``.
+        k: ``[t, d]`` bf16/fp32, index keys of the same tokens.
+        cu_seqlens: ``[b+1]`` int32, request i owns tokens ``cu_seqlens[i] .. cu_seqlens[i+1]-1``.
+        topk: number of indices per token (<= 2048).
+        scale: score scale.
+
+    Returns:
+        ``[t, topk]`` int32: positions within the request of the ``topk`` largest
+        ``I[t, s] = scale * sum_h w[t, h] * relu(q[t, h] . k[s])`` over ``s <= t`` (causal, same
+        request), in no guaranteed order; -1 in the slots beyond the ``position + 1`` candidates.
+    """
+    return select_topk(indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale), topk)
+
+
+def _dequant_keys(k_cache, k_scale, rows):
+    """Keys ``[n, d]`` fp32 at flat ``rows`` of the paged cache, times the per-token fp8 scale if given."""
+    keys = k_cache.reshape(-1, k_cache.shape[-1])[rows].float()  # [n, d]
+    if k_scale is not None:
+        keys = keys * k_scale.reshape(-1)[rows].float()[:, None]
+    return keys
+
+
+def indexer_scores_decode_ref(q, weights, k_cache, page_table, seq_lens, scale: float,
+                              k_scale=None) -> torch.Tensor:
+    """Dense index scores ``[b, max(seq_lens)]`` fp32 of decode queries, -inf past each seq_len.
+
+    Argument shapes as in ``indexer_topk_decode_ref``.
+    """
+    b = q.shape[0]
+    width = max(int(seq_lens.max()) if b else 0, 0)
+    out = torch.full((b, width), float("-inf"), dtype=torch.float32, device=q.device)
+    for i, n in enumerate(seq_lens.tolist()):
+        if n <= 0:
+            continue
+        rows = paged_rows(page_table[i], torch.arange(n, device=q.device))
+        keys = _dequant_keys(k_cache, k_scale, rows)              # [n, d]
+        out[i, :n] = _index_scores(q[i:i + 1], weights[i:i + 1], keys, scale)[0]
+    return out
+
+
+def indexer_topk_decode_ref(q, weights, k_cache, page_table, seq_lens, topk: int, scale: float,
+                            k_scale=None) -> torch.Tensor:
+    """Lightning-indexer top-k for one decode query per request against a paged index-K cache.
+
+    Args:
+        q: ``[b, h, d]`` bf16/fp32, the new token's index queries.
+        weights: ``[b, h]`` fp32.
+        k_cache: ``[num_pages, 64, d]`` bf16/fp32, or float8_e4m3fn with ``k_scale``.
+        page_table: ``[b, max_pages]`` int32, logical page j of request i -> physical page.
+        seq_lens: ``[b]`` int32, cached tokens of each request (the query attends to all of them).
+        topk: number of indices per request.
+        scale: score scale.
+        k_scale: ``[num_pages, 64]`` fp32 per-token scales of an fp8 cache (key = fp8 value * scale).
+
+    Returns:
+        ``[b, topk]`` int32 positions ``0 .. seq_len-1`` of the largest scores, -1 padded.
+    """
+    scores = indexer_scores_decode_ref(q, weights, k_cache, page_table, seq_lens, scale, k_scale)
+    return select_topk(scores, topk)
+
+
+def sparse_mla_decode_ref(q, kv_cache, page_table, indices, sm_scale: float, d_v: int = 512,
+                          return_lse: bool = False):
+    """Absorbed MLA attention of each request's query over its selected tokens in a paged latent cache.
+
+    Args:
+        q: ``[b, h, d_qk]`` bf16/fp32, absorbed query (latent ``d_v`` + rope).
+        kv_cache: ``[num_pages, 64, d_qk]`` bf16/fp32; K = the whole row, V = its first ``d_v`` dims.
+        page_table: ``[b, max_pages]`` int32.
+        indices: ``[b, topk]`` int32 positions within the request; -1 entries are skipped.
+        sm_scale: softmax scale applied to ``q . k``.
+        d_v: value dim (512).
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        ``out [b, h, d_v]`` in q's dtype, ``softmax(sm_scale * q K^T) V`` over the valid indices, and
+        with ``return_lse`` also ``lse [b, h]`` fp32 (natural log of ``sum exp(sm_scale * q . k)``).
+        A request with no valid index gives ``out = 0`` and ``lse = -inf``.
+    """
+    b, h, _ = q.shape
+    out = torch.zeros(b, h, d_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, h), float("-inf"), dtype=torch.float32, device=q.device)
+    flat = kv_cache.reshape(-1, kv_cache.shape[-1])
+    for i in range(b):
+        sel = indices[i][indices[i] >= 0]                          # [n]
+        if sel.numel() == 0:
+            continue
+        kv = flat[paged_rows(page_table[i], sel)].float()           # [n, d_qk]
+        logits = (q[i].float() @ kv.T) * sm_scale                  # [h, n]
+        lse[i] = torch.logsumexp(logits, dim=-1)
+        out[i] = torch.softmax(logits, dim=-1) @ kv[:, :d_v]      # [h, d_v]
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,176 @@
+"""Absorbed sparse MLA decode over top-k token indices in a paged latent KV cache (Triton).
+
+The specification is ``reference.sparse_mla_decode_ref``. One program handles ``BLOCK_H`` heads of
+one request over a slice of its ``topk`` indices: it gathers the selected latent rows (page table
+lookup per index, -1 skipped), runs an online softmax, and writes either the final output (one
+split) or a partial output + log-sum-exp per split, which a combine kernel merges
+(FlashDecoding-style split-K: used when ``b * head blocks`` would leave SMs idle).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_common import dot_precision, interpreting, mma
+from .reference import PAGE_SIZE
+
+__all__ = ["sparse_mla_decode", "DEFAULT_CONFIG"]
+
+LOG2E = 1.4426950408889634
+# Launch parameters, chosen from the GPU sweep recorded in docs/perf.md.
+DEFAULT_CONFIG = {"block_h": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+
+
+@triton.jit
+def _sparse_mla_kernel(
+    q_ptr, kv_ptr, pt_ptr, idx_ptr, o_ptr, lse_ptr,
+    H, TOPK, per_split, scale_log2,
+    stride_qb, stride_qh, stride_kv, stride_pt, stride_ib, stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    D_V: tl.constexpr, D_R: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """o[i, h, split] = softmax-weighted V over indices [split*per_split, +per_split) of request i."""
+    i = tl.program_id(0)
+    hb = tl.program_id(1)
+    sp = tl.program_id(2)
+    hs = hb * BLOCK_H + tl.arange(0, BLOCK_H)                       # [BLOCK_H]
+    hm = hs < H
+    dv = tl.arange(0, D_V)
+    dr = tl.arange(0, D_R)
+    q_row = q_ptr + i * stride_qb + hs[:, None] * stride_qh
+    q_nope = tl.load(q_row + dv[None, :], mask=hm[:, None], other=0.0)        # [BLOCK_H, D_V]
+    q_rope = tl.load(q_row + D_V + dr[None, :], mask=hm[:, None], other=0.0)  # [BLOCK_H, D_R]
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_V], tl.float32)
+    start = sp * per_split
+    end = tl.minimum(start + per_split, TOPK)
+    for n0 in range(start, end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        tok = tl.load(idx_ptr + i * stride_ib + cols, mask=cols < end, other=-1)  # [BLOCK_N]
+        ok = tok >= 0
+        page = tl.load(pt_ptr + i * stride_pt + tok // PAGE, mask=ok, other=0)
+        row = (page.to(tl.int64) * PAGE + tok % PAGE) * stride_kv
+        kv = tl.load(kv_ptr + row[:, None] + dv[None, :], mask=ok[:, None], other=0.0)       # [BLOCK_N, D_V]
+        kr = tl.load(kv_ptr + row[:, None] + D_V + dr[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_N, D_R]
+        s = mma(q_nope, tl.trans(kv), UPCAST, PRECISION) + mma(q_rope, tl.trans(kr), UPCAST, PRECISION)
+        s = tl.where(ok[None, :], s * scale_log2, float("-inf"))    # [BLOCK_H, BLOCK_N] log2 units
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + mma(p.to(kv.dtype), kv, UPCAST, PRECISION)
+        m = m_new
+    has = l > 0.0
+    out = acc / tl.where(has, l, 1.0)[:, None]
+    lse = tl.where(has, (m + tl.log2(tl.where(has, l, 1.0))) / 1.4426950408889634, float("-inf"))
+    o_ptrs = o_ptr + i * stride_ob + hs[:, None] * stride_oh + sp * stride_os + dv[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=hm[:, None])
+    tl.store(lse_ptr + i * stride_lb + hs * stride_lh + sp, lse, mask=hm)
+
+
+@triton.jit
+def _combine_kernel(
+    part_ptr, plse_ptr, o_ptr, lse_ptr, SPLITS,
+    stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh, stride_fb,
+    D_V: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Merge the per-split outputs and LSEs of one (request, head) into the final output and LSE."""
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    ss = tl.arange(0, BLOCK_S)
+    plse = tl.load(plse_ptr + i * stride_lb + h * stride_lh + ss, mask=ss < SPLITS, other=float("-inf"))
+    mx = tl.max(plse, axis=0)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    w = tl.exp(plse - mx_safe)                                      # [BLOCK_S], 0 for empty splits
+    total = tl.sum(w, axis=0)
+    dv = tl.arange(0, D_V)
+    parts = tl.load(part_ptr + i * stride_pb + h * stride_ph + ss[:, None] * stride_ps + dv[None, :],
+                    mask=(ss < SPLITS)[:, None], other=0.0)         # [BLOCK_S, D_V]
+    out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(o_ptr + i * stride_ob + h * stride_oh + dv, out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + i * stride_fb + h, tl.where(total > 0.0, mx_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf")))
+
+
+def _num_splits(b: int, head_blocks: int, topk: int, block_n: int, device) -> int:
+    """Split-K factor: enough programs to fill the SMs about twice, at least one block per split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = b * head_blocks
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(topk, block_n), triton.cdiv(2 * sms, programs), 32))
+
+
+def _check_args(q, kv_cache, page_table, indices, d_v):
+    b, h, d_qk = q.shape
+    if kv_cache.shape[1] != PAGE_SIZE or kv_cache.shape[2] != d_qk:
+        raise ValueError(f"kv_cache must be [num_pages, {PAGE_SIZE}, {d_qk}], got {list(kv_cache.shape)}")
+    if indices.shape[0] != b or page_table.shape[0] != b:
+        raise ValueError("q, page_table and indices must have the same batch size")
+    rope = d_qk - d_v
+    if d_v & (d_v - 1) or rope <= 0 or rope & (rope - 1):
+        raise ValueError(f"d_v ({d_v}) and d_qk - d_v ({rope}) must be powers of two")
+
+
+def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: int = 512,
+                      return_lse: bool = False, *, num_splits: int | None = None, config=None,
+                      out=None, lse=None):
+    """Triton version of ``reference.sparse_mla_decode_ref`` (same arguments and result).
+
+    ``q [b, h, d_qk]`` bf16, ``kv_cache [num_pages, 64, d_qk]`` bf16, ``page_table [b, max_pages]``
+    int32, ``indices [b, topk]`` int32 (-1 skipped) -> ``out [b, h, d_v]`` in q's dtype and, with
+    ``return_lse``, ``lse [b, h]`` fp32 (natural log; -inf and out = 0 for a request with no index).
+    ``num_splits`` overrides the split-K factor (default: from the SM count; 1 off the GPU);
+    ``config`` overrides ``DEFAULT_CONFIG``; ``out``/``lse`` receive the results when given.
+    """
+    _check_args(q, kv_cache, page_table, indices, d_v)
+    b, h, d_qk = q.shape
+    topk = indices.shape[1]
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(h)))
+    block_n = cfg["block_n"]
+    head_blocks = triton.cdiv(h, block_h)
+    splits = num_splits or _num_splits(b, head_blocks, topk, block_n, q.device)
+    per_split = triton.cdiv(triton.cdiv(max(topk, 1), splits), block_n) * block_n
+    splits = max(1, triton.cdiv(topk, per_split))
+    out = torch.empty(b, h, d_v, dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty(b, h, dtype=torch.float32, device=q.device) if lse is None else lse
+    q, kv = q.contiguous(), kv_cache.reshape(-1, d_qk)
+    pt, idx = page_table.int().contiguous(), indices.int().contiguous()
+    if splits == 1:
+        o_part, l_part = out.view(b, h, 1, d_v), lse.view(b, h, 1)
+    else:
+        o_part = torch.empty(b, h, splits, d_v, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+    if b > 0 and h > 0:
+        _sparse_mla_kernel[(b, head_blocks, splits)](
+            q, kv, pt, idx, o_part, l_part, h, topk, per_split, sm_scale * LOG2E,
+            q.stride(0), q.stride(1), kv.stride(0), pt.stride(0), idx.stride(0),
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+            D_V=d_v, D_R=d_qk - d_v, PAGE=PAGE_SIZE, BLOCK_H=block_h, BLOCK_N=block_n,
+            PRECISION=dot_precision(q.dtype), UPCAST=interpreting(_sparse_mla_kernel),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if splits > 1:
+            _combine_kernel[(b, h)](
+                o_part, l_part, out, lse, splits,
+                o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0),
+                D_V=d_v, BLOCK_S=max(2, triton.next_power_of_2(splits)))
+    return (out, lse) if return_lse else out
+
+
+def mla_flops(b: int, h: int, n_valid: int, d_qk: int = 576, d_v: int = 512) -> float:
+    """FLOPs of sparse MLA decode: ``2 * b * h * n_valid * (d_qk + d_v)`` (QK^T and PV)."""
+    return 2.0 * b * h * n_valid * (d_qk + d_v)
+
+
+def mla_bytes(b: int, h: int, topk: int, d_qk: int = 576, d_v: int = 512, elem: int = 2) -> float:
+    """Minimum HBM bytes: each selected latent row once, q, out and the indices."""
+    return b * (topk * (d_qk * elem + 4) + h * (d_qk + d_v) * elem)
+
