@@ -1,0 +1,66 @@
+"""Train the F layers' indexers with the multi-layer distillation loss (training-aware IndexCache).
+
+The main model is frozen; each F layer's indexer learns the average attention distribution of the
+layers it serves (itself and the S layers after it). Writes a new HF checkpoint to --out in which
+only the F layers' indexer tensors differ, plus out/pattern.json and a report in out/distill/
+(report.json, loss.png). Resumable with --resume.
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", required=True, metavar="DIR", help="HF-format GlmMoeDsa checkpoint directory")
+    parser.add_argument("--pattern", required=True, metavar="P",
+                        help="pattern string, every-N, all-F or a pattern file")
+    parser.add_argument("--data", required=True, metavar="SRC", help="training text (.txt/.jsonl/.parquet, folder, hub name)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory (must be new or empty)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    parser.add_argument("--batch-size", type=int, default=4, help="blocks per step (default 4)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per block (default 512)")
+    parser.add_argument("--form", choices=("warmup", "sparse"), default="warmup",
+                        help="warmup: KL over all causal keys, targets from a dense forward (default);"
+                             " sparse: KL over the F layer's selected top-k, targets from the forward under the pattern")
+    parser.add_argument("--single-layer", action="store_true",
+                        help="ablation: each F indexer learns only its own layer's attention")
+    parser.add_argument("--resume", action="store_true", help="continue from out/distill/state.pt")
+    parser.add_argument("--eval-data", metavar="SRC", default=None,
+                        help="held-out text for LM loss before/after (default: last 10%% of --data's blocks)")
+    parser.add_argument("--eval-tokens", type=int, default=32768, help="at most this many held-out tokens")
+    parser.add_argument("--train-tokens", type=int, default=None, help="at most this many training tokens")
+    parser.add_argument("--text-field", default="text", help="column of jsonl/parquet data (default text)")
+    parser.add_argument("--save-every", type=int, default=20, help="checkpoint the state every N steps")
+    parser.add_argument("--seed", type=int, default=0, help="batch order seed")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    import json
+
+    import torch
+
+    from ..training.distill_run import DistillConfig
+    from ..training.distill_run import run as run_distill
+
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
+    config = DistillConfig(
+        model=args.model, pattern=args.pattern, data=args.data, out=args.out, steps=args.steps, lr=args.lr,
+        batch_size=args.batch_size, seq_len=args.seq_len, form=args.form, single_layer=args.single_layer,
+        resume=args.resume, eval_data=args.eval_data, eval_tokens=args.eval_tokens,
+        train_tokens=args.train_tokens, text_field=args.text_field, seed=args.seed, save_every=args.save_every,
+    )
+    report = run_distill(config)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "history"}, indent=2))
+        return 0
+    loss = report["lm_loss"]
+    gap = report["gap_closed"]
+    print(f"distilled {report['describe']} ({report['steps']} steps, {report['train_seconds']:.0f} s training)")
+    print(f"LM loss (nats/token) on {report['eval_data']['source']}: all-F {loss['all_f_before']:.4f};"
+          f" pattern before {loss['pattern_before']:.4f}, after {loss['pattern_after']:.4f}"
+          + (f" (gap closed {100 * gap:.0f}%)" if gap is not None else ""))
+    print(f"checkpoint: {report['out']}  report: {report['out']}/distill/report.json")
+    return 0
