@@ -1,0 +1,51 @@
+"""Recall of reused top-k against each shared layer's own top-k (``POST /index_cache/overlap``).
+
+Input is what SGLang's indexer top-k capturer returns with every indexer running (all-F):
+``topk`` int32 ``[t, l, topk]`` — for each of ``t`` token positions and each of ``l`` DSA layers,
+the key positions that layer's indexer selected, padded with -1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import pattern as pat
+
+
+def recall(own: np.ndarray, reused: np.ndarray) -> np.ndarray:
+    """Per token, the share of ``own``'s valid indices that ``reused`` also holds.
+
+    own, reused: int ``[t, topk]`` (-1 = padding). Returns float64 ``[t]``; NaN where ``own`` has
+    no valid index.
+    """
+    t = own.shape[0]
+    span = int(max(own.max(initial=0), reused.max(initial=0))) + 2
+    row = np.arange(t, dtype=np.int64)[:, None] * span  # [t, 1]: makes indices unique per row
+    own_keys = np.where(own >= 0, own.astype(np.int64) + row, -1)  # [t, topk]
+    reused_keys = np.where(reused >= 0, reused.astype(np.int64) + row, -2)  # [t, topk]
+    hit = np.isin(own_keys, reused_keys) & (own >= 0)  # [t, topk]
+    valid = (own >= 0).sum(axis=1)  # [t]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(valid > 0, hit.sum(axis=1) / np.maximum(valid, 1), np.nan)
+
+
+def shared_layer_recall(topk: np.ndarray, pattern: str) -> dict:
+    """For each S layer j of ``pattern``: mean recall of its source F layer's top-k against j's own.
+
+    topk: int ``[t, l, k]`` captured with every indexer running. Returns
+    ``{"pattern", "tokens", "layers": [{"layer", "source", "recall"}], "mean_recall"}``.
+    """
+    if topk.ndim != 3:
+        raise ValueError(f"topk must be [tokens, layers, topk], got shape {topk.shape}")
+    pattern = pat.validate(pattern, topk.shape[1])
+    sources = pat.reuse_source(pattern)
+    rows = []
+    for layer, source in enumerate(sources):
+        if source == layer:
+            continue
+        per_token = recall(topk[:, layer, :], topk[:, source, :])  # [t]
+        value = float(np.nanmean(per_token)) if np.isfinite(per_token).any() else None
+        rows.append({"layer": layer, "source": source, "recall": value})
+    values = [r["recall"] for r in rows if r["recall"] is not None]
+    return {"pattern": pattern, "tokens": int(topk.shape[0]), "layers": rows,
+            "mean_recall": float(np.mean(values)) if values else None}

@@ -1,0 +1,203 @@
+"""Apply, revert and check the SGLang patch set (``patches/sglang-<version>/`` + ``series``).
+
+``python -m sglang_indexcache.sglang_overlay.patchset {apply,revert,check} DIR``
+
+DIR is a git checkout of SGLang (it has ``python/sglang/``) or the parent of an installed package
+(it has ``sglang/__init__.py``, e.g. ``site-packages``). The patches are git-format with paths
+``python/sglang/...``; for an installed package they are applied with ``-p2``.
+
+- The SGLang version in DIR must equal the pinned one (``patches/sglang-version``).
+- ``apply`` checks every patch with ``git apply --check`` before changing anything and then applies
+  them all in one ``git apply`` (all or nothing); when every patch reverse-applies it says
+  "already applied" and changes nothing.
+- ``revert`` is the exact inverse (``git apply -R``): the files come back byte for byte.
+- ``check`` fails on a missing, unused or duplicate patch in ``series``; with DIR it also says
+  whether the set is applied, applies cleanly, or neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+PATCHES_DIR = Path(__file__).resolve().parents[2] / "patches"
+VERSION_RE = re.compile(r"""^__version__\s*(?::\s*str\s*)?=\s*(?:version\s*=\s*)?['"]([^'"]+)['"]""", re.M)
+
+
+class PatchSetError(UsageError):
+    """The patch set cannot be applied, reverted or checked as asked (nothing was changed)."""
+
+
+def pinned_version(patches_dir: Path = PATCHES_DIR) -> str:
+    path = patches_dir / "sglang-version"
+    if not path.is_file():
+        raise PatchSetError(f"{path} is missing: it pins the SGLang version the patches target")
+    return path.read_text().strip()
+
+
+def series(patches_dir: Path = PATCHES_DIR) -> list[Path]:
+    """The patches in ``series`` order; refuses missing, unused or duplicate entries."""
+    version = pinned_version(patches_dir)
+    directory = patches_dir / f"sglang-{version}"
+    series_path = directory / "series"
+    if not series_path.is_file():
+        raise PatchSetError(f"{series_path} is missing")
+    names = [line.split("#", 1)[0].strip() for line in series_path.read_text().splitlines()]
+    names = [n for n in names if n]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise PatchSetError(f"{series_path} lists {', '.join(duplicates)} more than once")
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise PatchSetError(f"{series_path} lists {', '.join(missing)}, which does not exist")
+    unused = sorted(p.name for p in directory.glob("*.patch") if p.name not in names)
+    if unused:
+        raise PatchSetError(f"{directory} has {', '.join(unused)}, which series does not list")
+    if not names:
+        raise PatchSetError(f"{series_path} lists no patch")
+    return [directory / n for n in names]
+
+
+@dataclass
+class Target:
+    root: Path  # where git apply runs
+    strip: int  # -p value: 1 for a checkout (python/sglang/...), 2 for an installed package
+    layout: str  # "checkout" or "installed"
+
+    @property
+    def package(self) -> Path:
+        return self.root / "python" / "sglang" if self.layout == "checkout" else self.root / "sglang"
+
+
+def locate(directory) -> Target:
+    if not directory:
+        raise PatchSetError("no SGLang directory given (make apply-patches SGLANG_DIR=DIR)")
+    root = Path(directory).resolve()
+    if not root.is_dir():
+        raise PatchSetError(f"SGLang directory {directory} does not exist")
+    if (root / "python" / "sglang" / "__init__.py").is_file():
+        return Target(root, 1, "checkout")
+    if (root / "sglang" / "__init__.py").is_file():
+        return Target(root, 2, "installed")
+    raise PatchSetError(
+        f"{directory} is neither an SGLang checkout (python/sglang/) nor an installed package's"
+        " parent directory (sglang/__init__.py)"
+    )
+
+
+def installed_version(target: Target) -> str:
+    """The version of the SGLang tree: ``_version.py`` (wheel), ``version.py``, or ``git describe``."""
+    for name in ("_version.py", "version.py"):
+        path = target.package / name
+        if path.is_file():
+            match = VERSION_RE.search(path.read_text(encoding="utf-8", errors="replace"))
+            if match:
+                return match.group(1)
+    if target.layout == "checkout":
+        described = _git(target, "describe", "--tags", "--abbrev=0", check=False)
+        if described.returncode == 0 and described.stdout.strip():
+            return described.stdout.strip().lstrip("v")
+    raise PatchSetError(f"cannot tell the SGLang version of {target.root} (no _version.py, version.py or tag)")
+
+
+def _git(target: Target, *args, check=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    # Never let git find an enclosing repository: paths must be relative to target.root.
+    env["GIT_CEILING_DIRECTORIES"] = str(target.root.parent)
+    result = subprocess.run(["git", *args], cwd=target.root, env=env, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise PatchSetError(f"git {' '.join(args[:2])} failed in {target.root}: {result.stderr.strip()}")
+    return result
+
+
+def _apply_args(target: Target, patches, reverse=False, check_only=False) -> list[str]:
+    args = ["apply", f"-p{target.strip}", "--whitespace=nowarn"]
+    if reverse:
+        args.append("-R")
+    if check_only:
+        args.append("--check")
+    return args + [str(p) for p in (reversed(patches) if reverse else patches)]
+
+
+def status(target: Target, patches) -> str:
+    """``"applied"``, ``"clean"`` (applies cleanly) or raises naming the first patch that does neither."""
+    if _git(target, *_apply_args(target, patches, reverse=True, check_only=True), check=False).returncode == 0:
+        return "applied"
+    forward = _git(target, *_apply_args(target, patches, check_only=True), check=False)
+    if forward.returncode == 0:
+        return "clean"
+    applied = [p.name for p in patches
+               if _git(target, *_apply_args(target, [p], reverse=True, check_only=True), check=False).returncode == 0]
+    if applied:
+        raise PatchSetError(
+            f"{target.root} is partly patched ({', '.join(applied)} applied, the rest not): revert by hand"
+            " or reinstall SGLang, then apply again"
+        )
+    first_error = forward.stderr.strip().splitlines()[0] if forward.stderr.strip() else "does not apply"
+    raise PatchSetError(f"the patch set does not apply to {target.root}: {first_error}")
+
+
+def prepare(directory, patches_dir: Path = PATCHES_DIR):
+    patches = series(patches_dir)
+    target = locate(directory)
+    version, pinned = installed_version(target), pinned_version(patches_dir)
+    if version != pinned:
+        raise PatchSetError(
+            f"{target.root} holds SGLang {version}, but the patches are for SGLang {pinned}"
+            f" (patches/sglang-version); nothing was changed"
+        )
+    return target, patches
+
+
+def apply(directory, patches_dir: Path = PATCHES_DIR) -> str:
+    target, patches = prepare(directory, patches_dir)
+    if status(target, patches) == "applied":
+        return f"already applied: {len(patches)} patches in {target.package}"
+    _git(target, *_apply_args(target, patches))
+    return f"applied {len(patches)} patches to {target.package} ({target.layout} layout)"
+
+
+def revert(directory, patches_dir: Path = PATCHES_DIR) -> str:
+    target, patches = prepare(directory, patches_dir)
+    if status(target, patches) == "clean":
+        return f"not applied: nothing to revert in {target.package}"
+    _git(target, *_apply_args(target, patches, reverse=True))
+    return f"reverted {len(patches)} patches in {target.package}"
+
+
+def check(directory=None, patches_dir: Path = PATCHES_DIR) -> str:
+    patches = series(patches_dir)
+    message = f"series OK: {len(patches)} patches for SGLang {pinned_version(patches_dir)}"
+    if directory:
+        target, patches = prepare(directory, patches_dir)
+        state = status(target, patches)
+        message += f"; {target.package}: " + ("applied" if state == "applied" else "applies cleanly")
+    return message
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    actions = {"apply": apply, "revert": revert, "check": check}
+    if not argv or argv[0] not in actions or len(argv) > 2:
+        print("usage: python -m sglang_indexcache.sglang_overlay.patchset {apply,revert,check} [DIR]",
+              file=sys.stderr)
+        return 2
+    try:
+        print(actions[argv[0]](argv[1] if len(argv) > 1 else None))
+    except UsageError as exc:
+        print(f"patchset: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

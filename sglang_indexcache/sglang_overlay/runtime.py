@@ -1,0 +1,149 @@
+"""Run-time side of the patched server: per-layer F/S switch, calibration state, scheduler handler.
+
+The layers of SGLang's DeepSeek/GLM DSA models (``model.model.layers[i].self_attn``) carry
+``skip_topk`` (this layer reuses the carried top-k instead of running its indexer) and
+``next_skip_topk`` (this layer hands its top-k to the next one). :func:`apply_pattern` sets both
+from a pattern, validating first so that an invalid pattern leaves the model untouched.
+
+State is per process: the scheduler process registers its model when loaded
+(:func:`on_model_loaded`); the HTTP process remembers the last pattern it switched to for the
+server info.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .. import pattern as pat
+from ..errors import PatternError, UsageError
+from ..model_info import _ranges
+from . import settings as settings_mod
+
+logger = logging.getLogger("sglang_indexcache.sglang")
+
+_STATE: dict[str, Any] = {"model": None, "settings": None, "pattern": None, "gauge": None}
+
+
+def attention_layers(model) -> list:
+    """``self_attn`` of every main-model decoder layer (MTP/NextN draft layers are separate models)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise UsageError(f"{type(model).__name__} has no model.layers: not a DeepSeek/GLM DSA model")
+    attns = [getattr(layer, "self_attn", None) for layer in layers]
+    bad = [i for i, a in enumerate(attns) if a is None or getattr(a, "skip_topk", None) is None]
+    if bad:
+        raise UsageError(f"layers {_ranges(bad)} of {type(model).__name__} are not DSA layers on this rank")
+    return attns
+
+
+def model_pattern(model) -> str:
+    """The pattern the model's layers run now (F where ``skip_topk`` is False)."""
+    return "".join(pat.SHARED if a.skip_topk else pat.FULL for a in attention_layers(model))
+
+
+def check_pattern(model, pattern: str) -> str:
+    """Validate ``pattern`` for the loaded model: length, layer 0 F, an indexer on every F layer."""
+    attns = attention_layers(model)
+    pattern = pat.validate(pattern, len(attns))
+    missing = [i for i in pat.full_layers(pattern) if attns[i].indexer is None]
+    if missing:
+        raise PatternError(
+            f"layer {missing[0]} is F but the loaded model has no indexer there (F layers without one:"
+            f" {_ranges(missing)}); start the server with --index-cache-calibration to keep every indexer")
+    return pattern
+
+
+def apply_pattern(model, pattern: str) -> str:
+    """Set ``skip_topk``/``next_skip_topk`` of every layer from ``pattern``; all or nothing.
+
+    Layer i: ``skip_topk = pattern[i] == "S"``, ``next_skip_topk = pattern[i + 1] == "S"`` (False
+    for the last layer), exactly what SGLang builds for ``indexer_types`` of that pattern.
+    """
+    pattern = check_pattern(model, pattern)
+    attns = attention_layers(model)
+    for i, attn in enumerate(attns):
+        attn.skip_topk = pattern[i] == pat.SHARED
+        attn.next_skip_topk = i + 1 < len(pattern) and pattern[i + 1] == pat.SHARED
+    return pattern
+
+
+def on_model_loaded(model_runner) -> None:
+    """ModelRunner.load_model hook: register the main model; in calibration mode set its pattern."""
+    if getattr(model_runner, "is_draft_worker", False):
+        return
+    settings = settings_mod.resolve(model_runner.server_args)
+    if settings is None:
+        return
+    model = model_runner.model
+    if settings.calibration:
+        apply_pattern(model, settings.pattern)
+    _STATE.update(model=model, settings=settings, pattern=model_pattern(model))
+    logger.info("IndexCache: model loaded with pattern %s", pat.describe(_STATE["pattern"]))
+
+
+def make_gauge(gauge_cls, labels: dict, server_args) -> None:
+    """SchedulerMetricsCollector hook: ``sglang:index_cache_kept_indexers`` (F layers running)."""
+    settings = settings_mod.resolve(server_args)
+    if settings is None:
+        return
+    gauge = gauge_cls(name="sglang:index_cache_kept_indexers",
+                      documentation="IndexCache: number of DSA layers that run their own indexer (F layers).",
+                      labelnames=labels.keys(), multiprocess_mode="mostrecent")
+    _STATE["gauge"] = gauge.labels(**labels)
+    _STATE["gauge"].set(settings.kept)
+
+
+def state(settings=None) -> dict:
+    settings = settings or _STATE["settings"]
+    if settings is None:
+        return {"enabled": False}
+    current = _STATE["pattern"] or settings.pattern
+    return {**settings.describe(), "enabled": True, "pattern": current, "kept_indexers": current.count(pat.FULL),
+            "start_pattern": settings.pattern}
+
+
+def server_info(server_args) -> dict | None:
+    """The ``index_cache`` entry of /server_info (None when IndexCache is off: no entry at all)."""
+    settings = settings_mod.resolve(server_args)
+    return None if settings is None else state(settings)
+
+
+def handle_request(scheduler, req):
+    """Scheduler handler of ``IndexCacheReqInput``: ``get`` the state or ``set`` a pattern.
+
+    A switch is validated first (an invalid pattern changes nothing), runs only when the scheduler
+    is fully idle (otherwise it answers ``busy`` and the HTTP side retries), so no batch ever mixes
+    two patterns, and flushes the prefix cache (cached prefixes lack the index keys of layers that
+    were S).
+    """
+    from sglang.srt.managers.io_struct import IndexCacheReqOutput
+
+    model, settings = _STATE["model"], _STATE["settings"]
+    if settings is None:
+        return IndexCacheReqOutput(success=False, message="IndexCache is off (no --index-cache-* flag)")
+    if req.action == "get":
+        return IndexCacheReqOutput(success=True, state=state())
+    if req.action != "set":
+        return IndexCacheReqOutput(success=False, message=f"unknown IndexCache action {req.action!r}")
+    if not settings.calibration:
+        return IndexCacheReqOutput(success=False, message="switching the pattern needs --index-cache-calibration")
+    try:
+        pattern = check_pattern(model, req.pattern or "")
+    except UsageError as exc:
+        return IndexCacheReqOutput(success=False, message=str(exc))
+    if not scheduler.is_fully_idle():
+        return IndexCacheReqOutput(success=False, busy=True, message="requests in flight")
+    apply_pattern(model, pattern)
+    if not scheduler.flush_cache():
+        logger.warning("IndexCache: prefix cache flush failed after the switch to %s", pattern)
+    _STATE["pattern"] = pattern
+    if _STATE["gauge"] is not None:
+        _STATE["gauge"].set(pattern.count(pat.FULL))
+    logger.info("IndexCache: switched to pattern %s; prefix cache flushed", pat.describe(pattern))
+    return IndexCacheReqOutput(success=True, state=state())
+
+
+def remember_pattern(pattern: str) -> None:
+    """HTTP-process side: the pattern the scheduler now runs (for /server_info)."""
+    _STATE["pattern"] = pattern

@@ -1,0 +1,242 @@
+"""The IndexCache flags of the patched SGLang server: resolution, validation, model-config override.
+
+Flags (fields of SGLang's ``model`` namespace, added by ``0001-index-cache-flags.patch``):
+``--index-cache-pattern P``, ``--index-cache-every N``, ``--index-cache-pattern-file F``,
+``--index-cache-calibration``. All of them off means the patched server is stock SGLang: every
+function here then returns SGLang's own values unchanged.
+
+Every SGLang process builds its own ``ModelConfig`` through ``ModelConfig.from_server_args``; the
+patch routes its ``json_model_override_args`` through :func:`model_override_args`, which adds
+``indexer_types`` (and ``index_topk_pattern``) for the resolved pattern. ``indexer_types`` must be
+set, not only ``index_topk_pattern``: SGLang's ``dsa_layer_skips_topk`` reads it first and
+transformers writes it into every GlmMoeDsa config.json, so a pattern alone would be silently
+ignored on such checkpoints. Resolution is deterministic (model dir + flags), so every process
+sees the same pattern.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+from .. import pattern as pat
+from .. import pattern_file
+from ..errors import UsageError
+from ..model_info import ModelInfo, _ranges, load_model_info
+from ..validation import check_against_model
+
+logger = logging.getLogger("sglang_indexcache.sglang")
+
+FLAG_FIELDS = ("index_cache_pattern", "index_cache_every", "index_cache_pattern_file")
+# Keys of --json-model-override-args that would give a second, competing pattern.
+PATTERN_OVERRIDE_KEYS = ("indexer_types", "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset")
+
+
+class IndexCacheError(UsageError):
+    """An IndexCache flag the server cannot start with (one line, names the flag)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved IndexCache configuration of one server.
+
+    ``pattern`` is what the layers run (F/S per DSA layer); ``model_pattern`` is what the model is
+    built with: the same, except in calibration mode, where every layer is built F (indexer
+    module, weights and index-K cache for every layer) and ``pattern`` is set on the layers after
+    loading (and can be switched at run time).
+    """
+
+    pattern: str
+    source: str  # "--index-cache-pattern", "--index-cache-every 4", "--index-cache-pattern-file F"
+    calibration: bool
+    checkpoint_pattern: str | None  # what config.json alone would select, for the override log line
+    checkpoint_key: str | None  # the config.json key it came from ("indexer_types", ...)
+
+    @property
+    def model_pattern(self) -> str:
+        return pat.FULL * len(self.pattern) if self.calibration else self.pattern
+
+    @property
+    def kept(self) -> int:
+        return self.pattern.count(pat.FULL)
+
+    def describe(self) -> dict:
+        return {"pattern": self.pattern, "kept_indexers": self.kept, "num_layers": len(self.pattern),
+                "source": self.source, "calibration": self.calibration}
+
+
+def enabled(cfg) -> bool:
+    """Whether any IndexCache flag is set on ``cfg`` (ServerArgs or its resolving view)."""
+    return any(getattr(cfg, name, None) is not None for name in FLAG_FIELDS) or bool(
+        getattr(cfg, "index_cache_calibration", False))
+
+
+def _override_dict(cfg) -> dict:
+    text = getattr(cfg, "json_model_override_args", None) or "{}"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise IndexCacheError(f"--json-model-override-args is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise IndexCacheError("--json-model-override-args must be a JSON object")
+    return value
+
+
+def checkpoint_pattern(config: dict) -> tuple[str | None, str | None]:
+    """What SGLang would select from config.json alone, and the key it reads (None: all F)."""
+    n = config["num_hidden_layers"]
+    types = config.get("indexer_types")
+    if types is not None:
+        return "".join(pat.SHARED if i < len(types) and types[i] == "shared" else pat.FULL
+                       for i in range(n)), "indexer_types"
+    if config.get("index_topk_pattern") is not None:
+        raw = config["index_topk_pattern"]
+        return "".join(pat.SHARED if i < len(raw) and raw[i] == "S" else pat.FULL for i in range(n)), \
+            "index_topk_pattern"
+    freq = config.get("index_topk_freq") or 1
+    if isinstance(freq, int) and freq > 1:
+        offset = config.get("index_skip_topk_offset") or 2
+        return "".join(pat.SHARED if max(i - offset + 1, 0) % freq else pat.FULL for i in range(n)), \
+            "index_topk_freq"
+    return None, None
+
+
+def _flag_pattern(cfg, info: ModelInfo) -> tuple[str, str]:
+    """The pattern the flags ask for, validated for the checkpoint, and a label of its source."""
+    given = [name for name in FLAG_FIELDS if getattr(cfg, name, None) is not None]
+    if len(given) > 1:
+        raise IndexCacheError(
+            "give only one of " + ", ".join("--" + n.replace("_", "-") for n in given))
+    n = info.num_dsa_layers
+    try:
+        if not given:  # calibration mode alone starts with every indexer running
+            return pat.FULL * n, "--index-cache-calibration (all F)"
+        if given[0] == "index_cache_every":
+            every = cfg.index_cache_every
+            pattern = pat.uniform(n, every)
+            source = f"--index-cache-every {every}"
+        elif given[0] == "index_cache_pattern_file":
+            path = cfg.index_cache_pattern_file
+            document = pattern_file.read(path)
+            pattern_file.check_matches(document, info, source=f"pattern file {path}")
+            pattern = pat.validate(document["pattern"], n)
+            source = f"--index-cache-pattern-file {path}"
+        else:
+            pattern = pat.validate(cfg.index_cache_pattern, n)
+            source = "--index-cache-pattern"
+        return check_against_model(pattern, info), source
+    except UsageError as exc:
+        flag = "--" + given[0].replace("_", "-")
+        raise IndexCacheError(f"{flag}: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve_cached(model_path, pattern, every, pattern_file_path, file_stamp, calibration) -> Settings:
+    class _Flags:  # the flag values, as attributes
+        pass
+
+    flags = _Flags()
+    flags.index_cache_pattern, flags.index_cache_every = pattern, every
+    flags.index_cache_pattern_file = pattern_file_path
+    if not os.path.isdir(model_path):
+        raise IndexCacheError(
+            f"IndexCache flags need --model-path to be a local checkpoint directory, got {model_path!r}"
+            " (download it first, e.g. with huggingface-cli download)")
+    try:
+        info = load_model_info(model_path)
+    except UsageError as exc:
+        raise IndexCacheError(f"IndexCache: {exc}") from exc
+    resolved, source = _flag_pattern(flags, info)
+    if calibration:
+        missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
+        if missing:
+            raise IndexCacheError(
+                f"--index-cache-calibration keeps every layer's indexer, but {model_path} has no indexer"
+                f" weights for layers {_ranges(missing)}")
+    ckpt, key = checkpoint_pattern(info.config)
+    return Settings(resolved, source, bool(calibration), ckpt, key)
+
+
+def resolve(cfg) -> Settings | None:
+    """The resolved settings for ``cfg``, or None when no IndexCache flag is set."""
+    if not enabled(cfg):
+        return None
+    if getattr(cfg, "index_cache_every", None) is not None and (
+            isinstance(cfg.index_cache_every, bool) or not isinstance(cfg.index_cache_every, int)
+            or cfg.index_cache_every <= 0):
+        raise IndexCacheError(f"--index-cache-every must be a positive integer, got {cfg.index_cache_every!r}")
+    path = getattr(cfg, "index_cache_pattern_file", None)
+    stamp = os.stat(path).st_mtime_ns if path and os.path.isfile(path) else None
+    return _resolve_cached(str(cfg.model_path), getattr(cfg, "index_cache_pattern", None),
+                           getattr(cfg, "index_cache_every", None), path, stamp,
+                           bool(getattr(cfg, "index_cache_calibration", False)))
+
+
+def model_override_args(cfg, is_draft_model: bool = False) -> str:
+    """``json_model_override_args`` for ``ModelConfig``: SGLang's own string when IndexCache is off.
+
+    With a flag set, ``indexer_types`` and ``index_topk_pattern`` of the resolved model pattern are
+    merged in (the draft model is left alone: MTP layers are not part of a pattern).
+    """
+    text = cfg.json_model_override_args
+    settings = None if is_draft_model else resolve(cfg)
+    if settings is None:
+        return text
+    overrides = _override_dict(cfg)
+    _check_no_competing_pattern(overrides)
+    overrides["indexer_types"] = pat.to_indexer_types(settings.model_pattern)
+    overrides["index_topk_pattern"] = settings.model_pattern
+    return json.dumps(overrides)
+
+
+def _check_no_competing_pattern(overrides: dict) -> None:
+    competing = [key for key in PATTERN_OVERRIDE_KEYS if key in overrides]
+    if competing:
+        raise IndexCacheError(
+            f"--json-model-override-args sets {', '.join(competing)}, which conflicts with the IndexCache"
+            " flag: give the pattern once, through the flag")
+
+
+def check_server_args(server_args) -> Settings | None:
+    """Start-up validation and adjustments, called from SGLang's model-specific resolution hook."""
+    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+
+    cfg = resolving_view(server_args)
+    settings = resolve(cfg)
+    if settings is None:
+        return None
+    _check_no_competing_pattern(_override_dict(cfg))
+    if getattr(cfg, "enable_two_batch_overlap", False) and (settings.calibration or pat.SHARED in settings.pattern):
+        raise IndexCacheError(
+            "--enable-two-batch-overlap cannot run IndexCache: its op path does not carry top-k indices"
+            " across layers (use an all-F pattern or drop --enable-two-batch-overlap)")
+    if settings.calibration:
+        _calibration_adjustments(server_args, cfg, declare_resolution)
+    log_startup(settings)
+    return settings
+
+
+def _calibration_adjustments(server_args, cfg, declare_resolution) -> None:
+    """Calibration mode switches patterns at run time: no CUDA graphs (they freeze the branch)."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
+
+    if getattr(cfg, "pp_size", 1) != 1:
+        raise IndexCacheError("--index-cache-calibration needs --pp-size 1 (top-k does not cross pipeline stages)")
+    graphs = cfg.cuda_graph_config
+    for phase in Phase.ALL:
+        graphs = with_phase(graphs, phase, backend=Backend.DISABLED)
+    declare_resolution(server_args, "index_cache_calibration", cuda_graph_config=graphs,
+                       enable_return_indexer_topk=True)
+    logger.warning("IndexCache calibration mode: CUDA graphs disabled (a pattern switch would need a"
+                   " recapture); indexer top-k capture enabled for /index_cache/overlap")
+
+
+def log_startup(settings: Settings) -> None:
+    logger.info("IndexCache: pattern %s from %s%s", pat.describe(settings.pattern), settings.source,
+                "; calibration mode (every indexer loaded, pattern switchable)" if settings.calibration else "")
+    if settings.checkpoint_key is not None:
+        logger.warning("IndexCache: overrode the checkpoint's %s (%s) with %s", settings.checkpoint_key,
+                       settings.checkpoint_pattern, settings.model_pattern)

@@ -1,0 +1,75 @@
+"""Small GlmMoeDsa checkpoints that SGLang 0.5.23's own model classes can build and load on a CPU.
+
+Written with transformers (its ``GlmMoeDsaForCausalLM`` defines the tensor names) in bf16, with the
+keys real GLM-5 configs carry that transformers' config does not declare (``moe_layer_freq``,
+``scoring_func``, ``topk_method``) and yarn RoPE of factor 1 (SGLang's CPU rope takes only yarn;
+factor 1 equals plain RoPE). Index head dim 128, as SGLang's indexer requires.
+
+Three flavours (``FLAVOURS``):
+
+- ``types``: every layer has an indexer; config.json carries ``indexer_types`` (all ``"full"``),
+  as transformers writes it into every GlmMoeDsa config it saves.
+- ``plain``: every layer has an indexer; config.json has no ``indexer_types`` (pattern or frequency
+  keys only, from ``extra_config``), like a DeepSeek-V3.2-style config.
+- ``glm52``: GLM-5.2-style: config.json carries ``indexer_types`` with shared layers
+  (``GLM52_PATTERN``) and the shared layers have no indexer weights at all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NUM_LAYERS = 8
+GLM52_PATTERN = "FSSFSSFS"  # what the glm52 flavour keeps indexers for
+FLAVOURS = ("types", "plain", "glm52")
+
+
+def tiny_config_kwargs(num_layers: int = NUM_LAYERS) -> dict:
+    """GlmMoeDsaConfig keyword arguments of a model small enough to build in well under a second."""
+    return dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=2,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=16, v_head_dim=16, index_n_heads=2, index_head_dim=128, index_topk=8,
+        max_position_embeddings=512, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "yarn", "factor": 1.0, "rope_theta": 10000.0,
+                         "original_max_position_embeddings": 512},
+    )
+
+
+# Keys SGLang's DeepSeek/GLM classes read that transformers' GlmMoeDsaConfig does not declare.
+SGLANG_CONFIG_KEYS = {"moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc"}
+
+
+def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | None = None,
+                             num_layers: int = NUM_LAYERS, seed: int = 0) -> Path:
+    """Write a bf16 transformers GlmMoeDsa checkpoint of the given flavour into ``path``.
+
+    ``extra_config`` is merged into config.json last (for example ``{"index_topk_freq": 2}``).
+    """
+    import torch
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown checkpoint flavour {flavour!r}; one of {FLAVOURS}")
+    path = Path(path)
+    types = ["full"] * num_layers
+    if flavour == "glm52":
+        types = ["full" if c == "F" else "shared" for c in GLM52_PATTERN[:num_layers]]
+    torch.manual_seed(seed)
+    config = GlmMoeDsaConfig(**tiny_config_kwargs(num_layers), indexer_types=types)
+    model = GlmMoeDsaForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():  # transformers zero-initialises some tensors; make every one distinct
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param, dtype=torch.float32).mul_(0.05))
+    model.save_pretrained(path)
+    config_path = path / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved.update(SGLANG_CONFIG_KEYS)
+    if flavour == "plain":
+        saved.pop("indexer_types", None)
+    saved.update(extra_config or {})
+    config_path.write_text(json.dumps(saved, indent=2))
+    return path
