@@ -1,0 +1,147 @@
+"""The benchmark's view of the DSA kernels: which implementation runs the indexer and the attention.
+
+Three kernel sets, all with the semantics of ``sglang_indexcache.kernels`` (KERNELS_API):
+
+- ``triton``: the package's Triton kernels (GPU). Prefill attention calls ``sparse_mla_decode``
+  with one "request" per query token (its page-table row repeated), in query chunks.
+- ``torch``: the references' math, chunked so that memory stays bounded at any context: prefill
+  indexer scores one block of queries against its causal keys at a time, prefill attention gathers
+  the selected latents of a few queries at a time (truly sparse: only the top-k rows are read);
+  decode calls the package's ``*_ref`` functions as they are. The CPU default, and the GPU fallback
+  when the Triton kernels are not available.
+- ``ref``: the package's ``*_ref`` functions for everything (quadratic memory: small sizes only).
+
+Matrix products run in the activations' dtype (bf16 by default: the CPU's AMX units and the GPU's
+tensor cores), scores and softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+
+from ..errors import UsageError
+from . import _api_refs
+
+log = logging.getLogger(__name__)
+
+API_NAMES = ("indexer_topk_prefill", "indexer_topk_decode", "sparse_mla_decode")
+KERNEL_SETS = ("auto", "triton", "torch", "ref")
+PAGE_SIZE = 64
+
+
+def load_api() -> tuple[dict, str]:
+    """The six API functions (kernel + ``_ref``) and where they come from.
+
+    The kernels package once it exports them; until then the private stand-in references (and no
+    Triton kernels: their names map to ``None``).
+    """
+    try:
+        package = importlib.import_module("sglang_indexcache.kernels")
+    except ImportError as exc:  # a broken kernels package must not break the CPU benchmark
+        log.warning("sglang_indexcache.kernels does not import (%s); using stand-in references", exc)
+        package = None
+    api, complete = {}, package is not None
+    for name in API_NAMES:
+        ref = getattr(package, f"{name}_ref", None) if package else None
+        api[f"{name}_ref"] = ref or getattr(_api_refs, f"{name}_ref")
+        api[name] = getattr(package, name, None) if package else None
+        complete = complete and ref is not None and api[name] is not None
+    return api, ("sglang_indexcache.kernels" if complete else "stand-in references (bench/_api_refs.py)")
+
+
+def _select_topk(api):
+    module = importlib.import_module(api["indexer_topk_prefill_ref"].__module__)
+    return getattr(module, "select_topk", _api_refs.select_topk)
+
+
+class KernelSet:
+    """Indexer and sparse attention for one request's prefill and for batched decode."""
+
+    def __init__(self, name: str, device: torch.device, budget_bytes: int | None = None):
+        self.api, self.source = load_api()
+        if name == "auto":
+            name = "triton" if device.type == "cuda" and self.api["sparse_mla_decode"] else "torch"
+        if name == "triton":
+            if device.type != "cuda":
+                raise UsageError("--kernels triton needs a CUDA device; use --kernels torch on the CPU")
+            if self.api["sparse_mla_decode"] is None or self.api["indexer_topk_prefill"] is None:
+                raise UsageError("--kernels triton: sglang_indexcache.kernels does not export its Triton kernels yet")
+        self.name = name
+        self.device = device
+        self.budget = budget_bytes or ((1 << 30) if device.type == "cuda" else (1 << 27))
+        self.select_topk = _select_topk(self.api)
+        self._tables = None                                        # (page_row, [rows, max_pages])
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.source})"
+
+    # ------------------------------------------------------------------ prefill -------------
+    def indexer_prefill(self, q, weights, k, topk: int, scale: float) -> torch.Tensor:
+        """q [t, h, d], weights [t, h] fp32, k [t, d] of one request -> indices [t, topk] int32."""
+        cu = torch.tensor([0, q.shape[0]], dtype=torch.int32, device=q.device)
+        if self.name == "triton":
+            return self.api["indexer_topk_prefill"](q, weights, k, cu, topk, scale)
+        if self.name == "ref":
+            return self.api["indexer_topk_prefill_ref"](q, weights, k, cu, topk, scale)
+        return self._indexer_prefill_chunked(q, weights, k, topk, scale)
+
+    def _indexer_prefill_chunked(self, q, weights, k, topk, scale):
+        t, h, d = q.shape
+        out = torch.empty(t, topk, dtype=torch.int32, device=q.device)
+        rows = max(1, min(t, self.budget // max(1, h * t * q.element_size())))
+        for p0 in range(0, t, rows):
+            p1 = min(t, p0 + rows)                                 # queries [p0, p1), keys [0, p1)
+            logits = (q[p0:p1].reshape(-1, d) @ k[:p1].T).view(p1 - p0, h, p1).relu_()  # [c, h, p1]
+            w = weights[p0:p1].to(logits.dtype).unsqueeze(1)       # [c, 1, h]
+            scores = torch.bmm(w, logits).squeeze(1).float() * scale  # [c, p1]
+            causal = torch.ones(p1 - p0, p1 - p0, dtype=torch.bool, device=q.device).triu_(1)
+            scores[:, p0:p1].masked_fill_(causal, float("-inf"))
+            out[p0:p1] = self.select_topk(scores, topk)
+        return out
+
+    def attention_prefill(self, q, kv_cache, page_row, indices, sm_scale: float, d_v: int):
+        """q [c, h, d_qk] of c query tokens of one request, kv_cache [pages, 64, d_qk], page_row
+        [max_pages] int32 (the request's page table), indices [c, topk] -> out [c, h, d_v]."""
+        c = q.shape[0]
+        if self.name in ("triton", "ref"):
+            fn = self.api["sparse_mla_decode" if self.name == "triton" else "sparse_mla_decode_ref"]
+            return fn(q, kv_cache, self._page_table(page_row, c), indices, sm_scale, d_v)
+        return self._attention_gather(q, kv_cache, page_row, indices, sm_scale, d_v)
+
+    def _page_table(self, page_row, rows: int):
+        """``[rows, max_pages]`` int32: the request's page row repeated, built once per request."""
+        if self._tables is None or self._tables[0] is not page_row or self._tables[1].shape[0] < rows:
+            self._tables = (page_row, page_row.unsqueeze(0).expand(rows, -1).contiguous())
+        return self._tables[1][:rows]
+
+    def _attention_gather(self, q, kv_cache, page_row, indices, sm_scale, d_v):
+        c, h, d_qk = q.shape
+        topk = indices.shape[1]
+        flat = kv_cache.reshape(-1, d_qk)
+        out = torch.empty(c, h, d_v, dtype=q.dtype, device=q.device)
+        step = max(1, min(c, self.budget // max(1, topk * d_qk * q.element_size() * 2)))
+        for a in range(0, c, step):
+            idx = indices[a:a + step].long()                       # [s, topk]
+            valid = idx >= 0
+            pos = idx.clamp(min=0)
+            rows = page_row.long()[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE
+            kv = flat.index_select(0, rows.reshape(-1)).view(idx.shape[0], topk, d_qk)  # [s, topk, d_qk]
+            logits = torch.bmm(q[a:a + step], kv.transpose(1, 2)).float() * sm_scale   # [s, h, topk]
+            logits.masked_fill_(~valid.unsqueeze(1), float("-inf"))
+            probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0).to(kv.dtype)       # no valid -> 0
+            out[a:a + step] = torch.bmm(probs, kv)[..., :d_v]      # [s, h, d_v]
+        return out
+
+    # ------------------------------------------------------------------ decode --------------
+    def indexer_decode(self, q, weights, k_cache, page_table, seq_lens, topk: int, scale: float):
+        """q [b, h, d], weights [b, h] fp32, k_cache [pages, 64, d], page_table [b, max_pages] -> [b, topk]."""
+        name = "indexer_topk_decode" if self.name == "triton" else "indexer_topk_decode_ref"
+        return self.api[name](q, weights, k_cache, page_table, seq_lens, topk, scale)
+
+    def attention_decode(self, q, kv_cache, page_table, indices, sm_scale: float, d_v: int):
+        """q [b, h, d_qk], kv_cache [pages, 64, d_qk], indices [b, topk] -> out [b, h, d_v]."""
+        name = "sparse_mla_decode" if self.name == "triton" else "sparse_mla_decode_ref"
+        return self.api[name](q, kv_cache, page_table, indices, sm_scale, d_v)

@@ -1,0 +1,163 @@
+"""Speed of a DSA layer stack under IndexCache patterns (prefill, decode) and of the DSA kernels.
+
+``indexcache bench prefill --config tiny`` builds a stack of DSA layers with random weights from a
+named config and times prefill at several contexts under all-F, every-2, every-4 and every-8;
+``bench decode`` times decode steps at cached lengths with batch 1 and a larger batch;
+``bench kernels`` times the kernels alone. Each row gives the median seconds, the speedup over
+all-F, the indexer share of all-F, the Amdahl ``limit`` of all-F's measured profile and the
+FLOP/byte model's ``floor_limit``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+
+from ..errors import UsageError
+
+CONFIG_NAMES = ("tiny", "glm-5", "deepseek-v3.2", "glm-30b-a3b")
+DEFAULT_PATTERNS = "all-F,every-2,every-4,every-8"
+KERNELS_MODULE = "sglang_indexcache.bench.kernels"
+
+
+def _ints(text: str, what: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            value = int(part[:-1] if scale > 1 else part) * scale
+        except ValueError:
+            raise UsageError(f"{what}: {part!r} is not an integer (give e.g. 4096,8192 or 4k,8k)") from None
+        if value <= 0:
+            raise UsageError(f"{what} must be positive, got {value}")
+        values.append(value)
+    return values
+
+
+def _common(p, mode: str):
+    p.add_argument("--config", default="tiny", metavar="NAME|FILE",
+                   help=f"named config ({', '.join(CONFIG_NAMES)}) or a config.json path (default tiny)")
+    p.add_argument("--layers", type=int, help="DSA layers in the stack (default: the model's, at most 8)")
+    p.add_argument("--contexts", help="comma-separated token counts, '4k' = 4096 (default: 4k,8k,16k on"
+                   " the CPU, 8k,32k,64k,128k on a GPU)" + ("; cached tokens per request" if mode == "decode" else ""))
+    p.add_argument("--patterns", default=DEFAULT_PATTERNS,
+                   help=f"comma-separated pattern specs; all-F is always measured first (default {DEFAULT_PATTERNS})")
+    p.add_argument("--pattern-file", action="append", default=[], metavar="FILE",
+                   help="also measure the pattern of this indexcache-pattern/v1 file (repeatable)")
+    p.add_argument("--repeats", type=int, default=3 if mode == "prefill" else 10, help="timed runs per row (median)")
+    p.add_argument("--warmup", type=int, default=1 if mode == "prefill" else 3, help="all-F runs before timing")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--kernels", choices=("auto", "triton", "torch", "ref"), default="auto",
+                   help="indexer/attention implementation (auto: Triton on a GPU, the references' math on the CPU)")
+    p.add_argument("--topk", type=int, help="override the config's index_topk")
+    p.add_argument("--chunk", type=int, default=None, help="prefill token chunk (default 1024 CPU, 16384 GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own; 1 is steadier"
+                   " on a busy machine)")
+    p.add_argument("--json", action="store_true", help="print the result document as JSON instead of a table")
+    p.add_argument("--save", metavar="FILE", help="write the JSON document here after every context (atomic)")
+    p.add_argument("--plot", metavar="FILE", help="write a speedup-versus-context plot (PNG)")
+
+
+def add_arguments(parser):
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=type(parser))
+    modes.required = True
+    _common(modes.add_parser("prefill", help="prefill of one request at each context"), "prefill")
+    dec = modes.add_parser("decode", help="decode steps at each cached length")
+    _common(dec, "decode")
+    dec.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes (default 1,8)")
+    kern = modes.add_parser("kernels", help="the DSA kernels alone (sglang_indexcache.bench.kernels)")
+    if importlib.util.find_spec(KERNELS_MODULE) is not None:
+        importlib.import_module(KERNELS_MODULE).add_kernel_arguments(kern)
+    else:
+        kern.add_argument("rest", nargs="*", help="(not available yet)")
+
+
+def _config(name: str) -> dict:
+    from pathlib import Path
+
+    from ..configs import named_config
+
+    if name.endswith(".json") or Path(name).is_file():
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist")
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"config file {path} is not valid JSON: {exc}") from None
+    return named_config(name)
+
+
+def _patterns(args, layers: int) -> list[tuple[str, str]]:
+    from .. import pattern_file
+
+    specs = [s for s in args.patterns.split(",") if s.strip()] + list(args.pattern_file)
+    out, seen = [("all-F", "F" * layers)], {"F" * layers}
+    for spec in specs:
+        pattern = pattern_file.resolve(spec, layers)
+        if pattern not in seen:
+            seen.add(pattern)
+            out.append((pattern_file.spec_label(spec), pattern))
+    return out
+
+
+def _spec(args):
+    import torch
+
+    from ..bench.runner import BenchSpec
+    from ..bench.stack import DTYPES
+
+    config = _config(args.config)
+    layers = args.layers if args.layers is not None else min(int(config.get("num_hidden_layers", 8)), 8)
+    if layers <= 0:
+        raise UsageError(f"--layers must be positive, got {layers}")
+    for flag in ("repeats", "chunk", "topk", "threads"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{flag} must be positive, got {value}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    default_contexts = "4k,8k,16k" if device.type == "cpu" else "8k,32k,64k,128k"
+    return BenchSpec(
+        mode=args.mode, config_name=args.config, config=config, layers=layers,
+        contexts=_ints(args.contexts or default_contexts, "--contexts"),
+        patterns=_patterns(args, layers), device=device, dtype=DTYPES[args.dtype], kernels=args.kernels,
+        batches=_ints(args.batch, "--batch") if args.mode == "decode" else [1],
+        repeats=args.repeats, warmup=args.warmup,
+        chunk=args.chunk or (1024 if device.type == "cpu" else 16384), topk=args.topk, seed=args.seed,
+    )
+
+
+def _run_kernels(args) -> int:
+    if importlib.util.find_spec(KERNELS_MODULE) is None:
+        raise UsageError("bench kernels is not available yet: sglang_indexcache.bench.kernels is missing")
+    return int(importlib.import_module(KERNELS_MODULE).run_kernels(args) or 0)
+
+
+def run(args) -> int:
+    if args.mode == "kernels":
+        return _run_kernels(args)
+    from ..bench import report, runner
+    from ..pattern_file import atomic_write_text
+
+    spec = _spec(args)
+    save = (lambda doc: atomic_write_text(args.save, json.dumps(doc, indent=1) + "\n")) if args.save else None
+    doc = (runner.run_prefill if spec.mode == "prefill" else runner.run_decode)(spec, on_rows=save)
+    if args.plot:
+        report.plot(doc, args.plot)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        print(report.header(doc))
+        print(report.table(doc))
+    return 0
