@@ -175,6 +175,11 @@ class TransformersBackend:
         self.pattern = pattern
         return pattern
 
+    @property
+    def start_pattern(self) -> str:
+        """All F, or F exactly where the checkpoint has an indexer (the greedy search's start)."""
+        return "".join(pat.SHARED if ix is None else pat.FULL for ix in self.indexers)
+
     def _attach(self, i: int, full: bool) -> None:
         attn = self.model.model.layers[i].self_attn
         if full and self.indexers[i] is None:

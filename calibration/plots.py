@@ -1,0 +1,64 @@
+"""Plots of calibration results (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_calibration(document: dict, path) -> Path:
+    """Loss versus number of removed indexers along the greedy path; the uniform pattern marked."""
+    plt = _pyplot()
+    cal = document["calibration"]
+    n = document["model"]["num_dsa_layers"]
+    start_removed = n - (cal["steps"][0]["pattern"].count("F") + 1) if cal["steps"] else 0
+    xs = [start_removed] + [n - s["pattern"].count("F") for s in cal["steps"]]
+    ys = [cal["baseline_loss"]] + [s["loss"] for s in cal["steps"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(xs, ys, marker="o", markersize=3, label="greedy path")
+    ax.axhline(cal["baseline_loss"], color="grey", linestyle=":", linewidth=1, label="all F")
+    uniform = cal.get("uniform")
+    if uniform:
+        ux = n - uniform["pattern"].count("F")
+        ax.scatter([ux], [uniform["loss"]], color="red", marker="x", s=60, zorder=3,
+                   label=f"uniform ({uniform['pattern'].count('F')}/{n} F)")
+    ax.set_xlabel("indexers removed (S layers)")
+    ax.set_ylabel("calibration LM loss (nats/token)")
+    ax.set_title(f"greedy IndexCache search, keep {cal['keep_ratio']:g} ({n} layers)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_overlap(matrix, path, title: str) -> Path:
+    """Heatmap of ``matrix [L, L]`` (row i: layer i's top-k; column j: share that layer j also picks)."""
+    plt = _pyplot()
+    layers = len(matrix)
+    fig, ax = plt.subplots(figsize=(6.0, 5.2), dpi=120)
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
+    ax.set_xlabel("layer j (also selects)")
+    ax.set_ylabel("layer i (own top-k)")
+    ticks = list(range(0, layers, max(1, layers // 16)))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="share of layer i's top-k also in layer j's")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,66 @@
+"""Shared set-up of the model-driven commands (eval, overlap, calibrate): backend + token blocks."""
+
+from __future__ import annotations
+
+import logging
+
+from sglang_indexcache.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+DEFAULT_SEQ_LEN = 1024
+DEFAULT_MAX_TOKENS = 32768
+
+
+def add_data_arguments(parser, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> None:
+    """``--data --text-field --seq-len --max-tokens --batch-size`` (shared by eval/overlap/calibrate)."""
+    parser.add_argument("--data", required=True, metavar="SRC",
+                        help="local .txt/.jsonl/.parquet file or folder (read with datasets), or a hub dataset")
+    parser.add_argument("--text-field", default="text", metavar="F", help="column holding the text (default: text)")
+    parser.add_argument("--seq-len", type=int, default=None, metavar="N",
+                        help=f"tokens per block (default: {DEFAULT_SEQ_LEN}, at most the model's max positions)")
+    parser.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                        help=f"use at most N tokens of the data (default: {max_tokens or 'all'})")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="blocks per forward (default: 4)")
+
+
+def check_positive(name: str, value) -> None:
+    if value is not None and value <= 0:
+        raise UsageError(f"{name} must be a positive integer, got {value}")
+
+
+def seq_len_for(config, seq_len: int | None) -> int:
+    """The block length: ``seq_len`` or the default, checked against ``max_position_embeddings``."""
+    limit = int(getattr(config, "max_position_embeddings", 0) or 0) or None
+    if seq_len is None:
+        return min(DEFAULT_SEQ_LEN, limit) if limit else DEFAULT_SEQ_LEN
+    if limit and seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {limit}")
+    return seq_len
+
+
+def load_backend(model_dir, pattern: str | None = None):
+    """TransformersBackend of ``model_dir`` (float32 on the CPU, CUDA when available)."""
+    import torch
+    import transformers
+
+    from .backend import TransformersBackend
+
+    transformers.utils.logging.disable_progress_bar()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return TransformersBackend.from_pretrained(model_dir, device=device, pattern=pattern)
+
+
+def load_data(args, tokenizer, config):
+    """Token blocks of ``args.data`` for a model; DataError on anything unusable."""
+    from .data import load_blocks
+
+    for name in ("seq_len", "max_tokens", "batch_size"):
+        check_positive("--" + name.replace("_", "-"), getattr(args, name, None))
+    if tokenizer is None:
+        raise DataError("the model directory has no tokenizer: cannot tokenize --data")
+    seq_len = seq_len_for(config, args.seq_len)
+    blocks = load_blocks(args.data, tokenizer, seq_len, args.max_tokens, text_field=args.text_field)
+    log.info("data: %s tokens in %d blocks of %d from %s", blocks.tokens, blocks.input_ids.shape[0],
+             seq_len, args.data)
+    return blocks
