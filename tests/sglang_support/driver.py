@@ -1,0 +1,172 @@
+"""Run SGLang 0.5.23 cases on the CPU in this process; used by the tests in a fresh subprocess.
+
+``python driver.py CASES.json RESULTS.json`` with ``PYTHONPATH`` pointing at a stock or patched
+SGLang tree. Each case is ``{"argv": [...], "build": bool, "switch": [patterns]}``; its result:
+
+- ``error``: ``{"type", "message"}`` when parsing, resolution or loading refused the case
+  (argparse's exit is reported as type ``SystemExit`` with its stderr line);
+- ``skips``: ``dsa_layer_skips_topk(hf_config, i)`` for every layer of the resolved ModelConfig;
+- ``args``: ``server_args.resolved_dict()`` as JSON-able values (``index_cache_*`` fields dropped,
+  so stock and patched compare directly);
+- ``layers`` (with ``build``): per layer ``[skip_topk, next_skip_topk, has_indexer,
+  indexer weights equal to the checkpoint's]`` after SGLang's own ``load_weights``;
+- ``switched`` (with ``switch``): per requested pattern, the layers after the overlay's switch
+  function, or its error; ``logs``: the overlay's log lines.
+
+The recipe (FACTS.md): SGLANG_USE_CPU_ENGINE=1, SGLang's sgl_kernel stub, device capability (9, 0)
+during resolution, runtime context published, a world of one process over gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import socket
+import sys
+import traceback
+
+os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
+
+import torch  # noqa: E402
+
+OUR_FIELDS = ("index_cache_pattern", "index_cache_every", "index_cache_pattern_file", "index_cache_calibration")
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+def _setup():
+    from sglang.test.test_utils import maybe_stub_sgl_kernel
+
+    maybe_stub_sgl_kernel()
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # DSA hooks ask unconditionally
+
+
+_DIST = {"ready": False}
+
+
+def _init_dist():
+    if _DIST["ready"]:
+        return
+    from sglang.srt.distributed.parallel_state import init_distributed_environment, initialize_model_parallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                 distributed_init_method=f"tcp://127.0.0.1:{port}")
+    initialize_model_parallel(backend="gloo")
+    _DIST["ready"] = True
+
+
+def _layers(model, state_dict):
+    rows = []
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        equal = None
+        if attn.indexer is not None:
+            prefix = f"model.layers.{i}.self_attn.indexer."
+            params = dict(attn.indexer.named_parameters())
+            names = [n for n in state_dict if n.startswith(prefix)]
+            equal = bool(names) and all(
+                n[len(prefix):] in params and torch.equal(params[n[len(prefix):]].detach().cpu(), state_dict[n])
+                for n in names)
+        rows.append([attn.skip_topk, attn.next_skip_topk, attn.indexer is not None, equal])
+    return rows
+
+
+def _build(result, case):
+    from safetensors.torch import load_file
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+    from sglang.srt.models.glm4_moe import GlmMoeDsaForCausalLM
+    from sglang.srt.runtime_context import process_model_config
+
+    _init_dist()
+    config = process_model_config()
+    with set_default_torch_dtype(config.dtype):
+        model = GlmMoeDsaForCausalLM(config.hf_config, quant_config=None)
+    state_dict = load_file(os.path.join(case["argv"][case["argv"].index("--model-path") + 1], "model.safetensors"))
+    model.load_weights(iter(state_dict.items()))
+    result["layers"] = _layers(model, state_dict)
+    if case.get("switch"):
+        from sglang_indexcache.sglang_overlay import runtime
+
+        class _Runner:  # what ModelRunner.load_model hands the overlay
+            is_draft_worker = False
+
+        runner = _Runner()
+        runner.model, runner.server_args = model, result.pop("_server_args")
+        runtime.on_model_loaded(runner)
+        result["layers_after_load"] = _layers(model, state_dict)
+        result["switched"] = []
+        for pattern in case["switch"]:
+            try:
+                runtime.apply_pattern(model, pattern)
+                result["switched"].append({"pattern": pattern, "layers": _layers(model, state_dict)})
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                result["switched"].append({"pattern": pattern, "error": str(exc),
+                                           "layers": _layers(model, state_dict)})
+
+
+def run_case(case) -> dict:
+    from sglang.srt.configs.model_config import ModelConfig, dsa_layer_skips_topk
+    from sglang.srt.runtime_context import SpawnRanks, publish
+    from sglang.srt.server_args import prepare_server_args
+
+    result = {}
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            server_args = prepare_server_args(case["argv"])
+        server_args.resolve_once()
+        publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))
+        hf_config = ModelConfig.from_server_args(server_args).hf_config
+        result["skips"] = [dsa_layer_skips_topk(hf_config, i) for i in range(hf_config.num_hidden_layers)]
+        result["args"] = {k: _jsonable(v) for k, v in server_args.resolved_dict().items() if k not in OUR_FIELDS}
+        result["_server_args"] = server_args
+        if case.get("build"):
+            _build(result, case)
+    except SystemExit as exc:
+        lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
+        result["error"] = {"type": "SystemExit", "message": lines[-1] if lines else str(exc.code)}
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        result["error"] = {"type": type(exc).__name__, "message": str(exc),
+                           "traceback": traceback.format_exc(limit=3)}
+    result.pop("_server_args", None)
+    return result
+
+
+def main(cases_path, results_path):
+    _setup()
+    capture = _Capture()
+    logging.getLogger("sglang_indexcache").addHandler(capture)
+    logging.getLogger("sglang_indexcache").setLevel(logging.INFO)
+    results = []
+    for case in json.loads(open(cases_path).read()):
+        capture.lines = []
+        result = run_case(case)
+        result["logs"] = list(capture.lines)
+        results.append(result)
+    with open(results_path, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
