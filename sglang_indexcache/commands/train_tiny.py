@@ -1,0 +1,147 @@
+"""Train the embedded tiny GlmMoeDsa model from scratch (dense LM, indexer warm-up, sparse stage).
+
+Builds the corpus (CPython standard-library sources + pydoc topics; held-out split), trains a
+byte-level BPE tokenizer, trains the model with the DSA recipe, saves it in bf16 to --out, then
+reports held-out losses on --out/data/evaluation.txt under all-F / every-2 / every-4 and the
+unigram baseline. Interrupted runs continue with --resume.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sglang_indexcache.configs import TINY_MODEL_DIR
+from sglang_indexcache.errors import UsageError
+
+DEFAULT_STEPS = "2000,300,1000"
+DEFAULT_LR = "2e-3,1e-3,6e-4"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default=str(TINY_MODEL_DIR), help="model directory to write (default: %(default)s)")
+    parser.add_argument("--work-dir", default=".cache/train-tiny",
+                        help="training stream, resumable state and logs (default: %(default)s)")
+    parser.add_argument("--steps", default=DEFAULT_STEPS,
+                        help="steps of the dense, warm-up and sparse stages (default: %(default)s)")
+    parser.add_argument("--lr", default=DEFAULT_LR, help="peak learning rate per stage (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=250, help="steps between saved states")
+    parser.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: %(default)s)")
+    parser.add_argument("--model-json", default="{}",
+                        help="JSON overrides of the model shape, e.g. '{\"num_hidden_layers\": 2}'")
+    parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--resume", action="store_true", help="continue the state saved in --work-dir")
+    parser.add_argument("--rebuild-corpus", action="store_true", help="rebuild tokenizer and corpus files")
+    parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
+    parser.add_argument("--eval-batch-size", type=int, default=4)
+
+
+def _triple(text: str, kind, name: str) -> list:
+    parts = text.split(",")
+    try:
+        values = [kind(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values):
+        raise UsageError(f"--{name} needs three non-negative numbers 'dense,warmup,sparse', got {text!r}")
+    return values
+
+
+def parse_args(args):
+    """``TrainArgs`` from the parsed command line; every bad value is a UsageError."""
+    from sglang_indexcache.training.tiny import MODEL_DEFAULTS, STAGES, TrainArgs
+
+    steps = _triple(args.steps, int, "steps")
+    lrs = _triple(args.lr, float, "lr")
+    try:
+        overrides = json.loads(args.model_json)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--model-json is not valid JSON: {exc}") from exc
+    if not isinstance(overrides, dict) or set(overrides) - set(MODEL_DEFAULTS):
+        raise UsageError(f"--model-json takes an object with keys among {', '.join(MODEL_DEFAULTS)}")
+    for name in ("batch_size", "seq_len", "save_every", "log_every", "vocab_size", "eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    if args.vocab_size < 260 or args.vocab_size > 65535:
+        raise UsageError("--vocab-size must lie in 260..65535 (byte alphabet plus merges; uint16 ids)")
+    return TrainArgs(
+        out_dir=args.out, work_dir=args.work_dir, steps=dict(zip(STAGES, steps)), lr=dict(zip(STAGES, lrs)),
+        batch_size=args.batch_size, seq_len=args.seq_len, device=args.device, seed=args.seed,
+        save_every=args.save_every, log_every=args.log_every, vocab_size=args.vocab_size, model=overrides,
+        bf16=not args.no_bf16,
+    )
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: use cpu or cuda")
+
+
+def _corpus(targs, rebuild: bool):
+    """Tokenizer and training stream, built unless already present."""
+    from transformers import AutoTokenizer
+
+    from sglang_indexcache.training import corpus
+
+    out, work = Path(targs.out_dir), Path(targs.work_dir)
+    ready = all(p.is_file() for p in (out / "tokenizer.json", out / "data" / "evaluation.txt",
+                                      work / "train_tokens.npy"))
+    if rebuild or not ready:
+        corpus.build(out, work, vocab_size=targs.vocab_size)
+    return AutoTokenizer.from_pretrained(out), corpus.load_train_stream(work)
+
+
+def evaluate_saved(out_dir, stream, device: str, batch_size: int, seq_len: int) -> dict:
+    """Held-out losses of the saved model (float32) on ``out_dir/data/evaluation.txt``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sglang_indexcache.calibration.data import load_blocks
+    from sglang_indexcache.training import evaluate
+
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    blocks = load_blocks(Path(out_dir) / "data" / "evaluation.txt", tokenizer, seq_len)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
+    if device == "cpu":
+        from sglang_indexcache.dsa_torch import install_fast_indexers
+
+        install_fast_indexers(model)
+    losses = evaluate.pattern_losses(model, blocks.input_ids, evaluate.standard_patterns(
+        model.config.num_hidden_layers), batch_size)
+    losses["unigram"] = evaluate.unigram_loss(stream, blocks.input_ids, len(tokenizer))
+    return {"data": blocks.describe(), "losses": {k: round(v, 4) for k, v in losses.items()}}
+
+
+def run(args) -> int:
+    import time
+
+    from sglang_indexcache.pattern_file import atomic_write_text
+    from sglang_indexcache.training import tiny
+
+    targs = parse_args(args)
+    _check_device(targs.device)
+    t0 = time.perf_counter()
+    tokenizer, stream = _corpus(targs, args.rebuild_corpus)
+    summary = tiny.train(targs, stream, tokenizer, resume=args.resume)
+    summary["train_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["args"] = {k: v for k, v in vars(targs).items()}
+    if not args.no_eval:
+        summary["heldout"] = evaluate_saved(targs.out_dir, stream, targs.device, args.eval_batch_size,
+                                            targs.seq_len)
+    atomic_write_text(Path(targs.work_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: summary[k] for k in ("parameters", "stages", "train_seconds", "heldout")
+                      if k in summary}, indent=2))
+    return 0
