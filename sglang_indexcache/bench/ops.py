@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 
 import torch
 
@@ -65,7 +66,7 @@ class KernelSet:
         if name == "auto":
             name = "triton" if device.type == "cuda" and self.api["sparse_mla_decode"] else "torch"
         if name == "triton":
-            if device.type != "cuda":
+            if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UsageError("--kernels triton needs a CUDA device; use --kernels torch on the CPU")
             if self.api["sparse_mla_decode"] is None or self.api["indexer_topk_prefill"] is None:
                 raise UsageError("--kernels triton: sglang_indexcache.kernels does not export its Triton kernels yet")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,14 @@ class BenchSpec:
     chunk: int = 8192
     topk: int | None = None
     seed: int = 0
+    deadline: float | None = None              # time.monotonic() after which no new context starts
+
+
+def _past(spec: BenchSpec, what: str) -> bool:
+    if spec.deadline is not None and time.monotonic() > spec.deadline:
+        log.warning("time is up: skipping %s and the rest", what)
+        return True
+    return False
 
 
 def _load() -> list[float] | None:
@@ -129,6 +138,8 @@ def run_prefill(spec: BenchSpec, on_rows=None) -> dict:
     total = len(spec.contexts) * (spec.warmup + spec.repeats * len(spec.patterns))
     with progress.bar(total=total, desc="prefill") as bar:
         for context in spec.contexts:
+            if _past(spec, f"prefill at {context}"):
+                break
             inputs = stack.prefill_inputs(context)
             med = _measure(lambda p: stack.prefill(inputs, p, spec.chunk), spec.patterns,
                            spec.repeats, spec.warmup, bar, f"prefill {context}")
@@ -152,11 +163,15 @@ def run_decode(spec: BenchSpec, on_rows=None) -> dict:
     elt = torch.finfo(spec.dtype).bits // 8
     with progress.bar(total=total, desc="decode") as bar:
         for batch in spec.batches:
+            if doc is not None and _past(spec, f"decode b={batch}"):
+                break
             stack = Stack(spec.config, spec.layers, spec.device, spec.dtype, kernels,
                           decode_batch=batch, topk=spec.topk, seed=spec.seed)
             if doc is None:
                 doc = _header(spec, stack, floor_model.measure_ceilings(spec.device, spec.dtype))
             for context in spec.contexts:
+                if _past(spec, f"decode b={batch} at {context}"):
+                    break
                 inputs = stack.decode_inputs(batch, context)
                 med = _measure(lambda p: stack.decode(inputs, p), spec.patterns, spec.repeats,
                                spec.warmup, bar, f"decode b={batch} {context}")
