@@ -73,3 +73,30 @@ def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | 
     saved.update(extra_config or {})
     config_path.write_text(json.dumps(saved, indent=2))
     return path
+
+
+# Config-only variants of the plain flavour: same weights, keys a DeepSeek-V3.2-style config carries.
+PLAIN_VARIANTS = {
+    "plain_freq4": {"index_topk_freq": 4},
+    "plain_pattern": {"index_topk_pattern": "FSFSSFSS"},
+    "plain_offset": {"index_topk_freq": 3, "index_skip_topk_offset": 1},
+}
+_SESSION: dict = {}
+
+
+def session_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """The three flavours plus PLAIN_VARIANTS, written once per test session: name -> directory."""
+    if not _SESSION:
+        import shutil
+
+        base = tmp_path_factory.mktemp("glm-dsa-checkpoints")
+        for flavour in FLAVOURS:
+            _SESSION[flavour] = write_glm_dsa_checkpoint(base / flavour, flavour)
+        for name, extra in PLAIN_VARIANTS.items():
+            shutil.copytree(_SESSION["plain"], base / name)
+            config_path = base / name / "config.json"
+            config = json.loads(config_path.read_text())
+            config.update(extra)
+            config_path.write_text(json.dumps(config, indent=2))
+            _SESSION[name] = base / name
+    return dict(_SESSION)

@@ -139,7 +139,10 @@ def run_case(case) -> dict:
         publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))
         hf_config = ModelConfig.from_server_args(server_args).hf_config
         result["skips"] = [dsa_layer_skips_topk(hf_config, i) for i in range(hf_config.num_hidden_layers)]
-        result["args"] = {k: _jsonable(v) for k, v in server_args.resolved_dict().items() if k not in OUR_FIELDS}
+        resolved = server_args.resolved_dict()
+        result["args"] = {k: _jsonable(v) for k, v in resolved.items() if k not in OUR_FIELDS}
+        result["ours"] = {k: _jsonable(resolved[k]) for k in OUR_FIELDS if k in resolved}
+        result["declared"] = sorted({source for source, _ in getattr(server_args, "_resolved_overrides", [])})
         result["_server_args"] = server_args
         if case.get("build"):
             _build(result, case)
