@@ -1,6 +1,6 @@
 """Measure a stack under several patterns at several contexts: rows of seconds, speedup and bounds.
 
-Per context (and decode batch) every pattern runs ``repeats`` times after ``warmup`` runs of all-F,
+Per context (and decode batch) every pattern runs ``repeats`` times after ``warmup`` runs,
 interleaved (all-F, every-2, ..., all-F, every-2, ...) so that a slow spell of a shared machine
 hits every pattern alike; each row holds medians. For a pattern P:
 
@@ -94,11 +94,12 @@ def _row(label, pattern, result, all_f, floors_layer, layers) -> dict:
 
 
 def _measure(run_once, patterns, repeats, warmup, bar, desc) -> dict[str, dict]:
-    """Median results per pattern string; all-F warms up first, then patterns interleave."""
-    all_f = patterns[0][1]
+    """Median results per pattern string: warm-up runs of the cheapest pattern (fewest F layers: it
+    still runs every kind of work once), then the patterns interleave."""
+    cheapest = min((p for _, p in patterns), key=lambda p: p.count("F"))
     for _ in range(warmup):
         bar.set_description(f"{desc} warm-up")
-        run_once(all_f)
+        run_once(cheapest)
         bar.update(1)
     results = {p: [] for _, p in patterns}
     for r in range(repeats):

@@ -47,7 +47,7 @@ def _common(p, mode: str):
     p.add_argument("--pattern-file", action="append", default=[], metavar="FILE",
                    help="also measure the pattern of this indexcache-pattern/v1 file (repeatable)")
     p.add_argument("--repeats", type=int, default=3 if mode == "prefill" else 10, help="timed runs per row (median)")
-    p.add_argument("--warmup", type=int, default=1 if mode == "prefill" else 3, help="all-F runs before timing")
+    p.add_argument("--warmup", type=int, default=1 if mode == "prefill" else 3, help="untimed runs (of the pattern with the fewest F layers) before timing")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--kernels", choices=("auto", "triton", "torch", "ref"), default="auto",
