@@ -100,3 +100,27 @@ def session_checkpoints(tmp_path_factory) -> dict[str, Path]:
             config_path.write_text(json.dumps(config, indent=2))
             _SESSION[name] = base / name
     return dict(_SESSION)
+
+
+def sglang_config_gaps(config: dict) -> list[tuple]:
+    """What a GlmMoeDsa config.json lacks for SGLang 0.5.23 on the CPU: ``(key, value, why)`` each.
+
+    ``key``/``value`` can be given through ``--json-model-override-args``; ``key`` None means it
+    cannot (the weights themselves would have to change) or needs a flag instead.
+    """
+    gaps = []
+    for key, value in SGLANG_CONFIG_KEYS.items():
+        if key not in config:
+            gaps.append((key, value, f"config.json lacks {key} (SGLang reads it; GLM-5 configs carry {value!r})"))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) != "yarn":
+        fixed = {"rope_type": "yarn", "factor": 1.0, "rope_theta": rope.get("rope_theta", 10000.0),
+                 "original_max_position_embeddings": config.get("max_position_embeddings", 2048)}
+        gaps.append(("rope_parameters", fixed,
+                     f"rope_type {rope.get('rope_type')!r}: SGLang's CPU rope takes only yarn (factor 1 = plain RoPE)"))
+    if config.get("index_head_dim") != 128:
+        gaps.append((None, None, f"index_head_dim {config.get('index_head_dim')}: SGLang's indexer needs 128"))
+    dtype = config.get("dtype", config.get("torch_dtype"))
+    if dtype != "bfloat16":
+        gaps.append((None, None, f"dtype {dtype!r}: SGLang would pick float16 for float32; save bf16 or pass --dtype bfloat16"))
+    return gaps

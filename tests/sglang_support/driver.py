@@ -86,7 +86,8 @@ def _layers(model, state_dict):
             params = dict(attn.indexer.named_parameters())
             names = [n for n in state_dict if n.startswith(prefix)]
             equal = bool(names) and all(
-                n[len(prefix):] in params and torch.equal(params[n[len(prefix):]].detach().cpu(), state_dict[n])
+                n[len(prefix):] in params and torch.equal(params[n[len(prefix):]].detach().cpu(),
+                                                            state_dict[n].to(params[n[len(prefix):]].dtype))
                 for n in names)
         rows.append([attn.skip_topk, attn.next_skip_topk, attn.indexer is not None, equal])
     return rows

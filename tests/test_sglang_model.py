@@ -1,0 +1,173 @@
+"""Model-level regression against stock SGLang 0.5.23: its own GlmMoeDsaForCausalLM, built on the CPU.
+
+For each case, SGLang's model class is built from the resolved server args and loaded with
+SGLang's own ``load_weights``; per layer we read ``(skip_topk, next_skip_topk, has_indexer,
+indexer weights equal to the checkpoint's)`` (``tests/sglang_support/driver.py``). Cases are batched:
+one subprocess for the stock tree and one for the patched tree (plus one for the embedded model),
+so the module stays well under 3 minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sglang_support import checkpoints as ck
+from sglang_support import trees as sgl
+
+from sglang_indexcache import pattern as pat
+from sglang_indexcache import pattern_file
+from sglang_indexcache.configs import TINY_MODEL_DIR
+from sglang_indexcache.model_info import load_model_info
+
+pytestmark = pytest.mark.sglang
+N = ck.NUM_LAYERS
+GLM52_MISSING = {i for i, c in enumerate(ck.GLM52_PATTERN) if c == pat.SHARED}  # no indexer weights there
+
+
+def expected_layers(pattern: str, last_next: bool = False, unloaded=()) -> list[list]:
+    """Per layer ``[skip_topk, next_skip_topk, has_indexer, weights equal]`` for ``pattern``.
+
+    ``last_next``: stock's frequency rule can mark the last layer's (absent) successor shared.
+    ``unloaded``: F layers whose indexer the checkpoint has no weights for (they stay at init values).
+    """
+    rows = []
+    for i, c in enumerate(pattern):
+        nxt = pattern[i + 1] == pat.SHARED if i + 1 < len(pattern) else last_next
+        full = c == pat.FULL
+        rows.append([not full, nxt, full, (i not in unloaded) if full else None])
+    return rows
+
+
+# (id, checkpoint, --json-model-override-args, pattern stock builds, last layer's next_skip_topk, F layers unloaded)
+NO_FLAG_CASES = [
+    ("types", "types", None, "FFFFFFFF", False, ()),
+    ("types-override-pattern", "types", {"index_topk_pattern": "FSSFSSSF"}, "FFFFFFFF", False, ()),  # the trap
+    ("types-override-freq", "types", {"index_topk_freq": 2}, "FFFFFFFF", False, ()),  # the trap
+    ("types-override-types", "types", {"indexer_types": pat.to_indexer_types("FFSSFSSS")}, "FFSSFSSS", False, ()),
+    ("types-null-types-pattern", "types", {"indexer_types": None, "index_topk_pattern": "FSFSFSFS"},
+     "FSFSFSFS", False, ()),
+    ("types-null-types-freq-offset", "types",
+     {"indexer_types": None, "index_topk_pattern": None, "index_topk_freq": 3, "index_skip_topk_offset": 3},
+     "FFFSSFSS", False, ()),
+    ("types-null-types-freq", "types", {"indexer_types": None, "index_topk_pattern": None, "index_topk_freq": 4},
+     "FFSSSFSS", True, ()),  # stock: layer 8 (absent) would be shared
+    ("plain", "plain", None, "FFFFFFFF", False, ()),
+    ("plain-freq4", "plain_freq4", None, "FFSSSFSS", False, ()),
+    ("plain-pattern", "plain_pattern", None, "FSFSSFSS", False, ()),
+    ("plain-offset", "plain_offset", None, "FSSFSSFS", False, ()),
+    ("plain-override-freq", "plain", {"index_topk_freq": 4}, "FFFFFFFF", False, ()),  # the trap
+    ("glm52", "glm52", None, ck.GLM52_PATTERN, False, ()),
+    ("glm52-override-all-f", "glm52", {"indexer_types": None, "index_topk_pattern": "FFFFFFFF"},
+     "FFFFFFFF", False, GLM52_MISSING),  # stock: silently uninitialised indexers
+]
+# (id, checkpoint, flags, pattern): patched only; the layers follow the flag on all three flavours.
+FLAG_CASES = [
+    ("pattern-types", "types", ["--index-cache-pattern", "FSSFSSSF"], "FSSFSSSF"),
+    ("pattern-plain-freq4", "plain_freq4", ["--index-cache-pattern", "FSFSFSFS"], "FSFSFSFS"),
+    ("pattern-glm52", "glm52", ["--index-cache-pattern", "FSSSSSFS"], "FSSSSSFS"),
+    ("every-types", "types", ["--index-cache-every", "4"], "FSSSFSSS"),
+    ("every-plain", "plain", ["--index-cache-every", "2"], "FSFSFSFS"),
+    ("every-glm52", "glm52", ["--index-cache-every", "3"], "FSSFSSFS"),
+    ("file-types", "types", ["--index-cache-pattern-file", "@types:FFSSFSSS"], "FFSSFSSS"),
+    ("file-plain-pattern", "plain_pattern", ["--index-cache-pattern-file", "@plain_pattern:FSSSFSSS"], "FSSSFSSS"),
+    ("file-glm52", "glm52", ["--index-cache-pattern-file", "@glm52:FSSFSSSS"], "FSSFSSSS"),
+]
+CALIBRATION_SWITCHES = ["FSFSFSFS", "SFFFFFFF", "FFFF", "FxSSSSSS", "FFFFFFFF", "fsssfsss"]
+
+
+def _argv(path, extra) -> list[str]:
+    return ["--model-path", str(path), "--device", "cpu", "--random-seed", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    trees = sgl.trees(tmp_path_factory)
+    ckpts = ck.session_checkpoints(tmp_path_factory)
+    work = tmp_path_factory.mktemp("sglang-model")
+    files = {}
+    for _, _, flags, _ in FLAG_CASES:
+        if flags[-1].startswith("@"):
+            name, spec = flags[-1][1:].split(":")
+            path = work / f"{name}-{spec}.json"
+            pattern_file.write(path, pattern_file.make_document(spec, load_model_info(ckpts[name])))
+            files[flags[-1]] = str(path)
+    no_flag = [{"argv": _argv(ckpts[c], [] if o is None else ["--json-model-override-args", json.dumps(o)]),
+                "build": True} for _, c, o, *_ in NO_FLAG_CASES]
+    flagged = [{"argv": _argv(ckpts[c], [files.get(f, f) for f in flags]), "build": True}
+               for _, c, flags, _ in FLAG_CASES]
+    special = [
+        {"argv": _argv(ckpts["glm52"], ["--index-cache-pattern", "FFSFSSFS"]), "build": True},
+        {"argv": _argv(ckpts["types"], ["--index-cache-calibration", "--index-cache-pattern", "FSSFSSSF"]),
+         "build": True, "switch": CALIBRATION_SWITCHES},
+    ]
+    stock = sgl.run_driver(trees.stock, no_flag, work / "stock")
+    patched = sgl.run_driver(trees.patched, no_flag + flagged + special, work / "patched")
+    return {"stock": stock, "patched": patched[:len(no_flag)],
+            "flagged": patched[len(no_flag):len(no_flag) + len(flagged)],
+            "refused": patched[-2], "calibration": patched[-1]}
+
+
+@pytest.mark.parametrize("index", range(len(NO_FLAG_CASES)), ids=[c[0] for c in NO_FLAG_CASES])
+def test_without_flags_model_equals_stock(results, index):
+    _, _, _, expected, last_next, unloaded = NO_FLAG_CASES[index]
+    stock, patched = results["stock"][index], results["patched"][index]
+    assert "error" not in stock, stock.get("error")
+    assert stock["layers"] == expected_layers(expected, last_next, unloaded)
+    assert patched["layers"] == stock["layers"]
+    assert patched["logs"] == []
+
+
+@pytest.mark.parametrize("index", range(len(FLAG_CASES)), ids=[c[0] for c in FLAG_CASES])
+def test_flag_pattern_reaches_every_layer(results, index):
+    _, checkpoint, _, expected = FLAG_CASES[index]
+    result = results["flagged"][index]
+    assert "error" not in result, result.get("error")
+    assert result["layers"] == expected_layers(expected)
+    overrode = [line for line in result["logs"] if "overrode the checkpoint's" in line]
+    if checkpoint in ("types", "glm52"):  # config.json carries indexer_types: the flag wins, and says so
+        assert len(overrode) == 1 and "indexer_types" in overrode[0] and overrode[0].endswith(expected)
+
+
+def test_f_layer_without_indexer_weights_is_refused_before_loading(results):
+    result = results["refused"]
+    assert "layers" not in result  # nothing was built or loaded
+    assert result["error"]["type"] == "IndexCacheError"
+    assert "layer 1 is F but" in result["error"]["message"] and "no indexer weights" in result["error"]["message"]
+
+
+def test_calibration_keeps_every_indexer_and_switches(results):
+    result = results["calibration"]
+    assert "error" not in result, result.get("error")
+    assert result["layers"] == expected_layers("F" * N)  # built all-F: every indexer and its weights
+    start = expected_layers("FSSFSSSF")
+    assert result["layers_after_load"] == [s[:2] + [True, True] for s in start]
+    previous = result["layers_after_load"]
+    for step in result["switched"]:
+        raw = step["pattern"]
+        if raw in ("SFFFFFFF", "FFFF", "FxSSSSSS"):  # invalid: refused, model unchanged
+            assert "error" in step, raw
+            assert step["layers"] == previous
+            continue
+        assert "error" not in step, step
+        wanted = expected_layers(raw.upper())
+        assert step["layers"] == [w[:2] + [True, True] for w in wanted]
+        previous = step["layers"]
+
+
+def test_embedded_model_loads_in_sglang(tmp_path_factory):
+    """models/tiny-glm-dsa through SGLang's own loader; config keys SGLang needs are listed if missing."""
+    if not (TINY_MODEL_DIR / "config.json").is_file() or not (TINY_MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip(f"{TINY_MODEL_DIR} has no config.json + model.safetensors yet")
+    config = json.loads((TINY_MODEL_DIR / "config.json").read_text())
+    gaps = ck.sglang_config_gaps(config)
+    overrides = {key: value for key, value, _ in gaps if key is not None}
+    argv = _argv(TINY_MODEL_DIR, ["--dtype", "bfloat16", "--skip-tokenizer-init"]
+                 + (["--json-model-override-args", json.dumps(overrides)] if overrides else []))
+    trees = sgl.trees(tmp_path_factory)
+    [stock] = sgl.run_driver(trees.stock, [{"argv": argv, "build": True}], tmp_path_factory.mktemp("embedded"))
+    assert "error" not in stock, f"gaps {[g[2] for g in gaps]}: {stock.get('error')}"
+    layers = stock["layers"]
+    assert all(row[3] for row in layers if row[2]), f"indexer weights not loaded: {layers}"
+    if gaps:
+        print("embedded model needs for SGLang:", "; ".join(g[2] for g in gaps))
