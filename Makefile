@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements/lock.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (SGLang 0.5.23 ships cp311 wheels only)"; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e '.[test,sglang-cpu]'
 	@touch $(STAMP)
 
 demo: install
