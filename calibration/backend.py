@@ -28,6 +28,8 @@ from sglang_indexcache import pattern as pat
 from sglang_indexcache.errors import ModelDirError, PatternError
 from sglang_indexcache.model_info import _ranges, load_model_info
 
+from . import sparse_layer
+
 log = logging.getLogger(__name__)
 GLM_DSA_TYPES = ("glm_moe_dsa",)
 
@@ -70,8 +72,10 @@ def _as_ids(blocks) -> torch.Tensor:
 class TransformersBackend:
     """transformers GlmMoeDsa with every indexer kept, and a switchable F/S pattern."""
 
-    def __init__(self, model, tokenizer=None, indexer_layers=None, path=None):
+    def __init__(self, model, tokenizer=None, indexer_layers=None, path=None, sparse_attention=True):
         self.model = model.eval()
+        # gather-based attention over the top-k (same softmax, far fewer FLOPs than dense masking)
+        self.sparse_attention = sparse_attention
         self.tokenizer = tokenizer
         self.path = path
         self.config = model.config
@@ -212,11 +216,16 @@ class TransformersBackend:
         if not full and state.topk is None:
             raise PatternError(f"layer {i} is S but no earlier F layer produced a top-k")
         self._attach(i, full)
+        layer = self.model.model.layers[i]
         try:
-            hidden, topk = self.model.model.layers[i](
-                state.hidden, attention_mask=state.mask, position_embeddings=state.position_embeddings,
-                position_ids=state.position_ids, prev_topk_indices=state.topk,
-            )
+            if self.sparse_attention:
+                hidden, topk = sparse_layer.decoder_layer(layer, state.hidden, state.position_embeddings, state.mask,
+                                                          state.position_ids, state.topk)
+            else:
+                hidden, topk = layer(
+                    state.hidden, attention_mask=state.mask, position_embeddings=state.position_embeddings,
+                    position_ids=state.position_ids, prev_topk_indices=state.topk,
+                )
         finally:
             self._attach(i, self.pattern[i] == pat.FULL)
         return replace(state, hidden=hidden, topk=topk)
