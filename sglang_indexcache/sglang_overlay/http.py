@@ -26,9 +26,9 @@ RETRY_S = 0.05
 
 
 def _response(status: int, content: dict):
-    from fastapi.responses import ORJSONResponse
+    from fastapi.responses import JSONResponse
 
-    return ORJSONResponse(status_code=status, content=content)
+    return JSONResponse(status_code=status, content=content)
 
 
 async def _ask(tokenizer_manager, action: str, pattern: str | None = None):
