@@ -155,9 +155,31 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, *,
     b, max_len = lens.numel(), int(lens.max()) if t else 0
     if max_len == 0:
         return out.fill_(-1)
+    for p0, n_rows, n_keys, score_tile in prefill_score_tiles(
+            q, weights, k, cu_seqlens, scale, key_chunk=key_chunk, budget_bytes=budget_bytes,
+            block_m=block_m, block_n=block_n):
+        best = _stream_topk(score_tile, b * n_rows, n_keys, topk, key_chunk or DEFAULT_KEY_CHUNK, q.device)
+        pos = p0 + torch.arange(n_rows, device=q.device)           # [n_rows]
+        tok = cu_seqlens.long()[:-1, None] + pos[None, :]          # [b, n_rows] global token
+        keep = (pos[None, :] < lens[:, None]).reshape(-1)
+        out[tok.reshape(-1)[keep]] = best[keep]
+    return out
+
+
+def prefill_score_tiles(q, weights, k, cu_seqlens, scale: float, *, key_chunk: int | None = None,
+                        budget_bytes: int = DEFAULT_BUDGET_BYTES, block_m: int = 64, block_n: int = 64):
+    """Yield ``(p0, n_rows, n_keys, score_tile)`` per chunk of query positions ``p0 .. p0+n_rows-1``.
+
+    ``score_tile(k0, n_cols)`` runs the score kernel and returns ``[b * n_rows, n_cols]`` fp32: row
+    ``i * n_rows + r`` scores request i's position ``p0 + r`` against its positions ``k0 ..``, -inf
+    where not causal or past the request. The tile is reused: consume it before the next call.
+    """
+    t, h, d = q.shape
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()              # [b]
+    b, max_len = lens.numel(), int(lens.max()) if t else 0
     key_chunk = key_chunk or DEFAULT_KEY_CHUNK
     q, k, w, cu = q.contiguous(), k.contiguous(), weights.float().contiguous(), cu_seqlens.int().contiguous()
-    chunk_q = max(1, min(max_len, budget_bytes // (4 * b * min(key_chunk, max_len))))
+    chunk_q = max(1, min(max_len, budget_bytes // (4 * b * min(key_chunk, max(max_len, 1)))))
     for p0 in range(0, max_len, chunk_q):
         n_rows = min(chunk_q, max_len - p0)
         buf = torch.empty(b * n_rows * min(key_chunk, p0 + n_rows), dtype=torch.float32, device=q.device)
@@ -172,12 +194,7 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, *,
                 UPCAST=interpreting(_prefill_scores_kernel))
             return tile.view(b * n_rows, n_cols)
 
-        best = _stream_topk(score_tile, b * n_rows, p0 + n_rows, topk, key_chunk, q.device)
-        pos = p0 + torch.arange(n_rows, device=q.device)           # [n_rows]
-        tok = cu_seqlens.long()[:-1, None] + pos[None, :]          # [b, n_rows] global token
-        keep = (pos[None, :] < lens[:, None]).reshape(-1)
-        out[tok.reshape(-1)[keep]] = best[keep]
-    return out
+        yield p0, n_rows, p0 + n_rows, score_tile
 
 
 def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, scale: float,
@@ -197,12 +214,24 @@ def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, sc
     n_keys = int(seq_lens.max()) if b else 0
     if n_keys <= 0:
         return out.fill_(-1)
+    n_keys, score_tile = decode_score_tiles(q, weights, k_cache, page_table, seq_lens, scale, k_scale,
+                                            key_chunk=key_chunk, block_n=block_n)
+    return out.copy_(_stream_topk(score_tile, b, n_keys, topk, key_chunk or DEFAULT_KEY_CHUNK, q.device))
+
+
+def decode_score_tiles(q, weights, k_cache, page_table, seq_lens, scale: float, k_scale=None, *,
+                       key_chunk: int | None = None, block_n: int = 64):
+    """``(n_keys, score_tile)``: ``score_tile(k0, n_cols)`` returns ``[b, n_cols]`` fp32 scores of
+    positions ``k0 ..`` (-inf past each seq_len); the tile is reused, consume it before the next call."""
+    b, h, d = q.shape
+    n_keys = int(seq_lens.max()) if b else 0
     key_chunk = key_chunk or DEFAULT_KEY_CHUNK
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
     q, w = q.contiguous(), weights.float().contiguous()
     kc = k_cache.reshape(-1, d)
     ks = k_scale.float().reshape(-1).contiguous() if fp8 else w
     pt, lens = page_table.int().contiguous(), seq_lens.int().contiguous()
-    buf = torch.empty(b * min(key_chunk, n_keys), dtype=torch.float32, device=q.device)
+    buf = torch.empty(b * min(key_chunk, max(n_keys, 1)), dtype=torch.float32, device=q.device)
 
     def score_tile(k0, n_cols):
         tile = buf[:b * n_cols].view(b, n_cols)
@@ -213,4 +242,4 @@ def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, sc
             BLOCK_N=block_n, PRECISION=dot_precision(q.dtype), UPCAST=interpreting(_decode_scores_kernel))
         return tile
 
-    return out.copy_(_stream_topk(score_tile, b, n_keys, topk, key_chunk, q.device))
+    return n_keys, score_tile

@@ -1,0 +1,124 @@
+"""Correctness of the Triton kernels on a GPU against their fp32 references, at serving sizes.
+
+``python -m sglang_indexcache.bench.kernel_checks [--out FILE]`` runs every case, prints one line per
+case and exits 1 if any fails. Uses the same comparators as the CPU tests (``kernels.testing``):
+top-k as sets with gathered scores, outputs NaN-poisoned before each run, NaN in unowned cache slots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from ..kernels import indexer_topk_decode, indexer_topk_prefill, reference as ref, sparse_mla_decode, testing
+
+SENTINEL = -7
+
+
+def _tie_free(q, k):
+    q[:, 0] = 0
+    q[:, 0, 0] = 1
+    k[..., 0] = k[..., 0].abs() + 0.25
+
+
+def check_prefill(dev, lens, h, topk, **kw):
+    t, d = sum(lens), 128
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    q, k = torch.randn(t, h, d, device=dev), torch.randn(t, d, device=dev)
+    _tie_free(q, k)
+    q, k = q.bfloat16(), k.bfloat16()
+    w = (torch.rand(t, h, device=dev) + 0.1) * torch.where(torch.rand(t, h, device=dev) < 0.3, -1.0, 1.0)
+    w[:, 0] = w[:, 0].abs()
+    out = torch.full((t, topk), SENTINEL, dtype=torch.int32, device=dev)
+    indexer_topk_prefill(q, w, k, cu, topk, d ** -0.5, out=out, **kw)
+    assert not (out == SENTINEL).any(), "outputs never written"
+    testing.check_topk(out, ref.indexer_scores_prefill_ref(q, w, k, cu, d ** -0.5), topk, 1e-4)
+
+
+def check_decode(dev, seq_lens, h, topk, fp8=False, **kw):
+    b, d = len(seq_lens), 128
+    cache, page_table = testing.make_paged_cache(seq_lens, d)
+    q = torch.randn(b, h, d)
+    _tie_free(q, cache)
+    cache, page_table, q = cache.to(dev), page_table.to(dev), q.to(dev).bfloat16()
+    k_scale = None
+    if fp8:
+        cache, k_scale = cache.to(torch.float8_e4m3fn), torch.rand(cache.shape[:2], device=dev) + 0.5
+    else:
+        cache = cache.bfloat16()
+    w = torch.rand(b, h, device=dev) + 0.1
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+    out = torch.full((b, topk), SENTINEL, dtype=torch.int32, device=dev)
+    indexer_topk_decode(q, w, cache, page_table, lens, topk, 0.5, k_scale=k_scale, out=out, **kw)
+    assert not (out == SENTINEL).any(), "outputs never written"
+    testing.check_topk(out, ref.indexer_scores_decode_ref(q, w, cache, page_table, lens, 0.5, k_scale), topk, 1e-4)
+
+
+def check_mla(dev, seq_lens, h, topk, empty_last=False, **kw):
+    b = len(seq_lens)
+    cache, page_table = testing.make_paged_cache(seq_lens, 576, torch.bfloat16)
+    cache, page_table = cache.to(dev), page_table.to(dev)
+    q = torch.randn(b, h, 576, device=dev).bfloat16()
+    idx = torch.full((b, topk), -1, dtype=torch.int32)
+    for i, n in enumerate(seq_lens):
+        sel = torch.randperm(n)[:topk].int()
+        idx[i, :sel.numel()] = sel
+        idx[i] = idx[i][torch.randperm(topk)]
+    if empty_last:
+        idx[-1] = -1
+    idx = idx.to(dev)
+    out = torch.full((b, h, 512), float("nan"), dtype=torch.bfloat16, device=dev)
+    lse = torch.full((b, h), float("nan"), device=dev)
+    sparse_mla_decode(q, cache, page_table, idx, 576 ** -0.5, return_lse=True, out=out, lse=lse, **kw)
+    exp_out, exp_lse = ref.sparse_mla_decode_ref(q, cache, page_table, idx, 576 ** -0.5, return_lse=True)
+    testing.assert_close(out, exp_out, 2e-3, 1e-2, name="out")
+    testing.assert_close(lse, exp_lse, 1e-4, 1e-4, name="lse")
+
+
+CASES = [
+    ("prefill ragged, 64 heads, top-k 2048", check_prefill, dict(lens=[3000, 1000, 17], h=64, topk=2048)),
+    ("prefill, key chunks of 1024 merged", check_prefill, dict(lens=[2500], h=32, topk=512, key_chunk=1024)),
+    ("decode bf16, 64 heads, 70K context", check_decode, dict(seq_lens=[5000, 70000, 100, 2048], h=64, topk=2048)),
+    ("decode fp8 keys, 32 heads", check_decode, dict(seq_lens=[9000, 3000], h=32, topk=2048, fp8=True)),
+    ("decode merge over chunks", check_decode, dict(seq_lens=[20000], h=64, topk=2048, key_chunk=4096)),
+    ("mla 128 heads, b=8 (split-K auto)", check_mla, dict(seq_lens=[10000] * 7 + [300], h=128, topk=2048)),
+    ("mla 64 heads, empty request, 1 split", check_mla,
+     dict(seq_lens=[5000, 1500, 4000], h=64, topk=2048, empty_last=True, num_splits=1)),
+    ("mla 16 heads, b=1, split-K 16", check_mla, dict(seq_lens=[3000], h=16, topk=2048, num_splits=16)),
+]
+
+
+def run_checks(device: str = "cuda") -> list[dict]:
+    results = []
+    for name, fn, kw in CASES:
+        torch.manual_seed(len(results))
+        t0 = time.perf_counter()
+        try:
+            fn(device, **kw)
+            ok, msg = True, ""
+        except AssertionError as exc:
+            ok, msg = False, str(exc)[:1000]
+        results.append({"case": name, "ok": ok, "message": msg, "seconds": round(time.perf_counter() - t0, 2)})
+        print(("PASS " if ok else "FAIL ") + name + ("" if ok else ": " + msg), flush=True)
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the results here as JSON")
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    results = run_checks(args.device)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+                       "results": results}, f, indent=1)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""``indexcache bench kernels``: the DSA kernels alone, against the device's measured ceilings.
+
+Rows: sparse MLA decode (ours, a plain-PyTorch gather+matmul, FlashMLA's SM90 sparse kernel and
+SGLang's Triton decode when they load), indexer top-k for decode (ours bf16 and fp8, PyTorch) and
+for a prefill of one request (ours, PyTorch up to 32K). Each row gives the median milliseconds
+(CUDA events; the L2 is flushed before every timed call and inputs rotate so that one call's data
+is not the next one's cache), achieved TFLOP/s and GB/s, and the share of the ceilings (a large
+bf16 matrix product, a large device copy) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+
+log = logging.getLogger(__name__)
+
+SHAPES = {  # name -> (attention heads, index heads); d_qk 576, d_v 512, index d 128, top-k 2048
+    "deepseek-v3.2": (128, 64),
+    "glm-5": (64, 32),
+}
+D_QK, D_V, D_IDX, TOPK = 576, 512, 128, 2048
+L2_FLUSH_BYTES = 256 << 20
+
+
+def _ints(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1024 if part.endswith("k") else 1
+        out.append(int(part.rstrip("k")) * mult)
+    return out
+
+
+def add_kernel_arguments(parser):
+    parser.add_argument("--shapes", default="deepseek-v3.2,glm-5", help="comma-separated: " + ", ".join(SHAPES))
+    parser.add_argument("--ops", default="mla,indexer-decode,indexer-prefill",
+                        help="which kernels: mla, indexer-decode, indexer-prefill (comma-separated)")
+    parser.add_argument("--batch", default="1,16,64", help="decode batch sizes (default 1,16,64)")
+    parser.add_argument("--contexts", default="8k,32k,128k,200k",
+                        help="indexer decode contexts (default 8k,32k,128k,200k)")
+    parser.add_argument("--mla-contexts", default="8k,128k", help="sparse MLA decode contexts (default 8k,128k)")
+    parser.add_argument("--prefill-contexts", default="8k,32k,64k,128k", help="prefill lengths (default up to 128k)")
+    parser.add_argument("--budget", type=float, default=0.4, help="seconds of timed calls per row (default 0.4)")
+    parser.add_argument("--sglang-triton-dir", default=".cache/kernel-anchors",
+                        help="folder with SGLang's triton_sparse_mla{,_decode}.py (scripts/fetch_kernel_anchors.sh)")
+    parser.add_argument("--mla-config", default=None,
+                        help='JSON launch config for our MLA kernel, e.g. \'{"block_h": 32}\'')
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu only smoke-tests this benchmark (with TRITON_INTERPRET=1, tiny sizes)")
+    parser.add_argument("--mla-sweep", action="store_true",
+                        help="first time our MLA kernel under several launch configs (128 heads, batch 1,16,64)")
+    parser.add_argument("--json", action="store_true", help="print the result document as JSON")
+    parser.add_argument("--save", metavar="FILE", help="also write the JSON document here")
+
+
+class Bench:
+    """Timing with the L2 flushed between calls; ``fns`` rotate so inputs differ call to call."""
+
+    def __init__(self, device, budget_s: float):
+        import torch
+
+        self.torch, self.device, self.budget = torch, device, budget_s
+        flush = L2_FLUSH_BYTES if device.type == "cuda" else 1 << 20
+        self.flush = torch.empty(flush // 4, dtype=torch.float32, device=device)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def empty_cache(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+    def ms(self, fns) -> float:
+        """Median milliseconds of calls cycling through ``fns`` (one warm-up call first)."""
+        fns = fns if isinstance(fns, (list, tuple)) else [fns]
+        fns[0]()                                                   # warm-up (and compile)
+        self.sync()
+        t0 = time.perf_counter()
+        fns[-1]()
+        self.sync()
+        reps = int(min(50, max(3, self.budget / max(time.perf_counter() - t0, 1e-6))))
+        times = []
+        for r in range(reps):
+            self.flush.zero_()
+            times.append(self._one(fns[r % len(fns)]))
+        return statistics.median(times)
+
+    def _one(self, fn) -> float:
+        torch = self.torch
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            fn()
+            return 1e3 * (time.perf_counter() - t0)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+
+def _row(kind, shape, impl, ms, flops, nbytes, ceil, **extra):
+    tflops, gbps = flops / ms / 1e9, nbytes / ms / 1e6
+    pct_peak = 100 * flops / (ms * 1e-3) / ceil["matmul_flops"]
+    pct_hbm = 100 * nbytes / (ms * 1e-3) / ceil["copy_bytes"]
+    floor_ms = 1e3 * max(flops / ceil["matmul_flops"], nbytes / ceil["copy_bytes"])
+    row = {"kernel": kind, "shape": shape, "impl": impl, "ms": round(ms, 4), "tflops": round(tflops, 1),
+           "gbps": round(gbps, 1), "pct_peak": round(pct_peak, 1), "pct_hbm": round(pct_hbm, 1),
+           "floor_ms": round(floor_ms, 4), "of_floor": round(floor_ms / ms, 3),
+           "bound": "memory" if nbytes / ceil["copy_bytes"] > flops / ceil["matmul_flops"] else "compute"}
+    row.update(extra)
+    log.info("%s", row)
+    return row
+
+
+def run_kernels(args) -> int:
+    import torch
+
+    from ..errors import UsageError
+    from . import kernel_bench_ops as ops
+    from .floor import measure_ceilings
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("bench kernels needs a CUDA GPU (the Triton kernels are tested on the CPU by pytest)")
+    shapes = [s.strip() for s in args.shapes.split(",")]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad:
+        raise UsageError(f"unknown shape(s) {', '.join(bad)}; choose from {', '.join(SHAPES)}")
+    wanted = {o.strip() for o in args.ops.split(",")}
+    if wanted - {"mla", "indexer-decode", "indexer-prefill"}:
+        raise UsageError(f"unknown --ops value(s): {', '.join(sorted(wanted - {'mla', 'indexer-decode', 'indexer-prefill'}))}")
+    try:
+        mla_config = json.loads(args.mla_config) if args.mla_config else None
+        batches, contexts, prefill = _ints(args.batch), _ints(args.contexts), _ints(args.prefill_contexts)
+        mla_contexts = _ints(args.mla_contexts)
+    except ValueError as exc:
+        raise UsageError(f"bad number list or JSON: {exc}") from exc
+    device = torch.device(args.device)
+    ceil = measure_ceilings(device, torch.bfloat16)
+    bench = Bench(device, args.budget)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    doc = {"device": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "torch": torch.__version__, "triton": __import__("triton").__version__,
+           "ceilings": {"bf16_matmul_tflops": round(ceil["matmul_flops"] / 1e12, 1),
+                        "copy_gbps": round(ceil["copy_bytes"] / 1e9, 1)},
+           "anchors": {}, "rows": []}
+    ctx = ops.Context(bench, ceil, doc, _row, args.sglang_triton_dir, mla_config, args.device)
+    if args.mla_sweep:
+        ops.mla_sweep(ctx, 128, [1, 16, 64])
+    for shape in shapes:
+        heads, index_heads = SHAPES[shape]
+        if "mla" in wanted:
+            ops.mla_rows(ctx, shape, heads, batches, mla_contexts)
+        if "indexer-decode" in wanted:
+            ops.indexer_decode_rows(ctx, shape, index_heads, batches, contexts)
+        if "indexer-prefill" in wanted:
+            ops.indexer_prefill_rows(ctx, shape, index_heads, prefill)
+        if args.save:
+            _save(args.save, doc)
+    if args.json:
+        print(json.dumps(doc, indent=1))
+    else:
+        _print_table(doc)
+    return 0
+
+
+def _save(path: str, doc: dict):
+    from ..pattern_file import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=1))
+
+
+def _print_table(doc: dict):
+    print(f"{doc['device']}  {doc['date']}  torch {doc['torch']}  triton {doc['triton']}")
+    c = doc["ceilings"]
+    print(f"ceilings: bf16 matmul {c['bf16_matmul_tflops']} TFLOP/s, device copy {c['copy_gbps']} GB/s")
+    for name, status in doc["anchors"].items():
+        print(f"anchor {name}: {status}")
+    cols = ["kernel", "shape", "impl", "batch", "context", "ms", "tflops", "gbps", "pct_peak", "pct_hbm", "of_floor"]
+    print(" | ".join(cols))
+    for row in doc["rows"]:
+        print(" | ".join(str(row.get(k, "")) for k in cols))
