@@ -1,0 +1,73 @@
+"""Launch the patched SGLang server with an IndexCache pattern.
+
+indexcache serve --model DIR --pattern-file FILE [--calibration] [--dry-run] [-- SGLANG ARGS]
+
+Checks the pattern file against the checkpoint and that the SGLang found by this Python carries our
+patch set, prints the command, then replaces this process with
+``python -m sglang.launch_server --model-path DIR --index-cache-pattern-file FILE ... SGLANG ARGS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import UsageError
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="HF-format DSA checkpoint directory")
+    parser.add_argument("--pattern-file", help="indexcache-pattern/v1 file (see `indexcache calibrate`)")
+    parser.add_argument("--calibration", action="store_true",
+                        help="calibration mode: every indexer loaded, /index_cache endpoints, no CUDA graphs")
+    parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    parser.add_argument("sglang_args", nargs=argparse.REMAINDER, help="after --: passed to sglang.launch_server")
+
+
+def patched_sglang_dir() -> Path:
+    """The SGLang package this interpreter would import, refused unless our patch set is applied."""
+    from ..sglang_overlay import patchset
+
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("SGLang is not installed for this Python; pip install sglang==0.5.23, then"
+                         " make apply-patches SGLANG_DIR=<its site-packages>")
+    package = Path(list(spec.submodule_search_locations)[0])
+    target, patches = patchset.prepare(package.parent)
+    if patchset.status(target, patches) != "applied":
+        raise UsageError(f"SGLang at {package} is not patched: make apply-patches SGLANG_DIR={package.parent}")
+    return package
+
+
+def build_command(args) -> list[str]:
+    from ..model_info import load_model_info
+    from ..pattern_file import check_matches, read
+
+    info = load_model_info(args.model)
+    if not args.pattern_file and not args.calibration:
+        raise UsageError("give --pattern-file FILE (or --calibration to choose a pattern at run time)")
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(args.model)]
+    if args.pattern_file:
+        check_matches(read(args.pattern_file), info, source=f"pattern file {args.pattern_file}")
+        command += ["--index-cache-pattern-file", str(args.pattern_file)]
+    if args.calibration:
+        command.append("--index-cache-calibration")
+    extra = list(args.sglang_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return command + extra
+
+
+def run(args) -> int:
+    command = build_command(args)
+    if not args.dry_run:
+        patched_sglang_dir()
+    print(shlex.join(command), flush=True)
+    if args.dry_run:
+        return 0
+    os.execv(command[0], command)
+    return 0  # not reached
