@@ -33,8 +33,8 @@ def _sparse_mla_kernel(
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """o[i, h, split] = softmax-weighted V over indices [split*per_split, +per_split) of request i."""
-    i = tl.program_id(0)
-    hb = tl.program_id(1)
+    hb = tl.program_id(0)                                           # fastest: head blocks share KV in L2
+    i = tl.program_id(1)
     sp = tl.program_id(2)
     hs = hb * BLOCK_H + tl.arange(0, BLOCK_H)                       # [BLOCK_H]
     hm = hs < H
@@ -149,7 +149,7 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
         o_part = torch.empty(b, h, splits, d_v, dtype=torch.float32, device=q.device)
         l_part = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
     if b > 0 and h > 0:
-        _sparse_mla_kernel[(b, head_blocks, splits)](
+        _sparse_mla_kernel[(head_blocks, b, splits)](
             q, kv, pt, idx, o_part, l_part, h, topk, per_split, sm_scale * LOG2E,
             q.stride(0), q.stride(1), kv.stride(0), pt.stride(0), idx.stride(0),
             o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
