@@ -15,7 +15,7 @@ from sglang_indexcache.configs import TINY_MODEL_DIR
 from sglang_indexcache.errors import UsageError
 
 DEFAULT_STEPS = "2000,300,1000"
-DEFAULT_LR = "2e-3,1e-3,6e-4"
+DEFAULT_LR = "1e-3,1e-3,5e-4"
 
 
 def add_arguments(parser) -> None:

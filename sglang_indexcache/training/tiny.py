@@ -49,7 +49,7 @@ class TrainArgs:
     out_dir: str
     work_dir: str
     steps: dict = field(default_factory=lambda: {"dense": 2000, "warmup": 300, "sparse": 1000})
-    lr: dict = field(default_factory=lambda: {"dense": 2e-3, "warmup": 1e-3, "sparse": 6e-4})
+    lr: dict = field(default_factory=lambda: {"dense": 1e-3, "warmup": 1e-3, "sparse": 5e-4})
     batch_size: int = 16
     seq_len: int = 1024
     device: str = "cpu"
@@ -71,7 +71,7 @@ def build_config(vocab_size: int, eos_token_id: int, overrides: dict | None = No
     max_pos = kw["max_position_embeddings"]
     config = GlmMoeDsaConfig(
         vocab_size=vocab_size, first_k_dense_replace=layers, indexer_types=["full"] * layers,
-        tie_word_embeddings=False, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        tie_word_embeddings=False, bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None,
         rope_parameters={"rope_type": "yarn", "factor": 1.0, "rope_theta": 10000.0,
                          "original_max_position_embeddings": max_pos},
         **kw,
@@ -150,6 +150,7 @@ def run_stage(model, stream, args: TrainArgs, stage_idx: int, start_step: int, s
     stage = STAGES[stage_idx]
     total = args.steps[stage]
     work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
     model.set_attn_implementation("sdpa" if stage == "dense" else "eager")
     wrappers = dsa_losses.wrap_indexers(model, mode=stage)
     probe = dsa_losses.AttentionProbe(model) if stage != "dense" else None
@@ -168,8 +169,12 @@ def run_stage(model, stream, args: TrainArgs, stage_idx: int, start_step: int, s
             batch = sample_batch(stream, args.batch_size, args.seq_len, args.seed, stage_idx, step).to(device)
             optimizer.zero_grad(set_to_none=True)
             stats = train_step(model, batch, stage, wrappers, probe, autocast)
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
-            optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+            if torch.isfinite(norm):
+                optimizer.step()
+            else:  # a non-finite gradient would poison the weights: skip the update, count it
+                stats["skipped"] = 1.0
+                log.warning("%s step %d: non-finite gradient norm, update skipped", stage, step + 1)
             recent = (recent + [stats])[-args.log_every:]
             if (step + 1) % args.log_every == 0 or step + 1 == total:
                 record = {"stage": stage, "step": step + 1, "lr": optimizer.param_groups[0]["lr"],
@@ -187,7 +192,10 @@ def run_stage(model, stream, args: TrainArgs, stage_idx: int, start_step: int, s
 
 
 def _mean(records: list[dict]) -> dict:
-    out = {}
+    out: dict = {}
+    skipped = sum(r.get("skipped", 0.0) for r in records)
+    if skipped:
+        out["skipped"] = skipped
     for key in ("lm", "kl"):
         vals = [r[key] for r in records if key in r]
         if vals:
