@@ -198,12 +198,15 @@ def prefill_score_tiles(q, weights, k, cu_seqlens, scale: float, *, key_chunk: i
 
 
 def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, scale: float,
-                        k_scale=None, *, key_chunk: int | None = None, block_n: int = 64, out=None):
+                        k_scale=None, *, key_chunk: int | None = None, block_n: int = 64,
+                        budget_bytes: int = DEFAULT_BUDGET_BYTES, out=None):
     """Triton version of ``reference.indexer_topk_decode_ref`` (same arguments and result).
 
     ``q [b, h, d]``, ``weights [b, h]`` fp32, ``k_cache [num_pages, 64, d]`` bf16 (or fp8 e4m3 with
     ``k_scale [num_pages, 64]`` fp32), ``page_table [b, max_pages]`` int32, ``seq_lens [b]`` int32 ->
     ``[b, topk]`` int32 positions ``0 .. seq_len-1``, -1 padded (written into ``out`` when given).
+    By default whole rows are scored and selected at once when ``b * max(seq_lens)`` fp32 scores fit
+    in ``budget_bytes`` (one ``torch.topk``, no merges); otherwise ``key_chunk`` keys per tile.
     """
     b, h, d = q.shape
     _check(topk, d)
@@ -214,9 +217,11 @@ def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, sc
     n_keys = int(seq_lens.max()) if b else 0
     if n_keys <= 0:
         return out.fill_(-1)
+    if key_chunk is None:
+        key_chunk = n_keys if 4 * b * n_keys <= budget_bytes else DEFAULT_KEY_CHUNK
     n_keys, score_tile = decode_score_tiles(q, weights, k_cache, page_table, seq_lens, scale, k_scale,
                                             key_chunk=key_chunk, block_n=block_n)
-    return out.copy_(_stream_topk(score_tile, b, n_keys, topk, key_chunk or DEFAULT_KEY_CHUNK, q.device))
+    return out.copy_(_stream_topk(score_tile, b, n_keys, topk, key_chunk, q.device))
 
 
 def decode_score_tiles(q, weights, k_cache, page_table, seq_lens, scale: float, k_scale=None, *,

@@ -19,8 +19,10 @@ from .reference import PAGE_SIZE
 __all__ = ["sparse_mla_decode", "DEFAULT_CONFIG"]
 
 LOG2E = 1.4426950408889634
-# Launch parameters, chosen from the GPU sweep recorded in docs/perf.md.
-DEFAULT_CONFIG = {"block_h": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
+# Launch parameters from the GPU sweep recorded in docs/perf.md: few programs (small batch) favour
+# wide head blocks; a full grid favours 32 heads x 32 tokens (more programs per SM hide gather latency).
+DEFAULT_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2}
+FULL_GRID_CONFIG = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -107,6 +109,15 @@ def _num_splits(b: int, head_blocks: int, topk: int, block_n: int, device) -> in
     return max(1, min(triton.cdiv(topk, block_n), triton.cdiv(2 * sms, programs), 32))
 
 
+def _auto_config(b: int, h: int, device) -> dict:
+    """``DEFAULT_CONFIG`` unless the batch alone fills the GPU (``FULL_GRID_CONFIG`` then)."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if b * triton.cdiv(h, DEFAULT_CONFIG["block_h"]) >= sms // 2:
+            return FULL_GRID_CONFIG
+    return DEFAULT_CONFIG
+
+
 def _check_args(q, kv_cache, page_table, indices, d_v):
     b, h, d_qk = q.shape
     if kv_cache.shape[1] != PAGE_SIZE or kv_cache.shape[2] != d_qk:
@@ -127,12 +138,13 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     int32, ``indices [b, topk]`` int32 (-1 skipped) -> ``out [b, h, d_v]`` in q's dtype and, with
     ``return_lse``, ``lse [b, h]`` fp32 (natural log; -inf and out = 0 for a request with no index).
     ``num_splits`` overrides the split-K factor (default: from the SM count; 1 off the GPU);
-    ``config`` overrides ``DEFAULT_CONFIG``; ``out``/``lse`` receive the results when given.
+    ``config`` overrides the launch config (``DEFAULT_CONFIG`` or, when the batch alone fills the
+    GPU, ``FULL_GRID_CONFIG``); ``out``/``lse`` receive the results when given.
     """
     _check_args(q, kv_cache, page_table, indices, d_v)
     b, h, d_qk = q.shape
     topk = indices.shape[1]
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    cfg = {**_auto_config(b, h, q.device), **(config or {})}
     block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(h)))
     block_n = cfg["block_n"]
     head_blocks = triton.cdiv(h, block_h)

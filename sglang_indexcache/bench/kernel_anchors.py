@@ -13,6 +13,7 @@ Each loader returns ``(callable or None, status string)``.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 SGLANG_DSA = "sglang.kernels.ops.attention.dsa"
 
 
+@functools.lru_cache(maxsize=None)
 def load_flash_mla():
     """``fn(q [s_q,h,576], kv_flat [n,1,576], rows [s_q,1,topk] int32, sm_scale) -> out`` or None."""
     try:
@@ -36,6 +38,13 @@ def load_flash_mla():
     return run, f"flash_mla {getattr(flash_mla, '__version__', '?')} (flash_mla_sparse_fwd, use_legacy=True)"
 
 
+def _real_sglang() -> bool:
+    try:
+        return importlib.util.find_spec("sglang") is not None
+    except ValueError:                                             # our own stub package (no spec)
+        return False
+
+
 def _stub(name: str, **attrs):
     mod = sys.modules.get(name) or types.ModuleType(name)
     for key, value in attrs.items():
@@ -44,9 +53,10 @@ def _stub(name: str, **attrs):
     return mod
 
 
+@functools.lru_cache(maxsize=None)
 def load_sglang_triton(folder: str | None):
     """``fn(q_nope, q_rope, kv_flat [n,1,576], rows [b,1,topk], sm_scale) -> out`` or None."""
-    if importlib.util.find_spec("sglang") is not None:             # a real SGLang install: use it as is
+    if _real_sglang():                                             # a real SGLang install: use it as is
         try:
             decode = importlib.import_module(f"{SGLANG_DSA}.triton_sparse_mla_decode").triton_sparse_mla_decode
         except Exception as exc:                                   # noqa: BLE001

@@ -131,9 +131,8 @@ def indexer_decode_rows(c: Context, shape: str, heads: int, batches, contexts):
                                            flops, nbytes, c.ceil, **extra))
 
                 def scores_only(q=qs[0], kc=kc, ks=ks):
-                    n, tile = it.decode_score_tiles(q, w, kc, page_table, lens, 0.1, ks)
-                    for k0 in range(0, n, it.DEFAULT_KEY_CHUNK):
-                        tile(k0, min(it.DEFAULT_KEY_CHUNK, n - k0))
+                    n, tile = it.decode_score_tiles(q, w, kc, page_table, lens, 0.1, ks, key_chunk=ctx)
+                    tile(0, n)
                 c.doc["rows"].append(c.row("indexer_decode", shape, f"triton {dtype} scores only", c.bench.ms(scores_only),
                                            flops, nbytes, c.ceil, **extra))
             if b * heads * ctx <= 1 << 30:
@@ -179,6 +178,9 @@ def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
                     tile(k0, min(it.DEFAULT_KEY_CHUNK, n_keys - k0))
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton scores only", c.bench.ms(scores_only),
                                    flops, nbytes, c.ceil, **extra))
+        if n >= 65536:
+            c.doc["rows"].append(c.row("indexer_prefill", shape, "triton, whole-row top-k", c.bench.ms(
+                lambda: it.indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, key_chunk=n)), flops, nbytes, c.ceil, **extra))
         if n <= 32768:
             c.doc["rows"].append(c.row("indexer_prefill", shape, "torch chunked einsum+topk", c.bench.ms(
                 lambda: torch_indexer_prefill(q, w, k, 0.1, TOPK)), flops, nbytes, c.ceil, **extra))
@@ -186,9 +188,10 @@ def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
         c.bench.empty_cache()
 
 
-SWEEP_CONFIGS = [  # (block_h, block_n, num_warps, num_stages)
-    (64, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2),
-    (32, 64, 4, 2), (32, 32, 8, 3), (16, 64, 4, 2), (16, 32, 4, 3),
+SWEEP_CONFIGS = [  # (block_h, block_n, num_warps, num_stages, num_splits or None = auto)
+    (64, 64, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 4, 2, 2), (32, 32, 4, 2, 4),
+    (64, 64, 8, 2, 2), (64, 64, 8, 2, 4), (32, 16, 4, 2, None), (32, 32, 4, 3, None),
+    (64, 32, 8, 3, None), (16, 32, 2, 2, None),
 ]
 
 
@@ -202,14 +205,14 @@ def mla_sweep(c: Context, heads: int, batches, ctx: int = 32768):
         idx = torch.rand(b, ctx, device=c.device).topk(TOPK, dim=1).indices.int()
         flops = 2.0 * b * heads * TOPK * (D_QK + D_V)
         nbytes = b * (TOPK * (2 * D_QK + 4) + heads * (D_QK + D_V) * 2)
-        for bh, bn, nw, ns in SWEEP_CONFIGS:
+        for bh, bn, nw, ns, sp in SWEEP_CONFIGS:
             cfg = {"block_h": bh, "block_n": bn, "num_warps": nw, "num_stages": ns}
             try:
-                ms = c.bench.ms(lambda: sparse_mla_decode(q, cache, page_table, idx, 0.04, config=cfg))
+                ms = c.bench.ms(lambda: sparse_mla_decode(q, cache, page_table, idx, 0.04, config=cfg, num_splits=sp))
             except Exception as exc:                                # noqa: BLE001 - e.g. out of shared memory
                 c.doc["anchors"][f"sweep {cfg} b={b}"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
                 continue
-            c.doc["rows"].append(c.row("sparse_mla_decode", f"sweep h={heads}", f"triton {bh}/{bn}/{nw}/{ns}",
+            c.doc["rows"].append(c.row("sparse_mla_decode", f"sweep h={heads}", f"triton {bh}/{bn}/{nw}/{ns} splits={sp or 'auto'}",
                                        ms, flops, nbytes, c.ceil, batch=b, context=ctx, heads=heads, sweep=True))
         del cache
         c.bench.empty_cache()

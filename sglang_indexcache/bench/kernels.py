@@ -51,7 +51,7 @@ def add_kernel_arguments(parser):
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu only smoke-tests this benchmark (with TRITON_INTERPRET=1, tiny sizes)")
     parser.add_argument("--mla-sweep", action="store_true",
-                        help="first time our MLA kernel under several launch configs (128 heads, batch 1,16,64)")
+                        help="first time our MLA kernel under several launch configs (128 and 64 heads)")
     parser.add_argument("--json", action="store_true", help="print the result document as JSON")
     parser.add_argument("--save", metavar="FILE", help="also write the JSON document here")
 
@@ -151,6 +151,7 @@ def run_kernels(args) -> int:
     ctx = ops.Context(bench, ceil, doc, _row, args.sglang_triton_dir, mla_config, args.device)
     if args.mla_sweep:
         ops.mla_sweep(ctx, 128, [1, 16, 64])
+        ops.mla_sweep(ctx, 64, [16, 64])
     for shape in shapes:
         heads, index_heads = SHAPES[shape]
         if "mla" in wanted:
@@ -184,3 +185,23 @@ def _print_table(doc: dict):
     print(" | ".join(cols))
     for row in doc["rows"]:
         print(" | ".join(str(row.get(k, "")) for k in cols))
+
+
+def main(argv=None) -> int:
+    """``python -m sglang_indexcache.bench.kernels``: the same as ``indexcache bench kernels``."""
+    import argparse
+
+    from ..errors import UsageError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m sglang_indexcache.bench.kernels")
+    add_kernel_arguments(parser)
+    try:
+        return run_kernels(parser.parse_args(argv))
+    except UsageError as exc:
+        print(f"error: {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
