@@ -26,12 +26,12 @@ K = 1024
 # (file stem, mode, config, layers, contexts, batches, patterns, repeats, warmup, share of budget)
 SUITES = [
     ("prefill_glm-30b-a3b", "prefill", "glm-30b-a3b", 4, [8 * K, 32 * K, 64 * K, 128 * K], [1],
-     ["every-2", "every-4"], 2, 1, 0.30),
-    ("prefill_deepseek-v3.2", "prefill", "deepseek-v3.2", 4, [8 * K, 32 * K, 128 * K], [1],
-     ["every-4"], 2, 1, 0.30),
-    ("decode_glm-30b-a3b", "decode", "glm-30b-a3b", 4, [200 * K], [1, 8, 32], ["every-4"], 10, 3, 0.12),
+     ["every-2", "every-4"], 3, 1, 0.30),
+    ("prefill_deepseek-v3.2", "prefill", "deepseek-v3.2", 4, [8 * K, 32 * K, 64 * K, 128 * K], [1],
+     ["every-2", "every-4"], 3, 1, 0.30),
+    ("decode_glm-30b-a3b", "decode", "glm-30b-a3b", 4, [200 * K], [1, 8, 32, 64], ["every-4"], 10, 3, 0.12),
     ("decode_deepseek-v3.2", "decode", "deepseek-v3.2", 4, [200 * K], [1, 8], ["every-4"], 10, 3, 0.12),
-    ("prefill200k_glm-30b-a3b", "prefill", "glm-30b-a3b", 4, [200 * K], [1], ["every-4"], 2, 0, 0.16),
+    ("prefill200k_glm-30b-a3b", "prefill", "glm-30b-a3b", 4, [200 * K], [1], ["every-4"], 2, 1, 0.16),
 ]
 SMOKE = {"glm-30b-a3b": dict(hidden_size=64, q_lora_rank=32, num_attention_heads=2, index_n_heads=2,
                              n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,

@@ -12,12 +12,13 @@ from sglang_indexcache.bench.ops import KernelSet
 from sglang_indexcache.bench.stack import Stack
 
 # A DSA layer small enough for CI: 4 heads, latent 64 + rope 16, indexer 4 x 32, top-k 64 (the
-# contexts below exceed it, so attention is really sparse), dense MLP.
+# contexts below exceed it, so attention is really sparse), dense MLP (no experts).
 SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
          "kv_lora_rank": 64, "q_lora_rank": 96, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32,
          "v_head_dim": 32, "index_topk": 64, "index_head_dim": 32, "index_n_heads": 4}
 # The same with experts: exercises the MoE width model (router, active and touched experts).
-SMALL_MOE = dict(SMALL, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=64)
+SMALL_MOE = dict(SMALL, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=64,
+                 first_k_dense_replace=1)
 
 ROW_KEYS = {"context", "pattern", "pattern_string", "seconds", "speedup", "limit", "floor_limit",
             "indexer_share", "components", "floor", "efficiency", "spread", "repeats"}
@@ -41,13 +42,13 @@ def run_cli(capsys, *args):
 def test_prefill_rows(capsys, config_file, tmp_path):
     plot = tmp_path / "speedup.png"
     code, out, err = run_cli(capsys, "bench", "prefill", "--config", config_file(SMALL), "--layers", "8",
-                             "--contexts", "256,512", "--repeats", "2", "--warmup", "1", "--threads", "1",
+                             "--contexts", "128,256", "--repeats", "2", "--warmup", "0", "--threads", "1",
                              "--json", "--plot", str(plot))
     assert code == 0, err
     doc = json.loads(out)
     rows = doc["rows"]
     assert [(r["context"], r["pattern"]) for r in rows] == [
-        (c, p) for c in (256, 512) for p in ("all-F", "every-2", "every-4", "every-8")]
+        (c, p) for c in (128, 256) for p in ("all-F", "every-2", "every-4", "every-8")]
     for r in rows:
         assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
         assert r["seconds"] > 0 and r["speedup"] > 0
@@ -70,6 +71,19 @@ def test_decode_rows_and_table(capsys, config_file):
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| batch | context | pattern | seconds | speedup | limit | floor_limit")
     assert len(lines) == 1 + 2 * 2                                  # 2 batches x (all-F, every-4)
+
+
+def test_moe_width():
+    """Prefill: top-k + shared experts per token; decode: the experts a batch touches, + shared;
+    a config whose every layer is within first_k_dense_replace is a dense-MLP model."""
+    from sglang_indexcache.bench.shapes import decode_experts, layer_shapes
+
+    s = layer_shapes(SMALL_MOE)
+    assert (s.moe, s.experts_active, s.ffn_inter) == (True, 3, 64)
+    assert decode_experts(s, 1) == 3 and decode_experts(s, 1000) == 9
+    assert 3 < decode_experts(s, 4) < 9
+    dense = layer_shapes(dict(SMALL_MOE, first_k_dense_replace=8))
+    assert (dense.moe, dense.experts_active, dense.ffn_inter) == (False, 1, 256)
 
 
 def test_s_layers_skip_the_indexer():

@@ -41,11 +41,11 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
     n = 8192 if cuda else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    mm = _time(lambda: a @ b, device, 10 if cuda else 5)
+    mm = _time(lambda: a @ b, device, 10 if cuda else 3)
     numel = (1 << 28) if cuda else (1 << 25)                 # 1 GiB / 128 MiB of fp32
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
-    cp = _time(lambda: dst.copy_(src), device, 10 if cuda else 5)
+    cp = _time(lambda: dst.copy_(src), device, 10 if cuda else 3)
     return {"matmul_flops": 2 * n ** 3 / mm, "copy_bytes": 2 * numel * 4 / cp,
             "matmul_n": n, "copy_mib": numel * 4 >> 20, "dtype": str(dtype).replace("torch.", "")}
 

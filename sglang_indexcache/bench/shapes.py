@@ -65,9 +65,12 @@ def _get(config: dict, key: str, default=None):
 
 
 def layer_shapes(config: dict, topk: int | None = None) -> LayerShapes:
-    """Shapes of a representative (MoE where the model has experts) DSA layer of ``config``."""
+    """Shapes of a representative DSA layer of ``config``: an MoE layer if the model has any (not
+    every layer within ``first_k_dense_replace``), else a dense-MLP layer."""
     n_routed = int(config.get("n_routed_experts") or 0)
-    moe = n_routed > 0
+    layers = config.get("num_hidden_layers")
+    dense_first = int(config.get("first_k_dense_replace") or 0)
+    moe = n_routed > 0 and (layers is None or dense_first < int(layers))  # any MoE layer at all
     n_shared = int(config.get("n_shared_experts") or 0) if moe else 0
     shapes = LayerShapes(
         hidden=int(_get(config, "hidden_size")),

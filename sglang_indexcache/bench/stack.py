@@ -67,8 +67,7 @@ class Stack:
         self.gen = gen
 
     def random(self, *shape, dtype=None) -> torch.Tensor:
-        return torch.randn(shape, generator=self.gen, device=self.device,
-                           dtype=torch.float32).to(dtype or self.dtype)
+        return torch.randn(shape, generator=self.gen, device=self.device, dtype=dtype or self.dtype)
 
     # ------------------------------------------------------------------ prefill -------------
     def prefill_inputs(self, tokens: int):
