@@ -103,9 +103,11 @@ def results(tmp_path_factory):
     ]
     stock = sgl.run_driver(trees.stock, no_flag, work / "stock")
     patched = sgl.run_driver(trees.patched, no_flag + flagged + special, work / "patched")
+    # The last flagged case again, alone in a fresh process: batching must not change any result.
+    [alone] = sgl.run_driver(trees.patched, [flagged[-1]], work / "alone")
     return {"stock": stock, "patched": patched[:len(no_flag)],
             "flagged": patched[len(no_flag):len(no_flag) + len(flagged)],
-            "refused": patched[-2], "calibration": patched[-1]}
+            "refused": patched[-2], "calibration": patched[-1], "alone": alone}
 
 
 @pytest.mark.parametrize("index", range(len(NO_FLAG_CASES)), ids=[c[0] for c in NO_FLAG_CASES])
@@ -127,6 +129,11 @@ def test_flag_pattern_reaches_every_layer(results, index):
     overrode = [line for line in result["logs"] if "overrode the checkpoint's" in line]
     if checkpoint in ("types", "glm52"):  # config.json carries indexer_types: the flag wins, and says so
         assert len(overrode) == 1 and "indexer_types" in overrode[0] and overrode[0].endswith(expected)
+
+
+def test_a_case_alone_equals_the_same_case_in_a_batch(results):
+    batched = results["flagged"][-1]
+    assert results["alone"]["layers"] == batched["layers"] and results["alone"]["logs"] == batched["logs"]
 
 
 def test_f_layer_without_indexer_weights_is_refused_before_loading(results):
@@ -165,9 +172,17 @@ def test_embedded_model_loads_in_sglang(tmp_path_factory):
     argv = _argv(TINY_MODEL_DIR, ["--dtype", "bfloat16", "--skip-tokenizer-init"]
                  + (["--json-model-override-args", json.dumps(overrides)] if overrides else []))
     trees = sgl.trees(tmp_path_factory)
-    [stock] = sgl.run_driver(trees.stock, [{"argv": argv, "build": True}], tmp_path_factory.mktemp("embedded"))
+    work = tmp_path_factory.mktemp("embedded")
+    [stock] = sgl.run_driver(trees.stock, [{"argv": argv, "build": True}], work / "stock")
     assert "error" not in stock, f"gaps {[g[2] for g in gaps]}: {stock.get('error')}"
     layers = stock["layers"]
     assert all(row[3] for row in layers if row[2]), f"indexer weights not loaded: {layers}"
+    layer_count = len(layers)
+    plain, every4 = sgl.run_driver(trees.patched, [{"argv": argv, "build": True},
+                                                   {"argv": argv + ["--index-cache-every", "4"], "build": True}],
+                                   work / "patched")
+    assert plain["layers"] == layers
+    if set(load_model_info(TINY_MODEL_DIR).layers_with_indexer) == set(range(layer_count)):
+        assert every4["layers"] == expected_layers(pat.uniform(layer_count, 4)), every4.get("error")
     if gaps:
         print("embedded model needs for SGLang:", "; ".join(g[2] for g in gaps))
