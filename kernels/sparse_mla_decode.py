@@ -19,10 +19,8 @@ from .reference import PAGE_SIZE
 __all__ = ["sparse_mla_decode", "DEFAULT_CONFIG"]
 
 LOG2E = 1.4426950408889634
-# Launch parameters from the GPU sweep recorded in docs/perf.md: few programs (small batch) favour
-# wide head blocks; a full grid favours 32 heads x 32 tokens (more programs per SM hide gather latency).
+# Launch parameters from the GPU sweep recorded in docs/perf.md (H100).
 DEFAULT_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2}
-FULL_GRID_CONFIG = {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -99,23 +97,11 @@ def _combine_kernel(
 
 
 def _num_splits(b: int, head_blocks: int, topk: int, block_n: int, device) -> int:
-    """Split-K factor: enough programs to fill the SMs about twice, at least one block per split."""
+    """Split-K factor: about one program per SM (at least one block of indices per split, at most 32)."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = b * head_blocks
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(topk, block_n), triton.cdiv(2 * sms, programs), 32))
-
-
-def _auto_config(b: int, h: int, device) -> dict:
-    """``DEFAULT_CONFIG`` unless the batch alone fills the GPU (``FULL_GRID_CONFIG`` then)."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if b * triton.cdiv(h, DEFAULT_CONFIG["block_h"]) >= sms // 2:
-            return FULL_GRID_CONFIG
-    return DEFAULT_CONFIG
+    return max(1, min(triton.cdiv(topk, block_n), triton.cdiv(sms, b * head_blocks), 32))
 
 
 def _check_args(q, kv_cache, page_table, indices, d_v):
@@ -138,13 +124,12 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     int32, ``indices [b, topk]`` int32 (-1 skipped) -> ``out [b, h, d_v]`` in q's dtype and, with
     ``return_lse``, ``lse [b, h]`` fp32 (natural log; -inf and out = 0 for a request with no index).
     ``num_splits`` overrides the split-K factor (default: from the SM count; 1 off the GPU);
-    ``config`` overrides the launch config (``DEFAULT_CONFIG`` or, when the batch alone fills the
-    GPU, ``FULL_GRID_CONFIG``); ``out``/``lse`` receive the results when given.
+    ``config`` overrides ``DEFAULT_CONFIG``; ``out``/``lse`` receive the results when given.
     """
     _check_args(q, kv_cache, page_table, indices, d_v)
     b, h, d_qk = q.shape
     topk = indices.shape[1]
-    cfg = {**_auto_config(b, h, q.device), **(config or {})}
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(h)))
     block_n = cfg["block_n"]
     head_blocks = triton.cdiv(h, block_h)

@@ -70,9 +70,10 @@ def mla_rows(c: Context, shape: str, heads: int, batches, contexts):
             extra = {"batch": b, "context": ctx, "heads": heads}
             ours = [lambda s=s: sparse_mla_decode(s[0], cache, page_table, s[1], scale, config=c.mla_config)
                     for s in sets]
-            ref_out = ours[0]()
-            c.doc["rows"].append(c.row("sparse_mla_decode", shape, "triton (ours)", c.bench.ms(ours),
-                                       flops, nbytes, c.ceil, **extra))
+            ref_out = ours[0]().clone()
+            ms, timing = c.bench.ms_graph(ours)
+            c.doc["rows"].append(c.row("sparse_mla_decode", shape, "triton (ours)", ms,
+                                       flops, nbytes, c.ceil, timing=timing, **extra))
             valid = torch.ones(b, TOPK, dtype=torch.bool, device=c.device)
             base = [lambda s=s: torch_sparse_mla(s[0], cache.view(-1, D_QK), s[2], valid, scale) for s in sets]
             _anchor(c, "sparse_mla_decode", shape, "torch gather+matmul", base, ref_out, flops, nbytes, extra)
@@ -94,8 +95,9 @@ def _anchor(c: Context, kind, shape, impl, fns, ref_out, flops, nbytes, extra):
         got = fns[0]()
         got = got.reshape(ref_out.shape)
         diff = (got.float() - ref_out.float()).abs().max().item()
-        c.doc["rows"].append(c.row(kind, shape, impl, c.bench.ms(fns), flops, nbytes, c.ceil,
-                                   max_diff_vs_ours=round(diff, 5), **extra))
+        ms, timing = c.bench.ms_graph(fns)
+        c.doc["rows"].append(c.row(kind, shape, impl, ms, flops, nbytes, c.ceil,
+                                   max_diff_vs_ours=round(diff, 5), timing=timing, **extra))
     except Exception as exc:                                        # noqa: BLE001 - an anchor may not run
         c.doc["anchors"][f"{impl} @ {shape} b={extra.get('batch')}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
 
@@ -189,9 +191,9 @@ def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
 
 
 SWEEP_CONFIGS = [  # (block_h, block_n, num_warps, num_stages, num_splits or None = auto)
-    (64, 64, 8, 2, None), (32, 32, 4, 2, None), (32, 32, 4, 2, 2), (32, 32, 4, 2, 4),
-    (64, 64, 8, 2, 2), (64, 64, 8, 2, 4), (32, 16, 4, 2, None), (32, 32, 4, 3, None),
-    (64, 32, 8, 3, None), (16, 32, 2, 2, None),
+    (64, 64, 8, 2, None), (64, 64, 8, 2, 1), (64, 64, 8, 2, 2), (64, 64, 8, 2, 4), (64, 64, 8, 2, 8),
+    (64, 32, 8, 3, None), (64, 32, 8, 2, None), (32, 32, 4, 2, None), (32, 64, 4, 2, None),
+    (16, 64, 4, 2, None),
 ]
 
 
@@ -208,7 +210,8 @@ def mla_sweep(c: Context, heads: int, batches, ctx: int = 32768):
         for bh, bn, nw, ns, sp in SWEEP_CONFIGS:
             cfg = {"block_h": bh, "block_n": bn, "num_warps": nw, "num_stages": ns}
             try:
-                ms = c.bench.ms(lambda: sparse_mla_decode(q, cache, page_table, idx, 0.04, config=cfg, num_splits=sp))
+                ms, _ = c.bench.ms_graph(lambda: sparse_mla_decode(q, cache, page_table, idx, 0.04, config=cfg,
+                                                                  num_splits=sp))
             except Exception as exc:                                # noqa: BLE001 - e.g. out of shared memory
                 c.doc["anchors"][f"sweep {cfg} b={b}"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
                 continue
