@@ -76,10 +76,12 @@ def on_model_loaded(model_runner) -> None:
     if settings is None:
         return
     model = model_runner.model
-    if settings.calibration:
+    if settings.calibration:  # built all-F; now run the start pattern (pp_size 1 is enforced)
         apply_pattern(model, settings.pattern)
-    _STATE.update(model=model, settings=settings, pattern=model_pattern(model))
-    logger.info("IndexCache: model loaded with pattern %s", pat.describe(_STATE["pattern"]))
+    # Without calibration the layers were built from the pattern itself; they are not read here
+    # (with pipeline parallelism a rank holds only some of them).
+    _STATE.update(model=model, settings=settings, pattern=settings.pattern)
+    logger.info("IndexCache: model loaded with pattern %s", pat.describe(settings.pattern))
 
 
 def make_gauge(gauge_cls, labels: dict, server_args) -> None:
