@@ -97,11 +97,15 @@ def _combine_kernel(
 
 
 def _num_splits(b: int, head_blocks: int, topk: int, block_n: int, device) -> int:
-    """Split-K factor: about one program per SM (at least one block of indices per split, at most 32)."""
+    """Split-K factor: the largest power of two <= SMs / programs (at most 32, one index block each).
+
+    On the H100 sweep in docs/perf.md this picks the fastest split of every swept shape.
+    """
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(topk, block_n), triton.cdiv(sms, b * head_blocks), 32))
+    fill = max(1, sms // max(1, b * head_blocks))
+    return max(1, min(1 << (fill.bit_length() - 1), 32, triton.cdiv(topk, block_n)))
 
 
 def _check_args(q, kv_cache, page_table, indices, d_v):
