@@ -4,7 +4,7 @@ The specification is ``reference.sparse_mla_decode_ref``. One program handles ``
 one request over a slice of its ``topk`` indices: it gathers the selected latent rows (page table
 lookup per index, -1 skipped), runs an online softmax, and writes either the final output (one
 split) or a partial output + log-sum-exp per split, which a combine kernel merges
-(FlashDecoding-style split-K: used when ``b * head blocks`` would leave SMs idle).
+(FlashDecoding-style split-K, sized so that there is about one program per SM).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def _combine_kernel(
                     mask=(ss < SPLITS)[:, None], other=0.0)         # [BLOCK_S, D_V]
     out = tl.sum(parts * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
     tl.store(o_ptr + i * stride_ob + h * stride_oh + dv, out.to(o_ptr.dtype.element_ty))
-    tl.store(lse_ptr + i * stride_fb + h, tl.where(total > 0.0, mx_safe + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf")))
+    safe_total = tl.where(total > 0.0, total, 1.0)
+    tl.store(lse_ptr + i * stride_fb + h, tl.where(total > 0.0, mx_safe + tl.log(safe_total), float("-inf")))
 
 
 def _num_splits(b: int, head_blocks: int, topk: int, block_n: int, device) -> int:

@@ -135,8 +135,8 @@ def indexer_decode_rows(c: Context, shape: str, heads: int, batches, contexts):
                 def scores_only(q=qs[0], kc=kc, ks=ks):
                     n, tile = it.decode_score_tiles(q, w, kc, page_table, lens, 0.1, ks, key_chunk=ctx)
                     tile(0, n)
-                c.doc["rows"].append(c.row("indexer_decode", shape, f"triton {dtype} scores only", c.bench.ms(scores_only),
-                                           flops, nbytes, c.ceil, **extra))
+                c.doc["rows"].append(c.row("indexer_decode", shape, f"triton {dtype} scores only",
+                                           c.bench.ms(scores_only), flops, nbytes, c.ceil, **extra))
             if b * heads * ctx <= 1 << 30:
                 base = [lambda q=q: torch_indexer_decode(q, w, cache.view(-1, D_IDX), rows, 0.1, TOPK) for q in qs]
                 c.doc["rows"].append(c.row("indexer_decode", shape, "torch gather+einsum+topk", c.bench.ms(base),
@@ -215,7 +215,8 @@ def mla_sweep(c: Context, heads: int, batches, ctx: int = 32768):
             except Exception as exc:                                # noqa: BLE001 - e.g. out of shared memory
                 c.doc["anchors"][f"sweep {cfg} b={b}"] = f"failed: {type(exc).__name__}: {str(exc)[:200]}"
                 continue
-            c.doc["rows"].append(c.row("sparse_mla_decode", f"sweep h={heads}", f"triton {bh}/{bn}/{nw}/{ns} splits={sp or 'auto'}",
-                                       ms, flops, nbytes, c.ceil, batch=b, context=ctx, heads=heads, sweep=True))
+            impl = f"triton {bh}/{bn}/{nw}/{ns} splits={sp or 'auto'}"
+            c.doc["rows"].append(c.row("sparse_mla_decode", f"sweep h={heads}", impl, ms, flops, nbytes, c.ceil,
+                                       batch=b, context=ctx, heads=heads, sweep=True))
         del cache
         c.bench.empty_cache()

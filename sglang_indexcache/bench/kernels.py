@@ -22,6 +22,7 @@ SHAPES = {  # name -> (attention heads, index heads); d_qk 576, d_v 512, index d
     "glm-5": (64, 32),
 }
 D_QK, D_V, D_IDX, TOPK = 576, 512, 128, 2048
+OPS = ("mla", "indexer-decode", "indexer-prefill")
 L2_FLUSH_BYTES = 256 << 20
 
 
@@ -140,6 +141,26 @@ def _row(kind, shape, impl, ms, flops, nbytes, ceil, **extra):
     return row
 
 
+def _settings(args) -> dict:
+    """Validated settings from the arguments; bad values raise UsageError (exit 2)."""
+    from ..errors import UsageError
+
+    shapes = [s.strip() for s in args.shapes.split(",")]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad:
+        raise UsageError(f"unknown shape(s) {', '.join(bad)}; choose from {', '.join(SHAPES)}")
+    wanted = {o.strip() for o in args.ops.split(",")}
+    unknown = sorted(wanted - set(OPS))
+    if unknown:
+        raise UsageError(f"unknown --ops value(s) {', '.join(unknown)}; choose from {', '.join(OPS)}")
+    try:
+        return {"shapes": shapes, "ops": wanted, "batches": _ints(args.batch), "contexts": _ints(args.contexts),
+                "prefill": _ints(args.prefill_contexts), "mla_contexts": _ints(args.mla_contexts),
+                "mla_config": json.loads(args.mla_config) if args.mla_config else None}
+    except ValueError as exc:
+        raise UsageError(f"bad number list or JSON: {exc}") from exc
+
+
 def run_kernels(args) -> int:
     import torch
 
@@ -147,21 +168,9 @@ def run_kernels(args) -> int:
     from . import kernel_bench_ops as ops
     from .floor import measure_ceilings
 
+    cfg = _settings(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("bench kernels needs a CUDA GPU (the Triton kernels are tested on the CPU by pytest)")
-    shapes = [s.strip() for s in args.shapes.split(",")]
-    bad = [s for s in shapes if s not in SHAPES]
-    if bad:
-        raise UsageError(f"unknown shape(s) {', '.join(bad)}; choose from {', '.join(SHAPES)}")
-    wanted = {o.strip() for o in args.ops.split(",")}
-    if wanted - {"mla", "indexer-decode", "indexer-prefill"}:
-        raise UsageError(f"unknown --ops value(s): {', '.join(sorted(wanted - {'mla', 'indexer-decode', 'indexer-prefill'}))}")
-    try:
-        mla_config = json.loads(args.mla_config) if args.mla_config else None
-        batches, contexts, prefill = _ints(args.batch), _ints(args.contexts), _ints(args.prefill_contexts)
-        mla_contexts = _ints(args.mla_contexts)
-    except ValueError as exc:
-        raise UsageError(f"bad number list or JSON: {exc}") from exc
     device = torch.device(args.device)
     ceil = measure_ceilings(device, torch.bfloat16)
     bench = Bench(device, args.budget)
@@ -171,18 +180,18 @@ def run_kernels(args) -> int:
            "ceilings": {"bf16_matmul_tflops": round(ceil["matmul_flops"] / 1e12, 1),
                         "copy_gbps": round(ceil["copy_bytes"] / 1e9, 1)},
            "anchors": {}, "rows": []}
-    ctx = ops.Context(bench, ceil, doc, _row, args.sglang_triton_dir, mla_config, args.device)
+    ctx = ops.Context(bench, ceil, doc, _row, args.sglang_triton_dir, cfg["mla_config"], args.device)
     if args.mla_sweep:
         ops.mla_sweep(ctx, 128, [1, 16, 64])
         ops.mla_sweep(ctx, 64, [16, 64])
-    for shape in shapes:
+    for shape in cfg["shapes"]:
         heads, index_heads = SHAPES[shape]
-        if "mla" in wanted:
-            ops.mla_rows(ctx, shape, heads, batches, mla_contexts)
-        if "indexer-decode" in wanted:
-            ops.indexer_decode_rows(ctx, shape, index_heads, batches, contexts)
-        if "indexer-prefill" in wanted:
-            ops.indexer_prefill_rows(ctx, shape, index_heads, prefill)
+        if "mla" in cfg["ops"]:
+            ops.mla_rows(ctx, shape, heads, cfg["batches"], cfg["mla_contexts"])
+        if "indexer-decode" in cfg["ops"]:
+            ops.indexer_decode_rows(ctx, shape, index_heads, cfg["batches"], cfg["contexts"])
+        if "indexer-prefill" in cfg["ops"]:
+            ops.indexer_prefill_rows(ctx, shape, index_heads, cfg["prefill"])
         if args.save:
             _save(args.save, doc)
     if args.json:
