@@ -202,10 +202,11 @@ def byte_tokenizer():
 
 @pytest.fixture
 def checkpoint(tmp_path):
-    """A 4-layer random GlmMoeDsa checkpoint with a byte tokenizer, and a text file."""
+    """A 4-layer random GlmMoeDsa checkpoint stored in bf16 (as the embedded model is; trained
+    tensors must be written back in it), with a byte tokenizer, and a text file."""
     model = tiny_model(seed=5, layers=4, topk=4, vocab=260)
     model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
+    model.to(torch.bfloat16).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
     data = tmp_path / "text.txt"
     data.write_text("def f(x):\n    return x * 2 + 1\n" * 40)
@@ -228,9 +229,10 @@ def test_cli_changes_only_f_layer_indexers(checkpoint, tmp_path):
     assert cli.main(distill_args(model_dir, data, out, "--steps", "3")) == 0
     before, after = tensors(model_dir), tensors(out)
     assert before.keys() == after.keys()
+    assert all(before[n].dtype == after[n].dtype for n in before)   # written back in the stored dtype
     changed = {name for name in before
                if before[name].dtype != after[name].dtype
-               or before[name].numpy().tobytes() != after[name].numpy().tobytes()}
+               or not torch.equal(before[name].view(torch.uint8), after[name].view(torch.uint8))}
     trained = {n for n in before if n.startswith(("model.layers.0.self_attn.indexer.", "model.layers.2.self_attn.indexer."))}
     # weights_proj / wq_b / wk of both F layers move; nothing outside the F layers' indexers does
     assert changed <= trained
@@ -238,7 +240,7 @@ def test_cli_changes_only_f_layer_indexers(checkpoint, tmp_path):
     assert (out / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
     report = json.loads((out / "distill" / "report.json").read_text())
     assert report["steps"] == 3 and len(report["history"]) == 3
-    assert set(report["lm_loss"]) == {"all_f_before", "pattern_before", "pattern_after", "all_f_after"}
+    assert set(report["lm_loss"]) == {"all_f_before", "pattern_before", "pattern_after"}
     assert (out / "distill" / "loss.png").stat().st_size > 1000
     assert json.loads((out / "pattern.json").read_text())["calibration"]["method"] == "distilled"
     # the written checkpoint is the trained model: it reproduces the report's LM loss after training

@@ -82,6 +82,28 @@ def write_checkpoint(src_dir, out_dir, tensors: dict[str, torch.Tensor]) -> list
     return rewritten
 
 
+def stored_dtypes(model_dir) -> dict[str, torch.dtype]:
+    """dtype of every tensor stored in the checkpoint's safetensors shards (headers only)."""
+    from safetensors import safe_open
+
+    dtypes = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                dtypes[name] = f.get_slice(name).get_dtype()
+    names = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    return {name: names.get(dtype, torch.float32) for name, dtype in dtypes.items()}
+
+
+@torch.no_grad()
+def round_to_stored(model_dir, params: dict[str, torch.nn.Parameter]) -> None:
+    """Round trained parameters to the dtype the checkpoint stores them in (e.g. bf16), in place,
+    so that the LM loss measured after training is the loss of the checkpoint written."""
+    dtypes = stored_dtypes(model_dir)
+    for name, param in params.items():
+        param.copy_(param.to(dtypes.get(name, param.dtype)).to(param.dtype))
+
+
 def save_state(path, state: dict) -> None:
     """Atomically ``torch.save`` the resumable state (a dict of tensors, numbers, strings)."""
     with _atomic_path(Path(path)) as tmp:

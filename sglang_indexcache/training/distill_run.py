@@ -194,8 +194,9 @@ def run(cfg: DistillConfig) -> dict:
     save(state)
     backend.set_pattern(pattern)
     _train(cfg, distiller, train, state, save, "distill" + (" (single-layer)" if cfg.single_layer else ""))
+    distill_io.round_to_stored(cfg.model, distiller.parameters())
     t0 = time.perf_counter()
-    after = _lm_losses(backend, eval_ids, {"pattern": pattern, "all_f": "F" * info.num_dsa_layers}, cfg.batch_size)
+    after = _lm_losses(backend, eval_ids, {"pattern": pattern}, cfg.batch_size)
     state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - t0
     return _finish(cfg, info, pattern, distiller, state, after, train, eval_desc)
 
@@ -214,7 +215,7 @@ def _finish(cfg, info, pattern, distiller, state, after, train, eval_desc) -> di
         "settings": {**asdict(cfg), **state["settings"]},
         "data": train.describe(), "eval_data": eval_desc,
         "lm_loss": {"all_f_before": before["all_f"], "pattern_before": before["pattern"],
-                    "pattern_after": after["pattern"], "all_f_after": after["all_f"]},
+                    "pattern_after": after["pattern"]},
         "gap_closed": (before["pattern"] - after["pattern"]) / gap if gap > 0 else None,
         "distill_loss": {"first": state["history"][0]["loss"] if state["history"] else None,
                          "last": state["history"][-1]["loss"] if state["history"] else None},
