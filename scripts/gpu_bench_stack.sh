@@ -22,8 +22,10 @@ fi
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
     "$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } 2>&1 | tee "$OUT/log.txt"
-# The device's python is not ours (3.12, its own torch/triton): install the package alone, no deps.
+# The device's python is not ours (3.12, its own torch/triton): lay the package out as pyproject.toml
+# maps it (kernels/ and calibration/ inside sglang_indexcache), no dependencies installed.
 SITE=$(mktemp -d)
-"$PY" -m pip install -q --no-deps --no-build-isolation --ignore-requires-python --target "$SITE" . \
-    >>"$OUT/log.txt" 2>&1 || { echo "package install failed" | tee -a "$OUT/log.txt"; exit 1; }
+cp -r sglang_indexcache "$SITE/" && cp -r kernels "$SITE/sglang_indexcache/kernels" \
+    && cp -r calibration "$SITE/sglang_indexcache/calibration" \
+    || { echo "package layout failed" | tee -a "$OUT/log.txt"; exit 1; }
 PYTHONPATH="$SITE" "$PY" scripts/gpu_bench_stack.py "$OUT" "$BUDGET" 2>&1 | tee -a "$OUT/log.txt"
