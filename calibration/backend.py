@@ -76,6 +76,10 @@ class TransformersBackend:
         self.model = model.eval()
         # gather-based attention over the top-k (same softmax, far fewer FLOPs than dense masking)
         self.sparse_attention = sparse_attention
+        # transformers' plain per-expert loop: same result, ~3x faster on the CPU than grouped_mm
+        for module in model.modules():
+            if hasattr(getattr(module, "config", None), "_experts_implementation"):
+                module.config._experts_implementation = "eager"
         self.tokenizer = tokenizer
         self.path = path
         self.config = model.config
@@ -234,10 +238,12 @@ class TransformersBackend:
     def end(self, state: LayerState, input_ids: torch.Tensor) -> tuple[float, int]:
         """Final norm + lm_head; summed next-token NLL (float64 sum of float32 terms) and count."""
         hidden = self.model.model.norm(state.hidden)
-        logits = self.model.lm_head(hidden[:, :-1]).float()  # [B, S-1, V]
-        labels = input_ids[:, 1:].to(logits.device)  # [B, S-1]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
-        return float(nll), int(labels.numel())
+        labels = input_ids[:, 1:].to(hidden.device)  # [B, S-1]
+        nll = 0.0
+        for b in range(hidden.shape[0]):  # per sequence: [S-1, V] logits stay below glibc's mmap threshold
+            logits = self.model.lm_head(hidden[b, :-1]).float()  # [S-1, V]
+            nll += float(F.cross_entropy(logits, labels[b], reduction="sum"))
+        return nll, int(labels.numel())
 
     # ------------------------------------------------------------------ whole batches ---------
     @torch.inference_mode()
