@@ -7,7 +7,8 @@ hits every pattern alike; each row holds medians. For a pattern P:
 - ``speedup`` = all-F seconds / P seconds (both medians of the same run);
 - ``indexer_share`` = all-F's indexer seconds / all-F seconds;
 - ``limit`` = all-F seconds / (all-F seconds - indexer seconds of the layers P makes S), the Amdahl
-  bound of all-F's own measured profile;
+  bound of all-F's own measured profile, computed within each all-F run and then the median taken
+  (a ratio of medians taken separately would mix runs of a noisy machine);
 - ``floor_limit`` = the same ratio for the FLOP/byte floors (floor.py), on measured ceilings;
 - ``components`` = per-component seconds (indexer, attention, dense) of P, ``floor`` their floors and
   ``efficiency`` = floor / measured per component.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -73,8 +75,11 @@ def _load() -> list[float] | None:
 def _row(label, pattern, result, all_f, floors_layer, layers) -> dict:
     """One table row from P's and all-F's median results and the per-layer floors."""
     t_f = all_f["seconds"]
-    idx_layers = all_f["layers"].get("indexer", {})
-    removed = sum(idx_layers.get(i, 0.0) for i, c in enumerate(pattern) if c == "S")
+    limits = []                                    # per all-F run: its own Amdahl bound
+    for run in all_f["runs"]:
+        idx_layers = run["layers"].get("indexer", {})
+        removed = sum(idx_layers.get(i, 0.0) for i, c in enumerate(pattern) if c == "S")
+        limits.append(run["seconds"] / (run["seconds"] - removed) if run["seconds"] > removed else float("inf"))
     floor_p = floor_model.pattern_floor(floors_layer, pattern)
     floor_f = floor_model.pattern_floor(floors_layer, "F" * layers)
     comps = {c: result["components"].get(c, 0.0) for c in COMPONENTS}
@@ -84,7 +89,7 @@ def _row(label, pattern, result, all_f, floors_layer, layers) -> dict:
     return {
         "pattern": label, "pattern_string": pattern, "seconds": result["seconds"],
         "speedup": t_f / result["seconds"],
-        "limit": t_f / (t_f - removed) if t_f > removed else float("inf"),
+        "limit": statistics.median(limits),
         "floor_limit": floor_f / floor_p,
         "indexer_share": all_f["components"].get("indexer", 0.0) / t_f,
         "components": comps, "floor": floors,
@@ -108,7 +113,10 @@ def _measure(run_once, patterns, repeats, warmup, bar, desc) -> dict[str, dict]:
             bar.set_description(f"{desc} {label}")
             results[p].append(run_once(p))
             bar.update(1)
-    return {p: median_result(rs) for p, rs in results.items()}
+    out = {p: median_result(rs) for p, rs in results.items()}
+    for p, rs in results.items():
+        out[p]["runs"] = rs                       # per-run results, for the limit (not saved)
+    return out
 
 
 def _header(spec: BenchSpec, stack: Stack, ceilings: dict) -> dict:
