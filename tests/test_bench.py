@@ -86,6 +86,22 @@ def test_moe_width():
     assert (dense.moe, dense.experts_active, dense.ffn_inter) == (False, 1, 256)
 
 
+def test_pattern_file_row(capsys, config_file, dsa_checkpoint, tmp_path):
+    """A pattern file is measured beside the uniform patterns, labelled by its file name."""
+    from sglang_indexcache import pattern_file
+    from sglang_indexcache.model_info import load_model_info
+
+    path = tmp_path / "searched.json"
+    pattern_file.write(path, pattern_file.make_document("FFSSSSFS", load_model_info(dsa_checkpoint)))
+    code, out, err = run_cli(capsys, "bench", "prefill", "--config", config_file(SMALL), "--layers", "8",
+                             "--contexts", "128", "--patterns", "every-4", "--pattern-file", str(path),
+                             "--repeats", "1", "--warmup", "0", "--threads", "1", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [(r["pattern"], r["pattern_string"]) for r in rows] == [
+        ("all-F", "FFFFFFFF"), ("every-4", "FSSSFSSS"), ("searched.json", "FFSSSSFS")]
+
+
 def test_s_layers_skip_the_indexer():
     """Only F layers spend indexer time; S layers still attend (with the borrowed indices)."""
     kernels = KernelSet("torch", torch.device("cpu"))
