@@ -7,8 +7,8 @@ Three kernel sets, all with the semantics of ``sglang_indexcache.kernels`` (KERN
 - ``torch``: the references' math, chunked so that memory stays bounded at any context: prefill
   indexer scores one block of queries against its causal keys at a time, prefill attention gathers
   the selected latents of a few queries at a time (truly sparse: only the top-k rows are read);
-  decode calls the package's ``*_ref`` functions as they are. The CPU default, and the GPU fallback
-  when the Triton kernels are not available.
+  decode calls the package's ``*_ref`` functions as they are. The CPU default; on a GPU it is the
+  plain-PyTorch comparison.
 - ``ref``: the package's ``*_ref`` functions for everything (quadratic memory: small sizes only).
 
 Matrix products run in the activations' dtype (bf16 by default: the CPU's AMX units and the GPU's
@@ -17,45 +17,26 @@ tensor cores), scores and softmax in fp32.
 
 from __future__ import annotations
 
-import importlib
-import logging
 import os
 
 import torch
 
 from ..errors import UsageError
-from . import _api_refs
-
-log = logging.getLogger(__name__)
+from ..kernels.reference import PAGE_SIZE, select_topk
 
 API_NAMES = ("indexer_topk_prefill", "indexer_topk_decode", "sparse_mla_decode")
 KERNEL_SETS = ("auto", "triton", "torch", "ref")
-PAGE_SIZE = 64
 
 
 def load_api() -> tuple[dict, str]:
-    """The six API functions (kernel + ``_ref``) and where they come from.
+    """The six API functions (Triton kernel + ``_ref`` reference) of ``sglang_indexcache.kernels``."""
+    from .. import kernels as package
 
-    The kernels package once it exports them; until then the private stand-in references (and no
-    Triton kernels: their names map to ``None``).
-    """
-    try:
-        package = importlib.import_module("sglang_indexcache.kernels")
-    except ImportError as exc:  # a broken kernels package must not break the CPU benchmark
-        log.warning("sglang_indexcache.kernels does not import (%s); using stand-in references", exc)
-        package = None
-    api, complete = {}, package is not None
+    api = {}
     for name in API_NAMES:
-        ref = getattr(package, f"{name}_ref", None) if package else None
-        api[f"{name}_ref"] = ref or getattr(_api_refs, f"{name}_ref")
-        api[name] = getattr(package, name, None) if package else None
-        complete = complete and ref is not None and api[name] is not None
-    return api, ("sglang_indexcache.kernels" if complete else "stand-in references (bench/_api_refs.py)")
-
-
-def _select_topk(api):
-    module = importlib.import_module(api["indexer_topk_prefill_ref"].__module__)
-    return getattr(module, "select_topk", _api_refs.select_topk)
+        api[name] = getattr(package, name)
+        api[f"{name}_ref"] = getattr(package, f"{name}_ref")
+    return api, "sglang_indexcache.kernels"
 
 
 class KernelSet:
@@ -64,16 +45,14 @@ class KernelSet:
     def __init__(self, name: str, device: torch.device, budget_bytes: int | None = None):
         self.api, self.source = load_api()
         if name == "auto":
-            name = "triton" if device.type == "cuda" and self.api["sparse_mla_decode"] else "torch"
+            name = "triton" if device.type == "cuda" else "torch"
         if name == "triton":
             if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
                 raise UsageError("--kernels triton needs a CUDA device; use --kernels torch on the CPU")
-            if self.api["sparse_mla_decode"] is None or self.api["indexer_topk_prefill"] is None:
-                raise UsageError("--kernels triton: sglang_indexcache.kernels does not export its Triton kernels yet")
         self.name = name
         self.device = device
         self.budget = budget_bytes or ((1 << 30) if device.type == "cuda" else (1 << 27))
-        self.select_topk = _select_topk(self.api)
+        self.select_topk = select_topk
         self._tables = None                                        # (page_row, [rows, max_pages])
 
     def describe(self) -> str:
