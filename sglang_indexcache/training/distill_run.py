@@ -116,11 +116,13 @@ def _prepare_out(cfg: DistillConfig) -> dict | None:
     out, state_path = Path(cfg.out), Path(cfg.out) / "distill" / "state.pt"
     if cfg.resume and state_path.is_file():
         return distill_io.load_state(state_path)
-    if cfg.resume:
-        log.info("no distillation state in %s: starting from step 0", out)
-    elif out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()):
+        if cfg.resume:
+            raise UsageError(f"--resume: {out} is not empty but has no distillation state ({state_path})")
         raise UsageError(f"--out {out} exists and is not empty; pass --resume to continue a run there,"
                          " or choose a new directory")
+    if cfg.resume:
+        log.info("no distillation state in %s: starting from step 0", out)
     return None
 
 
