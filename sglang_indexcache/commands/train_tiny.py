@@ -37,6 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--resume", action="store_true", help="continue the state saved in --work-dir")
     parser.add_argument("--rebuild-corpus", action="store_true", help="rebuild tokenizer and corpus files")
+    parser.add_argument("--corpus-only", action="store_true",
+                        help="only build the tokenizer, held-out files and training stream, then stop")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
     parser.add_argument("--eval-batch-size", type=int, default=4)
 
@@ -135,6 +137,10 @@ def run(args) -> int:
     _check_device(targs.device)
     t0 = time.perf_counter()
     tokenizer, stream = _corpus(targs, args.rebuild_corpus)
+    if args.corpus_only:
+        print(json.dumps({"tokenizer": targs.out_dir, "vocab_size": len(tokenizer), "train_tokens": int(stream.size),
+                          "stream": str(Path(targs.work_dir) / "train_tokens.npy")}, indent=2))
+        return 0
     summary = tiny.train(targs, stream, tokenizer, resume=args.resume)
     summary["train_seconds"] = round(time.perf_counter() - t0, 1)
     summary["args"] = {k: v for k, v in vars(targs).items()}

@@ -243,11 +243,11 @@ def train(args: TrainArgs, stream: np.ndarray, tokenizer, resume: bool = False) 
                                     "final": losses}
         state = None
     dsa_losses.unwrap_indexers(model)
-    save_model(model, tokenizer, args.out_dir)
+    save_model(model, args.out_dir)
     return summary
 
 
-def save_model(model, tokenizer, out_dir) -> None:
+def save_model(model, out_dir) -> None:
     """Save in bf16 with every layer's indexer (``indexer_types`` all full) and SGLang's keys."""
     out = Path(out_dir)
     model = model.to("cpu", torch.bfloat16).eval()
@@ -255,8 +255,7 @@ def save_model(model, tokenizer, out_dir) -> None:
     model.config.indexer_types = ["full"] * model.config.num_hidden_layers
     for key, value in SGLANG_CONFIG_KEYS.items():
         setattr(model.config, key, value)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)  # the tokenizer is already there: the corpus step writes it
     config = json.loads((out / "config.json").read_text())
     missing = [k for k in SGLANG_CONFIG_KEYS if config.get(k) != SGLANG_CONFIG_KEYS[k]]
     if missing:  # transformers dropped undeclared keys: add them back
