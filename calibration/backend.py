@@ -29,6 +29,7 @@ from sglang_indexcache.errors import ModelDirError, PatternError
 from sglang_indexcache.model_info import _ranges, load_model_info
 
 from . import sparse_layer
+from .causal_indexer import CausalIndexer
 
 log = logging.getLogger(__name__)
 GLM_DSA_TYPES = ("glm_moe_dsa",)
@@ -84,8 +85,12 @@ class TransformersBackend:
         self.path = path
         self.config = model.config
         self.num_layers = int(model.config.num_hidden_layers)
-        wrappers = dsa_torch.install_fast_indexers(model)
-        self.indexers = list(wrappers)  # [num_layers] FastIndexer, None where the checkpoint has none
+        dsa_torch.install_fast_indexers(model)
+        for layer in model.model.layers:  # FastIndexer that also skips the causally masked keys
+            if isinstance(layer.self_attn.indexer, dsa_torch.FastIndexer):
+                layer.self_attn.indexer = CausalIndexer(layer.self_attn.indexer.inner)
+        # [num_layers] CausalIndexer (a FastIndexer), None where the checkpoint has none
+        self.indexers = [layer.self_attn.indexer for layer in model.model.layers]
         self.indexer_layers = set(range(self.num_layers)) if indexer_layers is None else set(indexer_layers)
         for i in range(self.num_layers):
             if i not in self.indexer_layers:

@@ -114,3 +114,15 @@ def test_from_config_glm5_shapes_at_depth_2():
     assert torch.isfinite(torch.tensor([full, shared])).all()
     # seq 12 < top-k 2048: every visible key is selected either way, so F and S agree
     assert shared == pytest.approx(full, rel=1e-2)
+
+
+@pytest.mark.parametrize("seq,chunk", [(300, 64), (50, 128)])  # several chunks with a ragged end; one chunk
+def test_causal_index_scores_equal_masked_full(seq, chunk):
+    from sglang_indexcache.calibration.causal_indexer import causal_index_scores
+
+    q, k, w = torch.randn(2, seq, 3, 16), torch.randn(2, seq, 16), torch.randn(2, seq, 3)
+    mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None]
+    want = dsa_torch.apply_mask(dsa_torch.index_scores(q, k, w, 0.25), mask)
+    got = dsa_torch.apply_mask(causal_index_scores(q, k, w, 0.25, chunk=chunk), mask)
+    assert torch.equal(got.isinf(), want.isinf())
+    torch.testing.assert_close(got[mask.expand(2, -1, -1)], want[mask.expand(2, -1, -1)], rtol=1e-5, atol=1e-5)

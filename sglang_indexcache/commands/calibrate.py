@@ -75,7 +75,7 @@ def run(args) -> int:
                                 num_layers=info.num_dsa_layers)
         tokenizer, config = AutoTokenizer.from_pretrained(args.model), AutoConfig.from_pretrained(args.model)
     else:
-        backend = load_backend(args.model)
+        backend = load_backend(args.model, threads=args.threads)
         tokenizer, config = backend.tokenizer, backend.config
     blocks = load_data(args, tokenizer, config)
     document = calibrate(backend, blocks, info, args.keep, args.out, resume=args.resume,

@@ -56,7 +56,7 @@ def run(args) -> int:
 
     for spec in args.pattern:  # refuse a bad spec before loading anything heavy
         pattern_file.resolve(spec, info.num_dsa_layers, info)
-    backend = load_backend(args.model)
+    backend = load_backend(args.model, threads=args.threads)
     blocks = load_data(args, backend.tokenizer, backend.config)
     results = evaluate(backend, blocks, args.pattern, info, args.batch_size)
     if args.json:

@@ -36,7 +36,7 @@ def run(args) -> int:
     missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
     if missing:
         raise UsageError(f"{args.model} lacks indexer weights for layers {missing}: overlap needs every layer's")
-    backend = load_backend(args.model)
+    backend = load_backend(args.model, threads=args.threads)
     blocks = load_data(args, backend.tokenizer, backend.config)
     if blocks.input_ids.shape[1] <= backend.config.index_topk:
         raise UsageError(f"--seq-len {blocks.input_ids.shape[1]} must exceed index_topk {backend.config.index_topk}")
