@@ -123,6 +123,9 @@ def run_search(evaluator, state, target: int, num_batches: int, on_step=None, ba
         before = evaluator.layer_forwards
         state["seconds"] += time.monotonic() - started
         started = time.monotonic()
+        # cumulative cost after this step (the search up to here is the search for that keep ratio)
+        state["steps"][-1].update(layer_forwards=state["layer_forwards"], seconds=round(state["seconds"], 2),
+                                  naive_layer_forwards=state["naive_layer_forwards"])
         log.info("step %d: layer %d -> S, loss %.5f, %s", step, removed, state["steps"][-1]["loss"],
                  state["pattern"])
         if bar is not None:
