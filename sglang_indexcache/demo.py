@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -24,7 +25,7 @@ from .configs import NAMED, REPO_ROOT, TINY_MODEL_DIR
 OUT_DIR = REPO_ROOT / "out" / "demo"
 KEEP = 0.25
 SEQ_LEN = 1024
-CAL_TOKENS = 16 * 1024
+CAL_TOKENS = 8 * 1024
 EVAL_TOKENS = 16 * 1024
 OVERLAP_TOKENS = 4 * 1024
 BATCH = 4
@@ -35,6 +36,12 @@ def show_semantics() -> None:
     print(f"Pattern semantics (GLM-5, {glm5} DSA layers): every-4 = {pat.uniform(glm5, 4)[:16]}..., while"
           f" SGLang's index_topk_freq=4 selects {pat.from_engine_freq('sglang', glm5, 4)[:16]}...")
     print("  so we always hand engines an explicit pattern.\n")
+
+
+def _rel(path) -> str:
+    """A path relative to the working directory when it lies below it (shorter to read and copy)."""
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith("..") else str(path)
 
 
 def main() -> int:
@@ -73,10 +80,11 @@ def main() -> int:
     (OUT_DIR / "overlap.json").write_text(json.dumps(overlap, indent=1) + "\n")
     plot_overlap(overlap["matrix"], OUT_DIR / "overlap.png", f"{TINY_MODEL_DIR.name}: top-k overlap")
     print(f"Mean adjacent-layer top-k overlap {adjacent_mean(overlap['matrix']):.3f} (paper, 30B model: 0.7-1.0)")
-    print(f"Plots: {OUT_DIR / 'calibration.png'}, {OUT_DIR / 'overlap.png'}\n")
+    print(f"Plots: {_rel(OUT_DIR / 'calibration.png')}, {_rel(OUT_DIR / 'overlap.png')}\n")
+    model = _rel(TINY_MODEL_DIR)
     print("Serve the calibrated pattern with SGLang:")
-    print(f"  patched: python -m sglang.launch_server --model-path {TINY_MODEL_DIR} --index-cache-pattern-file {out}")
-    print(f"  stock:   python -m sglang.launch_server --model-path {TINY_MODEL_DIR} {pat.export(document['pattern'], 'sglang')}")
+    print(f"  patched: python -m sglang.launch_server --model-path {model} --index-cache-pattern-file {_rel(out)}")
+    print(f"  stock:   python -m sglang.launch_server --model-path {model} {pat.export(document['pattern'], 'sglang')}")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     return 0
 
