@@ -238,6 +238,7 @@ def test_cli_changes_only_f_layer_indexers(checkpoint, tmp_path):
     assert changed <= trained
     assert {n for n in changed if "wq_b" in n} == {n for n in trained if "wq_b" in n}
     assert (out / "config.json").read_bytes() == (model_dir / "config.json").read_bytes()
+    assert (out / "model.safetensors").stat().st_mode & 0o044   # readable by others, not mkstemp's 0600
     report = json.loads((out / "distill" / "report.json").read_text())
     assert report["steps"] == 3 and len(report["history"]) == 3
     assert set(report["lm_loss"]) == {"all_f_before", "pattern_before", "pattern_after"}
