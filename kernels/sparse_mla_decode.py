@@ -5,6 +5,11 @@ one request over a slice of its ``topk`` indices: it gathers the selected latent
 lookup per index, -1 skipped), runs an online softmax, and writes either the final output (one
 split) or a partial output + log-sum-exp per split, which a combine kernel merges
 (FlashDecoding-style split-K, sized so that there is about one program per SM).
+
+Two variants of the gather (``config["rows"]``): ``"flat"`` (default) first translates every index
+to its flat cache row in a small kernel (``[b, topk]`` int32, -1 kept), so the attention loop has one
+level of indirection (row -> latent), as FlashMLA's and SGLang's kernels take it; ``"paged"`` (the
+earlier version, ``LEGACY_CONFIG``) looks the page table up inside the loop (index -> page -> latent).
 """
 
 from __future__ import annotations
@@ -16,11 +21,25 @@ import triton.language as tl
 from ._triton_common import dot_precision, interpreting, mma
 from .reference import PAGE_SIZE
 
-__all__ = ["sparse_mla_decode", "DEFAULT_CONFIG"]
+__all__ = ["sparse_mla_decode", "DEFAULT_CONFIG", "LEGACY_CONFIG", "flat_rows"]
 
 LOG2E = 1.4426950408889634
 # Launch parameters from the GPU sweep recorded in docs/perf.md (H100).
-DEFAULT_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2}
+DEFAULT_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, "rows": "flat"}
+# The first version (page-table lookup inside the attention loop), kept for comparison.
+LEGACY_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, "rows": "paged"}
+
+
+@triton.jit
+def _rows_kernel(idx_ptr, pt_ptr, rows_ptr, TOPK, stride_ib, stride_pt, stride_rb,
+                 PAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """rows[i, j] = page_table[i, idx[i, j] // PAGE] * PAGE + idx[i, j] % PAGE, or -1 where idx < 0."""
+    i = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    tok = tl.load(idx_ptr + i * stride_ib + cols, mask=cols < TOPK, other=-1)
+    ok = tok >= 0
+    page = tl.load(pt_ptr + i * stride_pt + tok // PAGE, mask=ok, other=0)
+    tl.store(rows_ptr + i * stride_rb + cols, tl.where(ok, page * PAGE + tok % PAGE, -1), mask=cols < TOPK)
 
 
 @triton.jit
@@ -30,9 +49,11 @@ def _sparse_mla_kernel(
     stride_qb, stride_qh, stride_kv, stride_pt, stride_ib, stride_ob, stride_oh, stride_os,
     stride_lb, stride_lh,
     D_V: tl.constexpr, D_R: tl.constexpr, PAGE: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, FLAT: tl.constexpr,
 ):
-    """o[i, h, split] = softmax-weighted V over indices [split*per_split, +per_split) of request i."""
+    """o[i, h, split] = softmax-weighted V over indices [split*per_split, +per_split) of request i.
+
+    ``FLAT``: ``idx_ptr`` holds flat cache rows (``_rows_kernel``) and ``pt_ptr`` is unused."""
     hb = tl.program_id(0)                                           # fastest: head blocks share KV in L2
     i = tl.program_id(1)
     sp = tl.program_id(2)
@@ -52,8 +73,11 @@ def _sparse_mla_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         tok = tl.load(idx_ptr + i * stride_ib + cols, mask=cols < end, other=-1)  # [BLOCK_N]
         ok = tok >= 0
-        page = tl.load(pt_ptr + i * stride_pt + tok // PAGE, mask=ok, other=0)
-        row = (page.to(tl.int64) * PAGE + tok % PAGE) * stride_kv
+        if FLAT:
+            row = tok.to(tl.int64) * stride_kv                      # tok is already the flat row
+        else:
+            page = tl.load(pt_ptr + i * stride_pt + tok // PAGE, mask=ok, other=0)
+            row = (page.to(tl.int64) * PAGE + tok % PAGE) * stride_kv
         kv = tl.load(kv_ptr + row[:, None] + dv[None, :], mask=ok[:, None], other=0.0)       # [BLOCK_N, D_V]
         kr = tl.load(kv_ptr + row[:, None] + D_V + dr[None, :], mask=ok[:, None], other=0.0)  # [BLOCK_N, D_R]
         s = mma(q_nope, tl.trans(kv), UPCAST, PRECISION) + mma(q_rope, tl.trans(kr), UPCAST, PRECISION)
@@ -129,7 +153,8 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     int32, ``indices [b, topk]`` int32 (-1 skipped) -> ``out [b, h, d_v]`` in q's dtype and, with
     ``return_lse``, ``lse [b, h]`` fp32 (natural log; -inf and out = 0 for a request with no index).
     ``num_splits`` overrides the split-K factor (default: from the SM count; 1 off the GPU);
-    ``config`` overrides ``DEFAULT_CONFIG``; ``out``/``lse`` receive the results when given.
+    ``config`` overrides ``DEFAULT_CONFIG`` (``LEGACY_CONFIG``: the first version, page-table lookup in
+    the loop); ``out``/``lse`` receive the results when given.
     """
     _check_args(q, kv_cache, page_table, indices, d_v)
     b, h, d_qk = q.shape
@@ -145,6 +170,13 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     lse = torch.empty(b, h, dtype=torch.float32, device=q.device) if lse is None else lse
     q, kv = q.contiguous(), kv_cache.reshape(-1, d_qk)
     pt, idx = page_table.int().contiguous(), indices.int().contiguous()
+    if cfg["rows"] not in ("flat", "paged"):
+        raise ValueError(f"config rows must be 'flat' or 'paged', got {cfg['rows']!r}")
+    flat = cfg["rows"] == "flat"
+    if flat and kv.shape[0] >= 2 ** 31:
+        raise ValueError("rows 'flat' needs fewer than 2**31 cache rows; use config rows='paged'")
+    if flat and b > 0:
+        idx = flat_rows(idx, pt)                                    # [b, topk] flat rows, -1 kept
     if splits == 1:
         o_part, l_part = out.view(b, h, 1, d_v), lse.view(b, h, 1)
     else:
@@ -156,7 +188,7 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
             q.stride(0), q.stride(1), kv.stride(0), pt.stride(0), idx.stride(0),
             o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
             D_V=d_v, D_R=d_qk - d_v, PAGE=PAGE_SIZE, BLOCK_H=block_h, BLOCK_N=block_n,
-            PRECISION=dot_precision(q.dtype), UPCAST=interpreting(_sparse_mla_kernel),
+            PRECISION=dot_precision(q.dtype), UPCAST=interpreting(_sparse_mla_kernel), FLAT=flat,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         if splits > 1:
             _combine_kernel[(b, h)](
@@ -165,6 +197,18 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
                 out.stride(0), out.stride(1), lse.stride(0),
                 D_V=d_v, BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return (out, lse) if return_lse else out
+
+
+def flat_rows(indices, page_table, block: int = 1024):
+    """Flat cache rows ``[b, topk]`` int32 (``page * 64 + slot``; -1 where ``indices`` is -1) of
+    positions ``indices [b, topk]`` int32 through ``page_table [b, max_pages]`` int32 (both contiguous)."""
+    b, topk = indices.shape
+    rows = torch.empty_like(indices)
+    if b > 0 and topk > 0:
+        _rows_kernel[(b, triton.cdiv(topk, block))](
+            indices, page_table, rows, topk, indices.stride(0), page_table.stride(0), rows.stride(0),
+            PAGE=PAGE_SIZE, BLOCK=block)
+    return rows
 
 
 def mla_flops(b: int, h: int, n_valid: int, d_qk: int = 576, d_v: int = 512) -> float:

@@ -31,6 +31,8 @@ CASES = [
     ([90, 200], 64, 32, 16, 64, torch.bfloat16, 2, {"block_n": 32}, "64 heads, bf16, 2 splits"),
     ([150], 128, 32, 16, 32, torch.bfloat16, 4, {"block_n": 16}, "128 heads in two head blocks, 4 splits"),
     ([70, 129], 16, 512, 64, 32, torch.bfloat16, 2, {"block_n": 16}, "real MLA dims 576 / 512"),
+    ([130, 70, 50], 20, 32, 16, 48, torch.float32, 2, {"block_n": 16, "rows": "paged"},
+     "earlier variant: page-table lookup in the loop"),
 ]
 
 
