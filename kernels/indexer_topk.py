@@ -197,9 +197,21 @@ def prefill_score_tiles(q, weights, k, cu_seqlens, scale: float, *, key_chunk: i
         yield p0, n_rows, p0 + n_rows, score_tile
 
 
+def _key_bound(seq_lens, page_table, max_seq_len: int | None) -> int:
+    """Keys to score per request: ``max_seq_len`` capped at ``max_pages * 64`` (no host sync), else
+    ``seq_lens.max()`` read on the host."""
+    if seq_lens.numel() == 0:
+        return 0
+    if max_seq_len is None:
+        return int(seq_lens.max())
+    if max_seq_len < 0:
+        raise ValueError(f"max_seq_len must be >= 0, got {max_seq_len}")
+    return min(int(max_seq_len), page_table.shape[1] * PAGE_SIZE)
+
+
 def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, scale: float,
                         k_scale=None, *, key_chunk: int | None = None, block_n: int = 64,
-                        budget_bytes: int = DEFAULT_BUDGET_BYTES, out=None):
+                        budget_bytes: int = DEFAULT_BUDGET_BYTES, out=None, max_seq_len: int | None = None):
     """Triton version of ``reference.indexer_topk_decode_ref`` (same arguments and result).
 
     ``q [b, h, d]``, ``weights [b, h]`` fp32, ``k_cache [num_pages, 64, d]`` bf16 (or fp8 e4m3 with
@@ -207,6 +219,9 @@ def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, sc
     ``[b, topk]`` int32 positions ``0 .. seq_len-1``, -1 padded (written into ``out`` when given).
     By default whole rows are scored and selected at once when ``b * max(seq_lens)`` fp32 scores fit
     in ``budget_bytes`` (one ``torch.topk``, no merges); otherwise ``key_chunk`` keys per tile.
+    ``max_seq_len`` (an upper bound of ``seq_lens``, capped at ``max_pages * 64``) sizes the work
+    without reading ``seq_lens`` on the host, so the call can be captured in a CUDA graph;
+    ``max_seq_len=page_table.shape[1] * 64`` is always valid. Default: ``seq_lens.max()`` (a host sync).
     """
     b, h, d = q.shape
     _check(topk, d)
@@ -214,22 +229,23 @@ def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, sc
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     if fp8 != (k_scale is not None):
         raise ValueError("k_scale is required with (and only with) a float8_e4m3fn k_cache")
-    n_keys = int(seq_lens.max()) if b else 0
+    n_keys = _key_bound(seq_lens, page_table, max_seq_len)
     if n_keys <= 0:
         return out.fill_(-1)
     if key_chunk is None:
         key_chunk = n_keys if 4 * b * n_keys <= budget_bytes else DEFAULT_KEY_CHUNK
     n_keys, score_tile = decode_score_tiles(q, weights, k_cache, page_table, seq_lens, scale, k_scale,
-                                            key_chunk=key_chunk, block_n=block_n)
+                                            key_chunk=key_chunk, block_n=block_n, max_seq_len=n_keys)
     return out.copy_(_stream_topk(score_tile, b, n_keys, topk, key_chunk, q.device))
 
 
 def decode_score_tiles(q, weights, k_cache, page_table, seq_lens, scale: float, k_scale=None, *,
-                       key_chunk: int | None = None, block_n: int = 64):
+                       key_chunk: int | None = None, block_n: int = 64, max_seq_len: int | None = None):
     """``(n_keys, score_tile)``: ``score_tile(k0, n_cols)`` returns ``[b, n_cols]`` fp32 scores of
-    positions ``k0 ..`` (-inf past each seq_len); the tile is reused, consume it before the next call."""
+    positions ``k0 ..`` (-inf past each seq_len); the tile is reused, consume it before the next call.
+    ``max_seq_len``: as in ``indexer_topk_decode`` (no host read of ``seq_lens`` when given)."""
     b, h, d = q.shape
-    n_keys = int(seq_lens.max()) if b else 0
+    n_keys = _key_bound(seq_lens, page_table, max_seq_len)
     key_chunk = key_chunk or DEFAULT_KEY_CHUNK
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     q, w = q.contiguous(), weights.float().contiguous()

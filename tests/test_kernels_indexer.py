@@ -80,6 +80,10 @@ DECODE_CASES = [
     ([129, 300], 64, 128, 64, torch.bfloat16, {}, "real index dims 64 x 128"),
     ([90, 17], 128, 32, 16, torch.float32, {"block_n": 32}, "128 heads"),
     ([150, 70], 32, 64, 16, torch.float8_e4m3fn, {"key_chunk": 64}, "fp8 keys with per-token scales"),
+    ([1, 5, 130], 16, 32, 32, torch.float32, {"max_seq_len": 1 << 30},
+     "no host sync: bound from the page table (poisoned pages past it)"),
+    ([200, 31, 0], 64, 32, 16, torch.bfloat16, {"max_seq_len": 200, "key_chunk": 64},
+     "no host sync: caller's bound, merged chunks"),
 ]
 
 
