@@ -1,0 +1,128 @@
+"""Sparse MLA decode: the earlier kernel variant against the current one and launch variants (GPU).
+
+``python -m sglang_indexcache.bench.mla_variants --out FILE.json [--budget S]`` times, with CUDA-graph
+replay and the L2 flushed before every call (``bench.kernels.Bench``):
+
+- decode shapes: 128 and 64 heads, batch 1 / 16 / 64, contexts 8K and 128K, top-k 2048;
+- the layer-stack prefill shape: ``T`` query tokens of one request, each its own "request" with the
+  request's page-table row (``bench.ops.KernelSet.attention_prefill``), 20 and 128 heads;
+
+for our kernel under ``LEGACY_CONFIG`` (page-table lookup in the loop), ``DEFAULT_CONFIG`` (flat rows)
+and a few launch variants, next to FlashMLA's ``flash_mla_sparse_fwd`` when it imports. Each row:
+median ms, TFLOP/s, and GB/s of the selected latent rows (``b * topk * 1152`` bytes: the minimum for
+decode; for prefill every query re-reads its rows, so this is the gathered traffic, not a floor).
+Results are written to ``--out`` after every row (an interrupted run keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+
+log = logging.getLogger(__name__)
+
+D_QK, D_V, TOPK = 576, 512, 2048
+
+
+def _variants(heads: int) -> list[tuple[str, dict]]:
+    from ..kernels.sparse_mla_decode import DEFAULT_CONFIG, LEGACY_CONFIG
+
+    out = [("v1 paged (earlier)", LEGACY_CONFIG), ("v2 flat (default)", DEFAULT_CONFIG),
+           ("flat bn32 st3", {**DEFAULT_CONFIG, "block_n": 32, "num_stages": 3}),
+           ("flat 16 warps", {**DEFAULT_CONFIG, "num_warps": 16})]
+    if heads > 64:
+        out.append(("flat all heads bh128 bn32 w16 st1",
+                    {**DEFAULT_CONFIG, "block_h": 128, "block_n": 32, "num_warps": 16, "num_stages": 1}))
+    if heads <= 32:
+        out.append(("flat bh32 4 warps", {**DEFAULT_CONFIG, "block_h": 32, "num_warps": 4}))
+    return out
+
+
+def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device):
+    """q [b, h, 576], cache [pages, 64, 576], page_table [b, pages/req], idx [b, topk], rows [b, topk]."""
+    per = math.ceil(ctx / 64)
+    n_req = 1 if shared_table else b
+    cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
+    table = torch.randperm(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
+    if shared_table:
+        table = table.expand(b, -1).contiguous()                    # one request's row per query
+    idx = torch.empty(b, TOPK, dtype=torch.int32, device=device)
+    for a in range(0, b, 256):                                      # bounded memory for the draw
+        idx[a:a + 256] = torch.rand(min(256, b - a), ctx, device=device).topk(TOPK, dim=1).indices.int()
+    rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
+    q = torch.randn(b, heads, D_QK, device=device).bfloat16()
+    return q, cache, table, idx, rows
+
+
+def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla):
+    from ..kernels import sparse_mla_decode
+
+    b, ctx, heads = case["batch"], case["context"], case["heads"]
+    q, cache, table, idx, rows = _inputs(torch, b, ctx, heads, shared_table, bench.device)
+    scale = D_QK ** -0.5
+    flops = 2.0 * b * heads * TOPK * (D_QK + D_V)
+    nbytes = b * TOPK * 2 * D_QK
+    impls = [(name, lambda cfg=cfg: sparse_mla_decode(q, cache, table, idx, scale, config=cfg))
+             for name, cfg in _variants(heads)]
+    if fmla is not None:
+        flat = cache.view(-1, 1, D_QK)
+        impls.append(("flash_mla sparse_fwd", lambda: fmla(q, flat, rows.view(b, 1, TOPK), scale)))
+    want = None
+    for name, fn in impls:
+        try:
+            got = fn()
+            want = got.float() if want is None else want
+            err = float((got.float() - want).abs().max())
+            ms, timing = bench.ms_graph(fn)
+        except Exception as exc:                                    # noqa: BLE001 - e.g. out of resources
+            doc["failed"].append({**case, "impl": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        doc["rows"].append({**case, "impl": name, "ms": round(ms, 4), "timing": timing,
+                            "tflops": round(flops / ms / 1e9, 1), "gbps": round(nbytes / ms / 1e6, 1),
+                            "max_abs_diff_vs_v1": err})
+        log.info("%s: %.4f ms", doc["rows"][-1], ms)
+        _save(out_path, doc)
+    del q, cache, table, idx, rows
+    torch.cuda.empty_cache()
+
+
+def _save(path: str, doc: dict):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from . import kernel_anchors
+    from .kernels import Bench
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="JSON result file")
+    parser.add_argument("--budget", type=float, default=0.1, help="seconds of timed calls per row")
+    parser.add_argument("--prefill-queries", type=int, default=2048, help="query tokens of the prefill shape")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bench = Bench(torch.device("cuda"), args.budget)
+    fmla, status = kernel_anchors.load_flash_mla()
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flash_mla": status,
+           "rows": [], "failed": []}
+    for heads, batches in ((128, (1, 16, 64)), (64, (1, 16, 64))):
+        for ctx in (8192, 131072):
+            for b in batches:
+                _time_case(bench, torch, doc, args.out, {"kind": "decode", "heads": heads, "batch": b,
+                                                         "context": ctx}, False, fmla)
+    for heads in (20, 128):
+        _time_case(bench, torch, doc, args.out, {"kind": "prefill", "heads": heads,
+                                                 "batch": args.prefill_queries, "context": 131072},
+                   True, fmla)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
