@@ -48,12 +48,11 @@ def format_table(results) -> str:
 
 
 def run(args) -> int:
+    from .. import pattern_file
     from ..calibration.session import load_backend, load_data
     from ..model_info import load_model_info
 
     info = load_model_info(args.model)
-    from .. import pattern_file
-
     for spec in args.pattern:  # refuse a bad spec before loading anything heavy
         pattern_file.resolve(spec, info.num_dsa_layers, info)
     backend = load_backend(args.model, threads=args.threads)
