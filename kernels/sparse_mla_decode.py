@@ -25,7 +25,8 @@ __all__ = ["sparse_mla_decode", "DEFAULT_CONFIG", "LEGACY_CONFIG", "flat_rows"]
 
 LOG2E = 1.4426950408889634
 # Launch parameters from the GPU sweep recorded in docs/perf.md (H100).
-DEFAULT_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, "rows": "flat"}
+# num_warps None = 8 for 64-head blocks, 4 for blocks of <= 32 heads (H100: 20-head prefill shape).
+DEFAULT_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": None, "num_stages": 2, "rows": "flat"}
 # The first version (page-table lookup inside the attention loop), kept for comparison.
 LEGACY_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, "rows": "paged"}
 
@@ -161,6 +162,7 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     topk = indices.shape[1]
     cfg = {**DEFAULT_CONFIG, **(config or {})}
     block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(h)))
+    num_warps = cfg["num_warps"] or (8 if block_h >= 64 else 4)
     block_n = cfg["block_n"]
     head_blocks = triton.cdiv(h, block_h)
     splits = num_splits or _num_splits(b, head_blocks, topk, block_n, q.device)
@@ -189,7 +191,7 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
             o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
             D_V=d_v, D_R=d_qk - d_v, PAGE=PAGE_SIZE, BLOCK_H=block_h, BLOCK_N=block_n,
             PRECISION=dot_precision(q.dtype), UPCAST=interpreting(_sparse_mla_kernel), FLAT=flat,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+            num_warps=num_warps, num_stages=cfg["num_stages"])
         if splits > 1:
             _combine_kernel[(b, h)](
                 o_part, l_part, out, lse, splits,
