@@ -255,7 +255,7 @@ def test_cli_changes_only_f_layer_indexers(checkpoint, tmp_path):
     assert cli.main(distill_args(model_dir, data, out, "--steps", "3")) == 2   # out not empty, no --resume
 
 
-def test_cli_resume_continues_exactly(checkpoint, tmp_path, monkeypatch):
+def test_cli_resume_continues_exactly(checkpoint, tmp_path, monkeypatch, capsys):
     model_dir, data = checkpoint
     assert cli.main(distill_args(model_dir, data, tmp_path / "straight", "--steps", "4")) == 0
     original_step, calls = Distiller.step, [0]
@@ -271,7 +271,10 @@ def test_cli_resume_continues_exactly(checkpoint, tmp_path, monkeypatch):
     assert cli.main(args) == 130
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     monkeypatch.setattr(Distiller, "step", original_step)
-    assert cli.main(args + ["--resume"]) == 0
+    capsys.readouterr()
+    assert cli.main(args + ["--resume", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["steps"] == 4 and "history" not in printed
     straight, resumed = tensors(tmp_path / "straight"), tensors(tmp_path / "resumed")
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=1e-6, atol=1e-7, msg=name)
