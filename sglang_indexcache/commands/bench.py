@@ -10,15 +10,13 @@ FLOP/byte model's ``floor_limit``.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
 
+from ..bench import kernels as kernel_bench
 from ..errors import UsageError
 
 CONFIG_NAMES = ("tiny", "glm-5", "deepseek-v3.2", "glm-30b-a3b")
 DEFAULT_PATTERNS = "all-F,every-2,every-4,every-8"
-KERNELS_MODULE = "sglang_indexcache.bench.kernels"
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -70,10 +68,7 @@ def add_arguments(parser):
     _common(dec, "decode")
     dec.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes (default 1,8)")
     kern = modes.add_parser("kernels", help="the DSA kernels alone (sglang_indexcache.bench.kernels)")
-    if importlib.util.find_spec(KERNELS_MODULE) is not None:
-        importlib.import_module(KERNELS_MODULE).add_kernel_arguments(kern)
-    else:
-        kern.add_argument("rest", nargs="*", help="(not available yet)")
+    kernel_bench.add_kernel_arguments(kern)
 
 
 def _config(name: str) -> dict:
@@ -139,9 +134,7 @@ def _spec(args):
 
 
 def _run_kernels(args) -> int:
-    if importlib.util.find_spec(KERNELS_MODULE) is None:
-        raise UsageError("bench kernels is not available yet: sglang_indexcache.bench.kernels is missing")
-    return int(importlib.import_module(KERNELS_MODULE).run_kernels(args) or 0)
+    return int(kernel_bench.run_kernels(args) or 0)
 
 
 def run(args) -> int:
