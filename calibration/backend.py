@@ -70,6 +70,17 @@ def _as_ids(blocks) -> torch.Tensor:
     return ids
 
 
+def summed_loss(batch_nll, blocks, batch_size: int = 4, progress=None) -> LossResult:
+    """Sum ``batch_nll(ids [B, S]) -> (nll, tokens)`` over ``blocks`` in batches of ``batch_size``."""
+    ids = _as_ids(blocks)
+    nll_sum, tokens = 0.0, 0
+    starts = range(0, ids.shape[0], batch_size)
+    for start in (progress(starts) if progress else starts):
+        nll, count = batch_nll(ids[start:start + batch_size])
+        nll_sum, tokens = nll_sum + nll, tokens + count
+    return LossResult(nll_sum, tokens)
+
+
 class TransformersBackend:
     """transformers GlmMoeDsa with every indexer kept, and a switchable F/S pattern."""
 
@@ -262,14 +273,7 @@ class TransformersBackend:
 
     def loss(self, blocks, batch_size: int = 4, progress=None) -> LossResult:
         """Mean LM loss of ``blocks`` (TokenBlocks or LongTensor ``[n, S]``) under the current pattern."""
-        ids = _as_ids(blocks)
-        nll_sum, tokens = 0.0, 0
-        starts = range(0, ids.shape[0], batch_size)
-        for start in (progress(starts) if progress else starts):
-            nll, count = self.batch_nll(ids[start:start + batch_size])
-            nll_sum += nll
-            tokens += count
-        return LossResult(nll_sum, tokens)
+        return summed_loss(self.batch_nll, blocks, batch_size, progress)
 
     @torch.inference_mode()
     def record_topk(self, input_ids: torch.Tensor) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ import urllib.request
 from sglang_indexcache import pattern as pat
 from sglang_indexcache.errors import UsageError
 
-from .backend import LossResult, _as_ids
+from .backend import LossResult, summed_loss
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,4 @@ class ServerBackend:
         return nll, tokens
 
     def loss(self, blocks, batch_size: int = 4, progress=None) -> LossResult:
-        ids = _as_ids(blocks)
-        nll_sum, tokens = 0.0, 0
-        starts = range(0, ids.shape[0], batch_size)
-        for start in (progress(starts) if progress else starts):
-            nll, count = self.batch_nll(ids[start:start + batch_size])
-            nll_sum, tokens = nll_sum + nll, tokens + count
-        return LossResult(nll_sum, tokens)
+        return summed_loss(self.batch_nll, blocks, batch_size, progress)
