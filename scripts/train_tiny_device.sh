@@ -26,13 +26,13 @@ python3 -c "import torch, transformers; from transformers import GlmMoeDsaForCau
 
 MODEL=models/tiny-glm-dsa
 PROBE=/tmp/probe
-mkdir -p $PROBE/work $PROBE/model/data
-cp .cache/train-tiny/train_tokens.npy $PROBE/work/
+mkdir -p $PROBE/state $PROBE/model/data
+cp .cache/train-tiny/train_tokens.npy $PROBE/state/
 cp $MODEL/tokenizer.json $MODEL/tokenizer_config.json $PROBE/model/
 cp $MODEL/data/*.txt $PROBE/model/data/
 python3 -m sglang_indexcache --quiet train-tiny --device cuda --batch-size "$BATCH" --steps 15,15,15 \
-    --out $PROBE/model --work-dir $PROBE/work --log-every 5 --save-every 1000 --no-eval > $PROBE/probe.json
-STEPS=$(python3 - "$PROBE/work/train_log.jsonl" "$BUDGET" <<'EOF'
+    --out $PROBE/model --work-dir $PROBE/state --log-every 5 --save-every 1000 --no-eval > $PROBE/probe.json
+STEPS=$(python3 - "$PROBE/state/train_log.jsonl" "$BUDGET" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 budget = float(sys.argv[2])
@@ -53,4 +53,4 @@ time python3 -m sglang_indexcache --quiet train-tiny --device cuda --batch-size 
     --out $MODEL --work-dir .cache/train-tiny --log-every 25 --save-every 10000 --no-eval
 cp $MODEL/config.json $MODEL/model.safetensors $MODEL/generation_config.json .cache/train-tiny/train_log.jsonl \
     .cache/train-tiny/summary.json "$OUT"/
-cp $PROBE/work/train_log.jsonl "$OUT"/probe_log.jsonl
+cp $PROBE/state/train_log.jsonl "$OUT"/probe_log.jsonl
