@@ -79,7 +79,7 @@ def test_check_refuses_a_broken_series(tmp_path, damage, message):
 def test_apply_is_idempotent_and_revert_restores_bytes(small_tree):
     before = digest(small_tree)
     assert "applies cleanly" in patchset.check(small_tree)
-    assert patchset.apply(small_tree).startswith("applied 4 patches")
+    assert patchset.apply(small_tree).startswith(f"applied {len(patchset.series())} patches")
     after = digest(small_tree)
     assert {name for name in before if before[name] != after[name]} == patched_files()
     assert patchset.apply(small_tree).startswith("already applied")

@@ -16,10 +16,12 @@ sees the same pattern.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 from .. import pattern as pat
@@ -37,6 +39,17 @@ PATTERN_OVERRIDE_KEYS = ("indexer_types", "index_topk_pattern", "index_topk_freq
 
 class IndexCacheError(UsageError):
     """An IndexCache flag the server cannot start with (one line, names the flag)."""
+
+
+@contextlib.contextmanager
+def exit_on_index_cache_error():
+    """Around the server's start-up resolution: an :class:`IndexCacheError` becomes one line on
+    stderr and exit status 2 instead of a traceback. Any other exception passes through untouched."""
+    try:
+        yield
+    except IndexCacheError as exc:
+        sys.stderr.write(f"IndexCache: error: {exc}\n")
+        raise SystemExit(2) from None
 
 
 @dataclass(frozen=True)
