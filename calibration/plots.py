@@ -35,12 +35,7 @@ def plot_calibration(document: dict, path) -> Path:
     ax.set_title(f"greedy IndexCache search, keep {cal['keep_ratio']:g} ({n} layers)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_overlap(matrix, path, title: str) -> Path:
@@ -56,6 +51,10 @@ def plot_overlap(matrix, path, title: str) -> Path:
     ax.set_yticks(ticks)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of layer i's top-k also in layer j's")
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

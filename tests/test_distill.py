@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from dsa_models import micro_config
 from safetensors import safe_open
 
 from sglang_indexcache import cli, dsa_torch
@@ -15,17 +16,11 @@ from sglang_indexcache.training.distill_loss import (ServedTarget, causal_mask, 
 
 
 def tiny_model(seed=0, layers=3, topk=8, vocab=97):
-    """The micro GlmMoeDsa of tests/test_dsa_torch.py (eager attention), random weights."""
-    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+    """The micro GlmMoeDsa of tests/dsa_models.py with eager attention, random weights."""
+    from transformers import GlmMoeDsaForCausalLM
 
     torch.manual_seed(seed)
-    config = GlmMoeDsaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-        q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, head_dim=16,
-        index_topk=topk, index_head_dim=32, index_n_heads=4, first_k_dense_replace=layers,
-        n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-    )
+    config = micro_config(layers, topk, vocab)
     config._attn_implementation = "eager"
     return GlmMoeDsaForCausalLM(config).eval()
 

@@ -2,21 +2,15 @@
 
 import pytest
 import torch
-from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+from dsa_models import micro_config
+from transformers import GlmMoeDsaForCausalLM
 
 from sglang_indexcache import dsa_torch
 
 
-def tiny_model(seed=0, layers=3, topk=8, pattern=None):
+def tiny_model(seed=0, layers=3, topk=8):
     torch.manual_seed(seed)
-    config = GlmMoeDsaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32,
-        q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16, head_dim=16,
-        index_topk=topk, index_head_dim=32, index_n_heads=4, first_k_dense_replace=layers,
-        n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=256,
-        indexer_types=pattern,
-    )
+    config = micro_config(layers, topk, vocab=97)
     config._attn_implementation = "eager"
     return GlmMoeDsaForCausalLM(config).eval()
 
