@@ -41,7 +41,7 @@ from ._triton_common import interpreting
 
 __all__ = ["topk_rows"]
 
-DEFAULT_BLOCK = 4096
+DEFAULT_BLOCK = 2048
 DEFAULT_NUM_WARPS = 8
 DEFAULT_RADIX_BITS = 8
 DEFAULT_CAPACITY = 4096
@@ -178,8 +178,8 @@ def _select_row(x_row, o_row, key_ptr, col_ptr, n, topk, RADIX: tl.constexpr, LE
                        key_ptr, col_ptr, 0, False, False, BLOCK)
 
 
-@triton.jit(do_not_specialize=["n_rows", "n_cols", "topk"])
-def _topk_kernel(x_ptr, len_ptr, out_ptr, scratch_ptr, n_rows, n_cols, topk, stride_x, stride_o,
+@triton.jit(do_not_specialize=["n_rows", "n_cols", "topk", "n_programs"])
+def _topk_kernel(x_ptr, len_ptr, out_ptr, scratch_ptr, n_rows, n_cols, topk, stride_x, stride_o, n_programs,
                  HAS_LEN: tl.constexpr, RADIX: tl.constexpr, LEVELS: tl.constexpr, CAP: tl.constexpr,
                  BLOCK: tl.constexpr):
     """Persistent grid: program ``p`` selects rows ``p, p + programs, ...`` using its own scratch
@@ -187,7 +187,7 @@ def _topk_kernel(x_ptr, len_ptr, out_ptr, scratch_ptr, n_rows, n_cols, topk, str
     pid = tl.program_id(0)
     key_ptr = scratch_ptr + pid.to(tl.int64) * (2 * CAP)
     col_ptr = key_ptr + CAP
-    for r in range(pid, n_rows, tl.num_programs(0)):
+    for r in range(pid, n_rows, n_programs):
         n = n_cols
         if HAS_LEN:
             n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), n_cols)
@@ -269,7 +269,7 @@ def topk_rows(scores: torch.Tensor, topk: int, *, lengths: torch.Tensor | None =
     scratch = torch.empty((programs, 2, max(capacity, 1)), dtype=torch.int32, device=scores.device)
     has_len = lengths is not None
     _topk_kernel[(programs,)](
-        scores, lengths if has_len else out, out, scratch, rows, n, topk, scores.stride(0), out.stride(0),
+        scores, lengths if has_len else out, out, scratch, rows, n, topk, scores.stride(0), out.stride(0), programs,
         HAS_LEN=has_len, RADIX=radix_bits, LEVELS=triton.cdiv(32, radix_bits), CAP=capacity,
         BLOCK=block, num_warps=num_warps)
     return out
