@@ -78,10 +78,13 @@ def _histogram(x_ptr, key_ptr, col_ptr, n, pre_u, SH_HI: tl.constexpr, SH: tl.co
         idx = start + tl.arange(0, BLOCK)
         s, col, valid = _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH)
         u = s ^ -2147483648                                           # unsigned order, int32 bits
+        digit = (u >> SH) & ((1 << (SH_HI - SH)) - 1)                 # [BLOCK] in [0, NB)
         if SH_HI < 32:
             valid = valid & ((u >> SH_HI) == (pre_u >> SH_HI))
-        digit = (u >> SH) & ((1 << (SH_HI - SH)) - 1)                 # [BLOCK] in [0, NB)
-        hist += tl.histogram(digit, NB, mask=valid)
+            if tl.sum(valid.to(tl.int32), 0) > 0:                     # skip blocks outside the bin
+                hist += tl.histogram(digit, NB, mask=valid)
+        else:
+            hist += tl.histogram(digit, NB, mask=valid)
     return hist
 
 
@@ -103,7 +106,9 @@ def _partition(x_ptr, key_ptr, col_ptr, n, t_s, out_ptr, gt_start, eq_start, eq_
     """One pass in column order: keys with ``s >> SH > t_s >> SH`` go to ``out[gt_start ...]``; the
     first ``eq_limit`` keys with ``s >> SH == t_s >> SH`` go to ``out[eq_start ...]`` or, with
     ``TO_SCRATCH``, their (key, column) pairs to ``dst[0 ...]``. Slots come from exclusive prefix
-    sums of the flags, so each block's writes are dense and in column order."""
+    sums of the flags, so each block's writes are dense and in column order. Both flags share one
+    int32 (``gt + eq << 16``; ``BLOCK < 2**16``), so one scan serves both, and a block without a
+    hit (most blocks of a long row) costs one reduction and no scan."""
     gt_base = gt_start
     eq_base = eq_start * 0
     t_hi = t_s >> SH
@@ -111,19 +116,22 @@ def _partition(x_ptr, key_ptr, col_ptr, n, t_s, out_ptr, gt_start, eq_start, eq_
         idx = start + tl.arange(0, BLOCK)
         s, col, valid = _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH)
         s_hi = s >> SH
-        gt = (valid & (s_hi > t_hi)).to(tl.int32)                     # [BLOCK] 0/1
-        eq = (valid & (s_hi == t_hi)).to(tl.int32)                    # [BLOCK] 0/1
-        gt_slot = gt_base + tl.cumsum(gt, 0) - gt
-        tl.store(out_ptr + gt_slot, col, mask=gt > 0)
-        rank = eq_base + tl.cumsum(eq, 0) - eq
-        take = (eq > 0) & (rank < eq_limit)
-        if TO_SCRATCH:
-            tl.store(dst_key_ptr + rank, s, mask=take)
-            tl.store(dst_col_ptr + rank, col, mask=take)
-        else:
-            tl.store(out_ptr + eq_start + rank, col, mask=take)
-        gt_base += tl.sum(gt, 0)
-        eq_base += tl.sum(eq, 0)
+        gt = valid & (s_hi > t_hi)                                    # [BLOCK]
+        eq = valid & (s_hi == t_hi)                                   # [BLOCK]
+        flags = gt.to(tl.int32) + (eq.to(tl.int32) << 16)             # [BLOCK] packed 0/1 pairs
+        hits = tl.sum(flags, 0)
+        if hits != 0:
+            before = tl.cumsum(flags, 0) - flags                      # [BLOCK] exclusive prefix
+            tl.store(out_ptr + gt_base + (before & 0xFFFF), col, mask=gt)
+            rank = eq_base + (before >> 16)
+            take = eq & (rank < eq_limit)
+            if TO_SCRATCH:
+                tl.store(dst_key_ptr + rank, s, mask=take)
+                tl.store(dst_col_ptr + rank, col, mask=take)
+            else:
+                tl.store(out_ptr + eq_start + rank, col, mask=take)
+        gt_base += hits & 0xFFFF
+        eq_base += hits >> 16
 
 
 @triton.jit
@@ -219,8 +227,8 @@ def _check_args(scores, topk, lengths, out, block, radix_bits, capacity):
                    if isinstance(out, torch.Tensor) else type(out).__name__)
             raise ValueError(f"out must be int32 [{rows}, {topk}] with unit column stride on {scores.device}, "
                              f"got {got}")
-    if block < 16 or block & (block - 1):
-        raise ValueError(f"block must be a power of two >= 16, got {block}")
+    if block < 16 or block > 16384 or block & (block - 1):
+        raise ValueError(f"block must be a power of two in 16 .. 16384, got {block}")
     if radix_bits not in RADIX_CHOICES:
         raise ValueError(f"radix_bits must be one of {RADIX_CHOICES}, got {radix_bits}")
     if capacity < 0:
