@@ -51,12 +51,14 @@ def _index_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, scale
     return torch.einsum("rhn,rh->rn", logits.relu(), weights.float()) * scale
 
 
-def indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale: float) -> torch.Tensor:
+def indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale: float, k_scale=None) -> torch.Tensor:
     """Dense causal index scores ``[t, max_len]`` fp32 of a ragged batch (small sizes: tests, CPU).
 
     Row ``t`` (position ``p`` in its request) holds ``I[t, s]`` for positions ``s <= p`` and -inf
     elsewhere. Argument shapes as in ``indexer_topk_prefill_ref``.
     """
+    if k_scale is not None:
+        k = k.float() * k_scale.float()[:, None]                   # fp8 value x per-token scale
     bounds = cu_seqlens.tolist()
     max_len = max([e - s for s, e in zip(bounds[:-1], bounds[1:])], default=0)
     out = torch.full((q.shape[0], max_len), float("-inf"), dtype=torch.float32, device=q.device)
@@ -70,23 +72,26 @@ def indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale: float) -> torch
     return out
 
 
-def indexer_topk_prefill_ref(q, weights, k, cu_seqlens, topk: int, scale: float) -> torch.Tensor:
+def indexer_topk_prefill_ref(q, weights, k, cu_seqlens, topk: int, scale: float,
+                             k_scale=None) -> torch.Tensor:
     """Lightning-indexer top-k for a ragged prefill batch (no cached prefix).
 
     Args:
-        q: ``[t, h, d]`` bf16/fp32, index queries of all tokens of the batch.
+        q: ``[t, h, d]`` bf16/fp32 (or float8_e4m3fn: fold its per-(token, head) scale into
+            ``weights``, as ``relu(a x) = a relu(x)`` for ``a > 0``), index queries of the batch.
         weights: ``[t, h]`` fp32, per-token per-head weights ``w[t, h]``.
-        k: ``[t, d]`` bf16/fp32, index keys of the same tokens.
+        k: ``[t, d]`` bf16/fp32, or float8_e4m3fn with ``k_scale``, index keys of the same tokens.
         cu_seqlens: ``[b+1]`` int32, request i owns tokens ``cu_seqlens[i] .. cu_seqlens[i+1]-1``.
         topk: number of indices per token (<= 2048).
         scale: score scale.
+        k_scale: ``[t]`` fp32 per-token scales (> 0) of fp8 keys (key = fp8 value * scale).
 
     Returns:
         ``[t, topk]`` int32: positions within the request of the ``topk`` largest
         ``I[t, s] = scale * sum_h w[t, h] * relu(q[t, h] . k[s])`` over ``s <= t`` (causal, same
         request), in no guaranteed order; -1 in the slots beyond the ``position + 1`` candidates.
     """
-    return select_topk(indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale), topk)
+    return select_topk(indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale, k_scale), topk)
 
 
 def _dequant_keys(k_cache, k_scale, rows):

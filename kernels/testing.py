@@ -138,9 +138,9 @@ def worker_interprets() -> bool:
     """True when this process's kernels run in Triton's interpreter."""
     import importlib
 
-    indexer = importlib.import_module(f"{__package__}.indexer_topk")
+    scores = importlib.import_module(f"{__package__}.indexer_scores")
     mla = importlib.import_module(f"{__package__}.sparse_mla_decode")
-    return is_interpreted(indexer._decode_scores_kernel) and is_interpreted(mla._sparse_mla_kernel)
+    return is_interpreted(scores._decode_kernel) and is_interpreted(mla._sparse_mla_kernel)
 
 
 def make_paged_cache(seq_lens, width: int, dtype=torch.float32, spare_pages: int = 2, page_size: int = 64):

@@ -42,7 +42,12 @@ PREFILL_CASES = [
     ([50, 90], 64, 32, 32, torch.bfloat16, {"key_chunk": 48}, "bf16, 64 heads, merge, odd chunk"),
     ([0, 45, 0, 12], 16, 32, 8, torch.float32, {"budget_bytes": 4 * 4 * 8 * 45},
      "empty requests; query positions walked in chunks of 8"),
-    ([65], 64, 128, 16, torch.bfloat16, {"block_m": 32, "block_n": 32}, "real index dims 64 x 128"),
+    ([65], 64, 128, 16, torch.bfloat16, {"rows": 64, "block_n": 32}, "real index dims 64 x 128"),
+    ([70, 9], 20, 32, 16, torch.bfloat16, {"keys_major": True, "block_n": 16, "selector": "torch"},
+     "keys-major products, 20 heads padded to 32, torch.topk selector"),
+    ([80, 30], 16, 32, 16, "fp8-keys", {"block_n": 16, "key_chunk": 32},
+     "fp8 keys with per-token scales, bf16 queries, merged chunks"),
+    ([60], 32, 32, 8, "fp8", {"rows": 64, "block_n": 16}, "fp8 queries and keys"),
 ]
 
 
@@ -59,17 +64,23 @@ def _prefill_case(lens, h, d, topk, dtype, kwargs, reason):
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     q, k = torch.randn(t, h, d), torch.randn(t, d)
     _tie_free(q, k)
-    q, k = q.to(dtype), k.to(dtype)
+    k_scale = None
+    if dtype in ("fp8", "fp8-keys"):                               # e4m3 keys, per-token scales
+        k, k_scale = k.to(torch.float8_e4m3fn), torch.rand(t) + 0.5
+        q = q.to(torch.float8_e4m3fn if dtype == "fp8" else torch.bfloat16)
+        dtype = torch.float8_e4m3fn
+    else:
+        q, k = q.to(dtype), k.to(dtype)
     w = torch.rand(t, h) + 0.1
     w[:, 1:] *= torch.sign(torch.randn(t, h - 1))                  # negative weights on other heads
     scale = d ** -0.5
     out = torch.full((t, topk), SENTINEL, dtype=torch.int32)
-    got = ops.indexer_topk_prefill(q, w, k, cu, topk, scale, out=out, **kwargs)
+    got = ops.indexer_topk_prefill(q, w, k, cu, topk, scale, k_scale, out=out, **kwargs)
     assert got.data_ptr() == out.data_ptr()
     assert not (out == SENTINEL).any(), "some outputs were never written"
-    scores = ref.indexer_scores_prefill_ref(q, w, k, cu, scale)
+    scores = ref.indexer_scores_prefill_ref(q, w, k, cu, scale, k_scale)
     testing.check_topk(out, scores, topk, TOL[dtype], name=reason)
-    expected = ref.indexer_topk_prefill_ref(q, w, k, cu, topk, scale)
+    expected = ref.indexer_topk_prefill_ref(q, w, k, cu, topk, scale, k_scale)
     assert torch.equal(out.sort(1).values, expected.sort(1).values), "tie-free inputs: sets must be equal"
 
 
@@ -79,6 +90,9 @@ DECODE_CASES = [
     ([200, 31, 0], 64, 32, 16, torch.bfloat16, {"key_chunk": 64}, "merge over chunks; empty request"),
     ([129, 300], 64, 128, 64, torch.bfloat16, {}, "real index dims 64 x 128"),
     ([90, 17], 128, 32, 16, torch.float32, {"block_n": 32}, "128 heads"),
+    ([300, 77, 1], 32, 32, 16, torch.bfloat16, {"keys_per_prog": 64, "block_n": 32},
+     "several programs per request (64 keys each)"),
+    ([120, 40], 16, 32, 16, torch.float32, {"selector": "torch", "key_chunk": 64}, "torch.topk selector"),
     ([150, 70], 32, 64, 16, torch.float8_e4m3fn, {"key_chunk": 64}, "fp8 keys with per-token scales"),
     ([1, 5, 130], 16, 32, 32, torch.float32, {"max_seq_len": 1 << 30},
      "no host sync: bound from the page table (poisoned pages past it)"),
@@ -132,8 +146,8 @@ def test_check_topk_explains_a_wrong_set():
 
 def test_interpreter_does_not_leak(worker):
     """The worker interprets; this process keeps its environment and compiled kernels."""
-    from sglang_indexcache.kernels import indexer_topk
+    from sglang_indexcache.kernels import indexer_scores
 
     assert worker.submit(testing.worker_interprets).result()
     assert os.environ.get("TRITON_INTERPRET") in (None, "", "0")
-    assert not testing.is_interpreted(indexer_topk._decode_scores_kernel)
+    assert not testing.is_interpreted(indexer_scores._decode_kernel)

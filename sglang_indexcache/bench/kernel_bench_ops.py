@@ -112,6 +112,7 @@ def torch_indexer_decode(q, w, kc_flat, rows, scale, topk):
 
 def indexer_decode_rows(c: Context, shape: str, heads: int, batches, contexts):
     from ..kernels import indexer_topk as it
+    from ..kernels.indexer_scores import decode_scores
 
     c.doc["anchors"]["deep_gemm"] = kernel_anchors.probe_deep_gemm() + " (indexer compared with the FLOP/byte floor)"
     for ctx in contexts:
@@ -132,9 +133,10 @@ def indexer_decode_rows(c: Context, shape: str, heads: int, batches, contexts):
                 c.doc["rows"].append(c.row("indexer_decode", shape, f"triton {dtype} (ours)", c.bench.ms(fns),
                                            flops, nbytes, c.ceil, **extra))
 
-                def scores_only(q=qs[0], kc=kc, ks=ks):
-                    n, tile = it.decode_score_tiles(q, w, kc, page_table, lens, 0.1, ks, key_chunk=ctx)
-                    tile(0, n)
+                buf = torch.empty(b, ctx, device=c.device)
+
+                def scores_only(q=qs[0], kc=kc, ks=ks, buf=buf):
+                    decode_scores(q, w, kc, page_table, lens, 0.1, buf, k_scale=ks)
                 c.doc["rows"].append(c.row("indexer_decode", shape, f"triton {dtype} scores only",
                                            c.bench.ms(scores_only), flops, nbytes, c.ceil, **extra))
             if b * heads * ctx <= 1 << 30:
@@ -162,6 +164,7 @@ def torch_indexer_prefill(q, w, k, scale, topk, chunk=1024):
 
 def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
     from ..kernels import indexer_topk as it
+    from .indexer_variants import _scores_only
 
     for n in contexts:
         q = torch.randn(n, heads, D_IDX, device=c.device).bfloat16()
@@ -174,15 +177,12 @@ def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton (ours)", c.bench.ms(
             lambda: it.indexer_topk_prefill(q, w, k, cu, TOPK, 0.1)), flops, nbytes, c.ceil, **extra))
 
-        def scores_only():
-            for _, _, n_keys, tile in it.prefill_score_tiles(q, w, k, cu, 0.1):
-                for k0 in range(0, n_keys, it.DEFAULT_KEY_CHUNK):
-                    tile(k0, min(it.DEFAULT_KEY_CHUNK, n_keys - k0))
+        scores_only = _scores_only(torch, q, w, k, None, cu, {})
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton scores only", c.bench.ms(scores_only),
                                    flops, nbytes, c.ceil, **extra))
-        if n >= 65536:
-            c.doc["rows"].append(c.row("indexer_prefill", shape, "triton, whole-row top-k", c.bench.ms(
-                lambda: it.indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, key_chunk=n)), flops, nbytes, c.ceil, **extra))
+        c.doc["rows"].append(c.row("indexer_prefill", shape, "triton scores + torch.topk", c.bench.ms(
+            lambda: it.indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, selector="torch")), flops, nbytes, c.ceil,
+            **extra))
         if n <= 32768:
             c.doc["rows"].append(c.row("indexer_prefill", shape, "torch chunked einsum+topk", c.bench.ms(
                 lambda: torch_indexer_prefill(q, w, k, 0.1, TOPK)), flops, nbytes, c.ceil, **extra))

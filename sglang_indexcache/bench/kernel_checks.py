@@ -25,18 +25,64 @@ def _tie_free(q, k):
     k[..., 0] = k[..., 0].abs() + 0.25
 
 
-def check_prefill(dev, lens, h, topk, **kw):
+def check_prefill(dev, lens, h, topk, fp8=None, **kw):
+    """``fp8``: None (bf16), "keys" (e4m3 keys + per-token scales, bf16 queries) or "both"."""
     t, d = sum(lens), 128
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     q, k = torch.randn(t, h, d, device=dev), torch.randn(t, d, device=dev)
     _tie_free(q, k)
-    q, k = q.bfloat16(), k.bfloat16()
+    k_scale = None
+    if fp8:
+        k, k_scale = k.to(torch.float8_e4m3fn), torch.rand(t, device=dev) + 0.5
+        q = q.to(torch.float8_e4m3fn) if fp8 == "both" else q.bfloat16()
+    else:
+        q, k = q.bfloat16(), k.bfloat16()
     w = (torch.rand(t, h, device=dev) + 0.1) * torch.where(torch.rand(t, h, device=dev) < 0.3, -1.0, 1.0)
     w[:, 0] = w[:, 0].abs()
     out = torch.full((t, topk), SENTINEL, dtype=torch.int32, device=dev)
-    indexer_topk_prefill(q, w, k, cu, topk, d ** -0.5, out=out, **kw)
+    indexer_topk_prefill(q, w, k, cu, topk, d ** -0.5, k_scale, out=out, **kw)
     assert not (out == SENTINEL).any(), "outputs never written"
-    testing.check_topk(out, ref.indexer_scores_prefill_ref(q, w, k, cu, d ** -0.5), topk, 1e-4)
+    testing.check_topk(out, ref.indexer_scores_prefill_ref(q, w, k, cu, d ** -0.5, k_scale), topk, 1e-4)
+
+
+def check_topk_rows(dev, rows, n, topk, ties=False):
+    """The radix-select kernel alone on long rows (a column slice of a wider, NaN-poisoned buffer)."""
+    from ..kernels.topk import topk_rows
+
+    buf = torch.full((rows, n + 64), float("nan"), device=dev)
+    vals = torch.randint(0, 50, (rows, n), device=dev).float() if ties else torch.randn(rows, n, device=dev)
+    lengths = torch.randint(1, n + 1, (rows,), device=dev, dtype=torch.int32)
+    lengths[0] = n
+    for r in range(rows):
+        buf[r, :int(lengths[r])] = vals[r, :int(lengths[r])]
+    out = topk_rows(buf[:, :n], topk, lengths=lengths)
+    dense = torch.where(torch.arange(n, device=dev)[None, :] < lengths[:, None].long(), buf[:, :n], float("-inf"))
+    testing.check_topk(out, dense, topk, 0.0)
+
+
+def check_decode_graph(dev, seq_lens, h, topk):
+    """Decode captured in a CUDA graph (``max_seq_len`` from the page table: no host sync), replayed
+    after the inputs change in place."""
+    b, d = len(seq_lens), 128
+    cache, page_table = testing.make_paged_cache(seq_lens, d)
+    cache, page_table = cache.to(dev).bfloat16(), page_table.to(dev)
+    q = torch.randn(b, h, d, device=dev).bfloat16()
+    w = torch.rand(b, h, device=dev) + 0.1
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+    out = torch.full((b, topk), SENTINEL, dtype=torch.int32, device=dev)
+    bound = page_table.shape[1] * 64
+    run = lambda: indexer_topk_decode(q, w, cache, page_table, lens, topk, 0.5, out=out, max_seq_len=bound)  # noqa: E731
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    q.copy_(torch.randn_like(q, dtype=torch.float32).bfloat16())
+    out.fill_(SENTINEL)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not (out == SENTINEL).any(), "outputs never written"
+    testing.check_topk(out, ref.indexer_scores_decode_ref(q, w, cache, page_table, lens, 0.5), topk, 1e-4)
 
 
 def check_decode(dev, seq_lens, h, topk, fp8=False, **kw):
@@ -82,6 +128,16 @@ def check_mla(dev, seq_lens, h, topk, empty_last=False, **kw):
 CASES = [
     ("prefill ragged, 64 heads, top-k 2048", check_prefill, dict(lens=[3000, 1000, 17], h=64, topk=2048)),
     ("prefill, key chunks of 1024 merged", check_prefill, dict(lens=[2500], h=32, topk=512, key_chunk=1024)),
+    ("prefill fp8 queries and keys, 64 heads", check_prefill, dict(lens=[3000, 900], h=64, topk=2048, fp8="both")),
+    ("prefill fp8 keys, bf16 queries, 32 heads", check_prefill, dict(lens=[2600], h=32, topk=2048, fp8="keys")),
+    ("prefill 20 heads, keys-major products", check_prefill, dict(lens=[2100, 33], h=20, topk=2048,
+                                                                   keys_major=True)),
+    ("prefill torch.topk selector", check_prefill, dict(lens=[2300], h=32, topk=2048, selector="torch")),
+    ("top-k kernel, 4 rows up to 200K", check_topk_rows, dict(rows=4, n=200000, topk=2048)),
+    ("top-k kernel, heavy ties (50 values)", check_topk_rows, dict(rows=3, n=100000, topk=2048, ties=True)),
+    ("top-k kernel, 300 rows of <= 5000, k 2048", check_topk_rows, dict(rows=300, n=5000, topk=2048)),
+    ("decode in a CUDA graph, max_seq_len bound", check_decode_graph, dict(seq_lens=[70000, 5, 3000], h=64,
+                                                                            topk=2048)),
     ("decode bf16, 64 heads, 70K context", check_decode, dict(seq_lens=[5000, 70000, 100, 2048], h=64, topk=2048)),
     ("decode fp8 keys, 32 heads", check_decode, dict(seq_lens=[9000, 3000], h=32, topk=2048, fp8=True)),
     ("decode merge over chunks", check_decode, dict(seq_lens=[20000], h=64, topk=2048, key_chunk=4096)),
@@ -100,8 +156,8 @@ def run_checks(device: str = "cuda") -> list[dict]:
         try:
             fn(device, **kw)
             ok, msg = True, ""
-        except AssertionError as exc:
-            ok, msg = False, str(exc)[:1000]
+        except Exception as exc:                                   # noqa: BLE001 - report and go on
+            ok, msg = False, f"{type(exc).__name__}: {str(exc)[:1000]}"
         results.append({"case": name, "ok": ok, "message": msg, "seconds": round(time.perf_counter() - t0, 2)})
         print(("PASS " if ok else "FAIL ") + name + ("" if ok else ": " + msg), flush=True)
     return results

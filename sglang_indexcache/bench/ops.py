@@ -118,8 +118,10 @@ class KernelSet:
     # ------------------------------------------------------------------ decode --------------
     def indexer_decode(self, q, weights, k_cache, page_table, seq_lens, topk: int, scale: float):
         """q [b, h, d], weights [b, h] fp32, k_cache [pages, 64, d], page_table [b, max_pages] -> [b, topk]."""
-        name = "indexer_topk_decode" if self.name == "triton" else "indexer_topk_decode_ref"
-        return self.api[name](q, weights, k_cache, page_table, seq_lens, topk, scale)
+        if self.name == "triton":                                   # bound from the page table: no host
+            return self.api["indexer_topk_decode"](q, weights, k_cache, page_table, seq_lens, topk, scale,
+                                                   max_seq_len=page_table.shape[1] * PAGE_SIZE)  # sync
+        return self.api["indexer_topk_decode_ref"](q, weights, k_cache, page_table, seq_lens, topk, scale)
 
     def attention_decode(self, q, kv_cache, page_table, indices, sm_scale: float, d_v: int):
         """q [b, h, d_qk], kv_cache [pages, 64, d_qk], indices [b, topk] -> out [b, h, d_v]."""

@@ -18,7 +18,7 @@ def table(doc: dict) -> str:
     decode = doc["mode"] == "decode"
     head = ["batch"] if decode else []
     head += ["context", "pattern", "seconds", "speedup", "limit", "floor_limit", "idx share",
-             "indexer", "attention", "dense", "eff idx/att/dense", "spread"]
+             "indexer", "attention", "dense", "eff idx/att/dense", "att eff (gather)", "spread"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in doc["rows"]:
         c = r["components"]
@@ -28,7 +28,7 @@ def table(doc: dict) -> str:
                   f"{r['limit']:.2f}x", f"{r['floor_limit']:.2f}x", f"{100 * r['indexer_share']:.0f}%",
                   _fmt_s(c["indexer"]), _fmt_s(c["attention"]), _fmt_s(c["dense"]),
                   "/".join(_eff(e[k]) for k in ("indexer", "attention", "dense")),
-                  f"{100 * r['spread']:.0f}%"]
+                  _eff(r.get("attention_gather_efficiency")), f"{100 * r['spread']:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

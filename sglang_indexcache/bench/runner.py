@@ -94,8 +94,18 @@ def _row(label, pattern, result, all_f, floors_layer, layers) -> dict:
         "indexer_share": all_f["components"].get("indexer", 0.0) / t_f,
         "components": comps, "floor": floors,
         "efficiency": {c: (floors[c] / comps[c] if comps[c] > 0 else None) for c in COMPONENTS},
+        **_gather_floor(floors_layer, layers, comps),
         "floor_seconds": floor_p, "spread": result["spread"], "repeats": result["repeats"],
     }
+
+
+def _gather_floor(floors_layer: dict, layers: int, comps: dict) -> dict:
+    """Attention's floor with per-query row gathers (``shapes.floor_seconds``), when counted."""
+    if "attention_gather" not in floors_layer:
+        return {}
+    floor = layers * floors_layer["attention_gather"]
+    return {"attention_gather_floor": floor,
+            "attention_gather_efficiency": floor / comps["attention"] if comps["attention"] > 0 else None}
 
 
 def _measure(run_once, patterns, repeats, warmup, bar, desc) -> dict[str, dict]:
@@ -163,6 +173,17 @@ def run_prefill(spec: BenchSpec, on_rows=None) -> dict:
     return doc
 
 
+def _graph_seconds(stack: Stack, inputs, spec: BenchSpec) -> dict:
+    """Per pattern, the median seconds of one decode step replayed from a CUDA graph (no launch
+    overhead, as a serving engine runs decode); empty when the step cannot be captured."""
+    try:
+        return {p: stack.decode_graph_seconds(inputs, p, spec.repeats) for _, p in spec.patterns}
+    except Exception as exc:                                        # noqa: BLE001 - report, keep eager rows
+        log.warning("decode step not capturable in a CUDA graph (%s: %s); eager times only",
+                    type(exc).__name__, exc)
+        return {}
+
+
 def run_decode(spec: BenchSpec, on_rows=None) -> dict:
     """Decode-step rows for every batch x context x pattern (seconds per step of the stack)."""
     _check_patterns(spec)
@@ -186,9 +207,13 @@ def run_decode(spec: BenchSpec, on_rows=None) -> dict:
                                spec.warmup, bar, f"decode b={batch} {context}")
                 counts = decode_counts(stack.shapes, batch, context, elt)
                 floors = floor_model.layer_floor(counts, doc["ceilings"])
+                graph = _graph_seconds(stack, inputs, spec) if spec.device.type == "cuda" else {}
                 for label, p in spec.patterns:
                     row = _row(label, p, med[p], med[spec.patterns[0][1]], floors, spec.layers)
                     row["tokens_per_s"] = batch / row["seconds"]
+                    if graph.get(p) and graph.get(spec.patterns[0][1]):
+                        row["graph_seconds"] = graph[p]
+                        row["graph_speedup"] = graph[spec.patterns[0][1]] / graph[p]
                     doc["rows"].append({"context": context, "batch": batch, "moe_experts_read": stack.experts,
                                         **row})
                 del inputs

@@ -156,8 +156,9 @@ def prefill_counts(s: LayerShapes, tokens: int, elt: int = 2) -> dict[str, dict[
     io = sum(n_in + n_out for n_in, n_out in dense_matrices(s, s.experts_active).values())
     dense_flops = 2 * t * params
     dense_bytes = weights * elt + t * io * elt
+    gather = att_bytes + attended * s.d_qk * elt           # every query reads its own top-k rows
     return {"indexer": {"flops": idx_flops, "bytes": idx_bytes},
-            "attention": {"flops": att_flops, "bytes": att_bytes},
+            "attention": {"flops": att_flops, "bytes": att_bytes, "gather_bytes": gather},
             "dense": {"flops": dense_flops, "bytes": dense_bytes}}
 
 
@@ -179,5 +180,14 @@ def decode_counts(s: LayerShapes, batch: int, cached: int, elt: int = 2) -> dict
 
 
 def floor_seconds(counts: dict, flops_per_s: float, bytes_per_s: float) -> dict[str, float]:
-    """Per component: max(FLOPs / matmul rate, bytes / copy rate), the time no version beats much."""
-    return {name: max(c["flops"] / flops_per_s, c["bytes"] / bytes_per_s) for name, c in counts.items()}
+    """Per component: max(FLOPs / matmul rate, bytes / copy rate), the time no version beats much.
+
+    A component with ``gather_bytes`` (prefill attention) also gets ``<name>_gather``: the same with
+    the bytes a kernel reads when every query gathers its own top-k rows (no row shared between
+    queries: FlashMLA's and SGLang's sparse kernels, and ours). With few heads that traffic, not the
+    FLOPs, bounds such kernels, and no kernel shares rows between random top-k sets."""
+    out = {name: max(c["flops"] / flops_per_s, c["bytes"] / bytes_per_s) for name, c in counts.items()}
+    for name, c in counts.items():
+        if "gather_bytes" in c:
+            out[f"{name}_gather"] = max(c["flops"] / flops_per_s, c["gather_bytes"] / bytes_per_s)
+    return out

@@ -13,6 +13,7 @@ batch's cached tokens) and, in decode, one paged index-key cache: each layer sti
 from __future__ import annotations
 
 import logging
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from ..errors import UsageError
 from .layer import DSALayer
 from .ops import PAGE_SIZE, KernelSet
 from .shapes import LayerShapes, decode_experts, layer_shapes
-from .timing import Timer
+from .timing import NullTimer, Timer
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +109,31 @@ class Stack:
         )
         return self.random(batch, s.hidden), caches
 
-    def decode(self, inputs, pattern: str) -> dict:
+    def decode_graph_seconds(self, inputs, pattern: str, repeats: int) -> float:
+        """Median seconds of one decode step under ``pattern`` replayed from a CUDA graph (no host
+        launch overhead, as a serving engine runs decode); the per-component split comes from the
+        eager steps of ``decode``."""
+        graph = torch.cuda.CUDAGraph()
+        self.decode(inputs, pattern, timer=NullTimer())            # warm-up: compile, allocate
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            self.decode(inputs, pattern, timer=NullTimer())
+        times = []
+        for _ in range(repeats + 1):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        del graph
+        return statistics.median(times[1:])
+
+    def decode(self, inputs, pattern: str, timer=None) -> dict | None:
         """One decode step of the whole stack under ``pattern``; returns the Timer's result."""
         x0, caches = inputs
         x = x0.clone()
-        timer = Timer(self.device)
+        timer = timer or Timer(self.device)
         source = pat.reuse_source(pat.validate(pattern, self.num_layers))
         indices = {}
         with timer.whole():

@@ -61,6 +61,21 @@ class Timer:
         }
 
 
+class NullTimer:
+    """A Timer that records nothing (for CUDA-graph capture, where events cannot be read back)."""
+
+    @contextmanager
+    def section(self, component: str, layer: int):
+        yield
+
+    @contextmanager
+    def whole(self):
+        yield
+
+    def result(self) -> None:
+        return None
+
+
 def median_result(results: list[dict]) -> dict:
     """Median over repeats of the whole time, of each component and of each layer's component time."""
     out = {"seconds": statistics.median(r["seconds"] for r in results), "components": {}, "layers": {}}
