@@ -77,21 +77,22 @@ def test_topk_rows_matches_reference(worker, rows, n, lengths, topk, make, kwarg
     worker.submit(_case, rows, n, lengths, topk, make, kwargs, reason).result()
 
 
-def _case(rows, n, lengths, topk, make, kwargs, reason, seed=0):
+def _case(rows, n, lengths, topk, make, kwargs, reason, seed=0, device="cpu"):
     from sglang_indexcache.kernels import topk as ops
 
     torch.manual_seed(seed)
     lens = torch.tensor(lengths if lengths is not None else [n] * rows, dtype=torch.int32)
     wide = torch.full((rows, n + 37), float("nan"))
     wide[:, 1::2] = float("inf")
-    scores = wide[:, 5:5 + n]                                          # [rows, n], row stride n + 37
     values = make(rows, n)                                             # [rows, n]
     cand = torch.arange(n)[None, :] < lens[:, None].long()             # [rows, n]
-    scores[cand] = values[cand]
-    out_buf = torch.full((rows, topk + 3), SENTINEL, dtype=torch.int32)
+    wide[:, 5:5 + n][cand] = values[cand]
+    scores = wide.to(device)[:, 5:5 + n]                               # [rows, n], row stride n + 37
+    out_buf = torch.full((rows, topk + 3), SENTINEL, dtype=torch.int32, device=device)
     out = out_buf[:, 1:1 + topk]                                       # [rows, topk] view, row stride topk + 3
-    got = ops.topk_rows(scores, topk, lengths=None if lengths is None else lens, out=out, **kwargs)
+    got = ops.topk_rows(scores, topk, lengths=None if lengths is None else lens.to(device), out=out, **kwargs)
     assert got.data_ptr() == out.data_ptr()
+    out, out_buf = out.cpu(), out_buf.cpu()
     assert not (out == SENTINEL).any(), f"{reason}: some outputs were never written"
     assert (out_buf[:, 0] == SENTINEL).all() and (out_buf[:, 1 + topk:] == SENTINEL).all(), \
         f"{reason}: wrote outside the output rows"
@@ -178,15 +179,17 @@ def test_cpu_tensor_without_interpreter_is_refused():
         ops.topk_rows(torch.randn(2, 8), 2)
 
 
+GPU_CASES = [CASES[1], CASES[2], CASES[4], CASES[7], CASES[8], CASES[9]] + [
+    (64, 65536, [65536 - 997 * i for i in range(64)], 2048, _normal, {}, "decode-like rows, k = 2048"),
+    (256, 16384, [64 * (i + 1) for i in range(256)], 2048, _ints, {}, "causal prefill lengths, ties"),
+    (1, 262144, None, 2048, _spread, {}, "one 256K row"),
+]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("rows,n,topk", [(64, 65536, 2048), (2048, 8192, 2048), (1, 262144, 2048)])
-def test_gpu_matches_reference(rows, n, topk):
-    from sglang_indexcache.kernels import topk as ops
-
-    scores = torch.randn(rows, n, device="cuda")
-    lens = torch.randint(0, n + 1, (rows,), device="cuda", dtype=torch.int32)
-    lens[0] = n
-    got = ops.topk_rows(scores, topk, lengths=lens)
-    dense = scores.masked_fill(torch.arange(n, device="cuda")[None, :] >= lens[:, None], NEG_INF)
-    testing.check_topk(got, dense, topk, 0.0, name="gpu")
+@pytest.mark.parametrize("rows,n,lengths,topk,make,kwargs,reason", GPU_CASES,
+                         ids=[c[-1].split(":")[0].split(",")[0].replace(" ", "-") for c in GPU_CASES])
+def test_gpu_matches_reference(rows, n, lengths, topk, make, kwargs, reason):
+    """The same checks compiled for the GPU (no interpreter), plus serving-sized rows."""
+    _case(rows, n, lengths, topk, make, kwargs, reason, device="cuda")
