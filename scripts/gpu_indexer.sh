@@ -14,6 +14,7 @@ SITE=$(mktemp -d)
 cp -r sglang_indexcache "$SITE/" && cp -r kernels "$SITE/sglang_indexcache/kernels" \
     && cp -r calibration "$SITE/sglang_indexcache/calibration" || { echo "package layout failed"; exit 1; }
 export PYTHONPATH="$SITE"
+cd "$SITE"                                  # so that python -m finds this layout first
 {
   date -u +"%Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
