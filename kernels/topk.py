@@ -41,8 +41,7 @@ from ._triton_common import interpreting
 
 __all__ = ["topk_rows"]
 
-DEFAULT_BLOCK = 2048
-DEFAULT_NUM_WARPS = 8
+ELEMENTS_PER_THREAD = 8                # default block = 32 * num_warps * this
 DEFAULT_RADIX_BITS = 8
 DEFAULT_CAPACITY = 4096
 RADIX_CHOICES = (5, 6, 7, 8, 9, 10, 11)
@@ -204,7 +203,7 @@ def _topk_kernel(x_ptr, len_ptr, out_ptr, scratch_ptr, n_rows, n_cols, topk, str
                     key_ptr, col_ptr, n, topk, RADIX, LEVELS, CAP, BLOCK)
 
 
-def _check_args(scores, topk, lengths, out, block, radix_bits, capacity):
+def _check_args(scores, topk, lengths, out, radix_bits, capacity):
     """Raise ValueError (one line) for any argument outside ``topk_rows``'s contract."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2 or scores.dtype != torch.float32:
         got = f"{scores.dtype} {list(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
@@ -227,24 +226,23 @@ def _check_args(scores, topk, lengths, out, block, radix_bits, capacity):
                    if isinstance(out, torch.Tensor) else type(out).__name__)
             raise ValueError(f"out must be int32 [{rows}, {topk}] with unit column stride on {scores.device}, "
                              f"got {got}")
-    if block < 16 or block > 16384 or block & (block - 1):
-        raise ValueError(f"block must be a power of two in 16 .. 16384, got {block}")
     if radix_bits not in RADIX_CHOICES:
         raise ValueError(f"radix_bits must be one of {RADIX_CHOICES}, got {radix_bits}")
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
-    if scores.device.type != "cuda" and not interpreting(_topk_kernel):
-        raise ValueError(f"scores must be on a CUDA device (or run under TRITON_INTERPRET=1), got {scores.device}")
 
 
-def _default_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+def _launch(rows: int, device: torch.device, block, num_warps, max_programs):
+    """``(block, num_warps, programs)``: defaults 16 warps while rows < SMs (one row per SM: a wider
+    program shortens its latency), else 8; ``block = 256 * num_warps``; ``programs = min(rows, 4 * SMs)``."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    num_warps = num_warps or (16 if rows < sms else 8)
+    block = block or 32 * num_warps * ELEMENTS_PER_THREAD
+    return block, num_warps, max(1, min(rows, max_programs or 4 * sms))
 
 
 def topk_rows(scores: torch.Tensor, topk: int, *, lengths: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, block: int = DEFAULT_BLOCK, num_warps: int = DEFAULT_NUM_WARPS,
+              out: torch.Tensor | None = None, block: int | None = None, num_warps: int | None = None,
               radix_bits: int = DEFAULT_RADIX_BITS, capacity: int = DEFAULT_CAPACITY,
               max_programs: int | None = None) -> torch.Tensor:
     """Column indices ``[R, topk]`` int32 of the ``topk`` largest candidates of each row of ``scores``.
@@ -257,7 +255,8 @@ def topk_rows(scores: torch.Tensor, topk: int, *, lengths: torch.Tensor | None =
         lengths: ``[R]`` int32 on the same device, candidate columns per row (clamped to
             ``0 .. N``); default ``N`` for every row.
         out: ``[R, topk]`` int32, unit column stride, receives the result (every element written).
-        block: elements per loop step (power of two). num_warps: Triton warps per program.
+        block: elements per loop step (power of two, default ``256 * num_warps``).
+        num_warps: Triton warps per program (default 16 while ``R`` < SMs, else 8).
         radix_bits: bits per radix level (histogram of ``2**radix_bits`` bins).
         capacity: scratch pairs per program; a bin of at most this many keys is refined off the row.
         max_programs: cap on the persistent grid (default 4 per SM on CUDA).
@@ -267,13 +266,17 @@ def topk_rows(scores: torch.Tensor, topk: int, *, lengths: torch.Tensor | None =
         at the threshold resolved towards lower columns, ``-1`` in the slots beyond the row's
         candidate count. The specification is ``reference.select_topk(scores[r:r+1, :lengths[r]], topk)``.
     """
-    _check_args(scores, topk, lengths, out, block, radix_bits, capacity)
+    _check_args(scores, topk, lengths, out, radix_bits, capacity)
     rows, n = scores.shape
+    block, num_warps, programs = _launch(rows, scores.device, block, num_warps, max_programs)
+    if block < 16 or block > 16384 or block & (block - 1):
+        raise ValueError(f"block must be a power of two in 16 .. 16384, got {block}")
+    if scores.device.type != "cuda" and not interpreting(_topk_kernel):
+        raise ValueError(f"scores must be on a CUDA device (or run under TRITON_INTERPRET=1), got {scores.device}")
     if out is None:
         out = torch.empty((rows, topk), dtype=torch.int32, device=scores.device)
     if rows == 0:
         return out
-    programs = max(1, min(rows, max_programs or _default_programs(scores.device)))
     scratch = torch.empty((programs, 2, max(capacity, 1)), dtype=torch.int32, device=scores.device)
     has_len = lengths is not None
     _topk_kernel[(programs,)](
