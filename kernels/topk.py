@@ -173,6 +173,7 @@ def _select_row(x_row, o_row, key_ptr, col_ptr, n, topk, RADIX: tl.constexpr, LE
                 if (on_scratch == 0) & (count <= CAP):                # the bin fits: copy it out once
                     _partition(x_row, key_ptr, col_ptr, n_src, pre_u ^ -2147483648, o_row, 0, 0, CAP,
                                key_ptr, col_ptr, SH, False, True, BLOCK)
+                    tl.debug_barrier()           # scratch stores visible to every thread before reads
                     on_scratch = total * 0 + 1
                     n_src = count
                     gt_start = topk - need
