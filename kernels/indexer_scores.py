@@ -32,7 +32,7 @@ from .reference import PAGE_SIZE
 __all__ = ["prefill_scores", "decode_scores", "PREFILL_CONFIG", "DECODE_CONFIG"]
 
 # rows = query tokens x padded heads per program; keys per block; warps; pipeline stages; key order
-PREFILL_CONFIG = {"rows": 128, "block_n": 128, "num_warps": 8, "num_stages": 3, "keys_major": False}
+PREFILL_CONFIG = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 3, "keys_major": True}
 DECODE_CONFIG = {"block_n": 64, "keys_per_prog": 1024, "num_warps": 4, "num_stages": 3}
 
 

@@ -5,10 +5,12 @@
 
 How it streams: the score kernels of ``indexer_scores.py`` write one tile of ``[rows, keys]`` fp32
 scores (a prefill walks its query positions in chunks so that a tile stays under ``budget_bytes``;
-the full ``[t, t]`` matrix never exists), then the radix-select kernel of ``topk.py`` picks each
-row's top-k reading only the row's causal / cached length. With ``key_chunk`` smaller than the keys,
-tiles of ``key_chunk`` keys are selected one by one and merged into a running ``[rows, topk]``.
-``selector="torch"`` selects with ``torch.topk`` instead (a comparison point for benchmarks).
+the full ``[t, t]`` matrix never exists), then ``topk_sampled.topk_rows_sampled`` picks each row's
+top-k reading only the row's causal / cached length, about once (a sampled threshold, then an exact
+radix select among the few candidates). With ``key_chunk`` smaller than the keys, tiles of
+``key_chunk`` keys are selected one by one and merged into a running ``[rows, topk]``.
+``selector`` (comparison points for benchmarks): ``"radix"`` runs ``topk.topk_rows`` on whole rows
+(2-5 reads of each), ``"torch"`` ``torch.topk``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from .reference import PAGE_SIZE
 __all__ = ["indexer_topk_prefill", "indexer_topk_decode", "SELECTORS"]
 
 DEFAULT_BUDGET_BYTES = 1 << 30
-SELECTORS = ("triton", "torch")
+SELECTORS = ("triton", "radix", "torch")
 NEG_INF = float("-inf")
 
 
@@ -40,9 +42,13 @@ def _select(scores, topk: int, lengths, selector: str):
     """Indices ``[rows, topk]`` int32 (-1 padded) of the largest of ``scores[r, :lengths[r]]``."""
     if selector == "torch":
         return _select_torch(scores, topk, lengths)
-    from .topk import topk_rows
+    if selector == "radix":
+        from .topk import topk_rows
 
-    return topk_rows(scores, topk, lengths=lengths)
+        return topk_rows(scores, topk, lengths=lengths)
+    from .topk_sampled import topk_rows_sampled
+
+    return topk_rows_sampled(scores, topk, lengths=lengths)
 
 
 def _merge(best_v, best_i, tile, lengths, k0: int, topk: int, selector: str):

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 D, TOPK = 128, 2048
 DEV = "cuda"                        # --device cpu (with TRITON_INTERPRET=1) checks this script at toy sizes
 SWEEP = [  # rows (query tokens x padded heads), block_n, warps, stages, keys-major
-    (128, 128, 8, 3, False), (128, 64, 4, 3, False), (128, 64, 8, 4, False), (256, 64, 8, 3, False),
-    (128, 128, 8, 3, True), (128, 64, 4, 3, True), (256, 64, 8, 3, True), (128, 256, 8, 2, True),
+    (256, 64, 8, 3, True), (256, 64, 8, 4, True), (256, 32, 8, 4, True), (512, 64, 8, 3, True),
+    (512, 32, 8, 3, True), (256, 128, 8, 3, True), (512, 64, 16, 3, True), (256, 64, 4, 3, True),
 ]
 
 
@@ -132,6 +132,7 @@ def sweep(torch, bench, doc, path, heads: int, dtype: str, n: int = 32768) -> di
 def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, contexts):
     from ..kernels import indexer_topk_prefill
     from ..kernels.topk import topk_rows
+    from ..kernels.topk_sampled import topk_rows_sampled
 
     for n in contexts:
         q, w, k, ks, cu = _prefill_inputs(torch, n, heads, dtype)
@@ -139,14 +140,15 @@ def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, 
         base = {"kind": "prefill", "heads": heads, "dtype": dtype, "context": n}
         _try(doc, path, {**base, "impl": "scores only"}, _scores_only(torch, q, w, k, ks, cu, config),
              bench, flops, 0)
-        for sel in ("triton", "torch"):
+        for sel in ("triton", "radix", "torch"):
             fn = lambda sel=sel: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, selector=sel, **config)  # noqa: E731
             _try(doc, path, {**base, "impl": f"scores + {sel} top-k"}, fn, bench, flops, 0)
         chunk = max(1, min(n, (1 << 30) // (4 * n)))
         p0 = n - chunk                                              # the last (longest) chunk
         scores = torch.randn(chunk, n, device=DEV)
         lengths = (p0 + torch.arange(chunk, device=DEV) + 1).int()
-        for sel, fn in (("triton", lambda: topk_rows(scores, TOPK, lengths=lengths)),
+        for sel, fn in (("sampled", lambda: topk_rows_sampled(scores, TOPK, lengths=lengths)),
+                        ("radix", lambda: topk_rows(scores, TOPK, lengths=lengths)),
                         ("torch", lambda: scores.topk(min(TOPK, n), dim=1))):
             read = 4.0 * float(lengths.sum())
             _try(doc, path, {**base, "impl": f"{sel} top-k alone, last chunk of {chunk} rows"}, fn, bench, 0, read)
@@ -174,7 +176,7 @@ def decode_rows(torch, bench, doc, path, heads: int, contexts, batches):
                 if dtype == "fp8-keys":
                     kc, ks, elt = cache.to(torch.float8_e4m3fn), torch.rand(b * per, 64, device=DEV) + 0.5, 1
                 nbytes = b * n * (D * elt + (4 if ks is not None else 0))
-                for sel in ("triton", "torch") if dtype == "bf16" else ("triton",):
+                for sel in ("triton", "radix", "torch") if dtype == "bf16" else ("triton",):
                     fn = lambda kc=kc, ks=ks, sel=sel: indexer_topk_decode(  # noqa: E731
                         q, w, kc, table, lens, TOPK, 0.1, ks, max_seq_len=bound, selector=sel)
                     _try(doc, path, {**base, "dtype": dtype, "impl": f"scores + {sel} top-k (graph)"}, fn, bench,
