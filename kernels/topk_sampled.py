@@ -94,9 +94,10 @@ def topk_rows_sampled(scores, topk: int, *, lengths=None, out=None, capacity: in
     Args as ``topk.topk_rows`` (``scores [R, N]`` fp32 unit column stride, ``lengths [R]`` int32,
     ``out [R, topk]`` int32), plus: ``capacity`` candidate slots per row (default 4 x topk),
     ``target`` expected candidates (default 1.5 x topk), ``parts`` programs per row (default: enough
-    to fill the device twice over), ``sample`` scores sorted per row (a power of two; the CPU
-    interpreter's sort is slow, so its tests use small ones), ``fallback=False`` skips step 4 (tests of the sampled path only:
-    a misled row is then wrong).
+    to fill the device twice over), ``sample`` scores sorted per row (a power of two; default
+    ``SAMPLE``, and 32 under the CPU interpreter, whose sort takes about 0.25 s per row at 256: more
+    rows fall back there, the results are the same), ``fallback=False`` skips step 4 (tests of the
+    sampled path only: a misled row is then wrong).
     """
     if not isinstance(topk, int) or isinstance(topk, bool) or topk <= 0:
         raise ValueError(f"topk must be a positive int, got {topk!r}")
