@@ -48,7 +48,8 @@ CASES = [
     # rows, n, lengths (None = n), topk, make, kwargs, reason
     (3, 20000, None, 64, _normal, {}, "long rows: the sampled path"),
     (2, 30000, [30000, 9000], 100, _normal, {"parts": 5}, "several programs per row"),
-    (5, 3000, [3000, 0, 40, 256, 200], 64, _normal, {}, "rows up to the sample's size: exhaustive"),
+    (5, 3000, [3000, 0, 40, 256, 200], 64, _normal, {"sample": 256},
+     "rows up to the sample's size: exhaustive"),
     (3, 12000, [12000, 11000, 5000], 128, _holes, {}, "-inf holes"),
     (2, 16000, None, 200, _ramp, {"parts": 4}, "top-k at one end of the row"),
     (3, 9000, None, 300, _ints, {}, "exact ties: the sample overflows the capacity, fallback"),
@@ -67,7 +68,6 @@ def _case(rows, n, lengths, topk, make, kwargs):
         wide[r, :int(lens[r])] = x[r, :int(lens[r])]
     scores = wide[:, :n]
     out = torch.full((rows, topk), SENTINEL, dtype=torch.int32)
-    kwargs = {"sample": 256, **kwargs}                             # the interpreter's sort is slow
     got = topk_rows_sampled(scores, topk, lengths=lens if lengths is not None else None, out=out, **kwargs)
     assert got.data_ptr() == out.data_ptr()
     assert not (out == SENTINEL).any(), "some outputs were never written"
@@ -101,9 +101,9 @@ def _sampled_only():
     from sglang_indexcache.kernels.topk_sampled import topk_rows_sampled
 
     torch.manual_seed(0)
-    scores = torch.randn(4, 20000)
-    out = topk_rows_sampled(scores, 200, target=800, capacity=2400, sample=256, fallback=False)
-    testing.check_topk(out, scores, 200, 0.0)
+    scores = torch.randn(4, 60000)                                  # defaults: 4096 samples, 1.5 x k
+    out = topk_rows_sampled(scores, 256, fallback=False)
+    testing.check_topk(out, scores, 256, 0.0)
 
 
 def test_sampled_path_alone(worker):
