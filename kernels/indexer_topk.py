@@ -38,7 +38,7 @@ def _select_torch(scores, topk: int, lengths):
     return out
 
 
-def _select(scores, topk: int, lengths, selector: str):
+def _select(scores, topk: int, lengths, selector: str, check_fallback: bool = False):
     """Indices ``[rows, topk]`` int32 (-1 padded) of the largest of ``scores[r, :lengths[r]]``."""
     if selector == "torch":
         return _select_torch(scores, topk, lengths)
@@ -48,12 +48,12 @@ def _select(scores, topk: int, lengths, selector: str):
         return topk_rows(scores, topk, lengths=lengths)
     from .topk_sampled import topk_rows_sampled
 
-    return topk_rows_sampled(scores, topk, lengths=lengths)
+    return topk_rows_sampled(scores, topk, lengths=lengths, check_fallback=check_fallback)
 
 
-def _merge(best_v, best_i, tile, lengths, k0: int, topk: int, selector: str):
+def _merge(best_v, best_i, tile, lengths, k0: int, topk: int, selector: str, check: bool):
     """Fold the top-k of ``tile`` (keys ``k0 ..``, rows valid up to ``lengths``) into the running best."""
-    idx = _select(tile, topk, lengths, selector)                    # [rows, topk] local, -1 padded
+    idx = _select(tile, topk, lengths, selector, check)             # [rows, topk] local, -1 padded
     vals = tile.gather(1, idx.clamp(min=0).long()).masked_fill_(idx < 0, NEG_INF)
     glob = torch.where(idx < 0, idx, idx + k0)
     if best_v is None:
@@ -62,19 +62,21 @@ def _merge(best_v, best_i, tile, lengths, k0: int, topk: int, selector: str):
     return top_v, torch.cat([best_i, glob], 1).gather(1, pos)
 
 
-def _select_tiles(score_tile, row_len, n_keys: int, topk: int, key_chunk: int, selector: str):
+def _select_tiles(score_tile, row_len, n_keys: int, topk: int, key_chunk: int, selector: str,
+                  check: bool = False):
     """Top-k ``[rows, topk]`` over keys ``0 .. n_keys-1`` scored ``key_chunk`` at a time.
 
     ``score_tile(k0, n_cols)`` -> ``[rows, n_cols]`` fp32 (columns past a row's length unwritten);
-    ``row_len [rows]`` int64: keys each row may select.
+    ``row_len [rows]`` int64: keys each row may select; ``check``: the sampled selector may read on
+    the host whether any row needs its fallback (prefill; never in a CUDA graph).
     """
     if n_keys <= key_chunk:
-        return _select(score_tile(0, n_keys), topk, row_len.to(torch.int32), selector)
+        return _select(score_tile(0, n_keys), topk, row_len.to(torch.int32), selector, check)
     best_v = best_i = None
     for k0 in range(0, n_keys, key_chunk):
         n_cols = min(key_chunk, n_keys - k0)
         lengths = (row_len - k0).clamp(0, n_cols).to(torch.int32)
-        best_v, best_i = _merge(best_v, best_i, score_tile(k0, n_cols), lengths, k0, topk, selector)
+        best_v, best_i = _merge(best_v, best_i, score_tile(k0, n_cols), lengths, k0, topk, selector, check)
     return best_i.masked_fill_(best_v == NEG_INF, -1)
 
 
@@ -111,8 +113,10 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
     t, h, d = q.shape
     _check(topk, d, selector)
     out = _out_buffer(out, (t, topk), q.device)
+    bounds = cu_seqlens.tolist()                                    # one host read of the batch layout
+    host_lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()              # [b]
-    b, max_len = lens.numel(), int(lens.max()) if t else 0
+    b, max_len = len(host_lens), max(host_lens, default=0) if t else 0
     if max_len == 0:
         return out.fill_(-1)
     q, k, w, cu = q.contiguous(), k.contiguous(), weights.float().contiguous(), cu_seqlens.int().contiguous()
@@ -130,10 +134,11 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
             prefill_scores(q, w, k, cu, scale, tile, p0, n_rows, k_scale=k_scale, k0=k0, **config)
             return tile.view(b * n_rows, n_cols)
 
-        best = _select_tiles(score_tile, row_len, n_keys, topk, key_chunk, selector)
-        tok = cu_seqlens.long()[:-1, None] + pos[None, :]          # [b, n_rows] global token
-        keep = row_len > 0
-        out[tok.reshape(-1)[keep]] = best[keep]
+        best = _select_tiles(score_tile, row_len, n_keys, topk, key_chunk, selector, check=True)
+        for i, (start, n) in enumerate(zip(bounds[:-1], host_lens)):  # rows p0 .. of request i
+            rows = min(n_rows, n - p0)
+            if rows > 0:
+                out[start + p0:start + p0 + rows] = best[i * n_rows:i * n_rows + rows]
     return out
 
 
