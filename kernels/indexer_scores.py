@@ -29,12 +29,12 @@ import triton.language as tl
 from ._triton_common import dot_precision, interpreting, mma
 from .reference import PAGE_SIZE
 
-__all__ = ["prefill_scores", "decode_scores", "PREFILL_CONFIG", "PREFILL_CONFIG_NARROW", "DECODE_CONFIG"]
+__all__ = ["prefill_scores", "decode_scores", "PREFILL_CONFIG", "DECODE_CONFIG"]
 
 # rows = query tokens x padded heads per program; keys per block; warps; pipeline stages; key order
+# H100 sweep (docs/perf.md): fastest for 32 and 64 heads, bf16 and fp8. (512 rows with 16 warps timed
+# 7% faster for 32 bf16 heads but gave wrong scores on the GPU with triton 3.6: not used.)
 PREFILL_CONFIG = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 3, "keys_major": True}
-# bf16 with <= 32 index heads: 512 rows (16 tokens) and 16 warps were 7% faster on the H100 sweep
-PREFILL_CONFIG_NARROW = {**PREFILL_CONFIG, "rows": 512, "num_warps": 16}
 DECODE_CONFIG = {"block_n": 64, "keys_per_prog": 1024, "num_warps": 4, "num_stages": 3}
 
 
@@ -163,8 +163,7 @@ def prefill_scores(q, weights, k, cu_seqlens, scale: float, out, p0: int, n_rows
     b = cu_seqlens.numel() - 1
     fp8 = _fp8_pair(q, k, k_scale, "keys")
     hp = max(1, triton.next_power_of_2(h))
-    narrow = hp <= 32 and q.dtype != torch.float8_e4m3fn and q.device.type == "cuda"
-    cfg = {**(PREFILL_CONFIG_NARROW if narrow else PREFILL_CONFIG), **config}
+    cfg = {**PREFILL_CONFIG, **config}
     bt = max(1, cfg["rows"] // hp)
     n_cols = min(out.shape[2], max(0, p0 + n_rows - k0))
     if n_cols == 0 or n_rows == 0 or b == 0:
