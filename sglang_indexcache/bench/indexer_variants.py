@@ -78,7 +78,7 @@ def _scores_only(torch, q, w, k, ks, cu, config, budget_bytes=1 << 30):
 
     n = q.shape[0]
     chunk = max(1, min(n, budget_bytes // (4 * n)))
-    buf = torch.empty(chunk * n, dtype=torch.float32, device=DEV)
+    buf = torch.empty(chunk * n, dtype=torch.float32, device=q.device)
 
     def run():
         for p0 in range(0, n, chunk):
