@@ -12,31 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kernels_topk import NEG_INF, SENTINEL, _holes, _ints, _normal, worker  # noqa: F401 - shared inputs, fixture
 
-from sglang_indexcache.kernels import reference as ref
 from sglang_indexcache.kernels import testing
-
-SENTINEL = -7
-NEG_INF = float("-inf")
-
-
-@pytest.fixture(scope="module")
-def worker():
-    with testing.interpreter_worker() as pool:
-        yield pool
-
-
-def _normal(rows, n):
-    return torch.randn(rows, n) * 3
-
-
-def _ints(rows, n):
-    """Integers in a small range: thousands of exact ties at every threshold."""
-    return torch.randint(-3, 4, (rows, n)).float()
-
-
-def _holes(rows, n):
-    return (torch.randn(rows, n) * 100).masked_fill(torch.rand(rows, n) < 0.5, NEG_INF)
 
 
 def _ramp(rows, n):
