@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import torch
 
+from .indexer_fused import fused_prefill_chunk
 from .indexer_scores import decode_scores, prefill_scores
 from .reference import PAGE_SIZE
 
 __all__ = ["indexer_topk_prefill", "indexer_topk_decode", "SELECTORS"]
 
 DEFAULT_BUDGET_BYTES = 1 << 30
+FUSED_FROM = 16384                  # first key count at which a prefill chunk is selected fused
 SELECTORS = ("triton", "radix", "torch")
 NEG_INF = float("-inf")
 
@@ -99,7 +101,8 @@ def _check(topk: int, d: int, selector: str):
 
 def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_scale=None, *,
                          key_chunk: int | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                         out=None, selector: str = "triton", **config):
+                         out=None, selector: str = "triton", fused_from: int | None = FUSED_FROM,
+                         sample: int = 4096, **config):
     """Triton version of ``reference.indexer_topk_prefill_ref`` (same arguments and result).
 
     ``q [t, h, d]``, ``weights [t, h]`` fp32, ``k [t, d]`` (bf16/fp32, or fp8 e4m3 with ``k_scale
@@ -108,7 +111,9 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
     Query positions are scored in chunks whose ``[rows, keys]`` fp32 tile fits ``budget_bytes``;
     ``key_chunk`` (default: all keys) splits the keys too, merging a running top-k. ``out`` [t, topk]
     int32 receives the result when given (every element is written). ``config``: launch settings of
-    ``indexer_scores.PREFILL_CONFIG``.
+    ``indexer_scores.PREFILL_CONFIG``. With the default selector, chunks whose first position is at
+    least ``fused_from`` (and ``sample``) are selected by ``indexer_fused`` (no score tile written;
+    ``None`` turns it off).
     """
     t, h, d = q.shape
     _check(topk, d, selector)
@@ -125,6 +130,11 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
     for p0 in range(0, max_len, chunk_q):
         n_rows = min(chunk_q, max_len - p0)
         n_keys = p0 + n_rows
+        if (selector == "triton" and fused_from is not None and p0 >= max(fused_from, sample)
+                and key_chunk >= n_keys):
+            best = fused_prefill_chunk(q, w, k, cu, scale, p0, n_rows, topk, k_scale, sample=sample, **config)
+            _write_rows(out, best, bounds, host_lens, p0, n_rows)
+            continue
         buf = torch.empty(b * n_rows * min(key_chunk, n_keys), dtype=torch.float32, device=q.device)
         pos = p0 + torch.arange(n_rows, device=q.device)           # [n_rows]
         row_len = torch.where(pos[None, :] < lens[:, None], pos[None, :] + 1, 0).reshape(-1)  # [b*n_rows]
@@ -135,11 +145,16 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
             return tile.view(b * n_rows, n_cols)
 
         best = _select_tiles(score_tile, row_len, n_keys, topk, key_chunk, selector, check=True)
-        for i, (start, n) in enumerate(zip(bounds[:-1], host_lens)):  # rows p0 .. of request i
-            rows = min(n_rows, n - p0)
-            if rows > 0:
-                out[start + p0:start + p0 + rows] = best[i * n_rows:i * n_rows + rows]
+        _write_rows(out, best, bounds, host_lens, p0, n_rows)
     return out
+
+
+def _write_rows(out, best, bounds, host_lens, p0: int, n_rows: int):
+    """Copy chunk rows ``i * n_rows + r`` (request i, position p0 + r) that exist into ``out``."""
+    for i, (start, n) in enumerate(zip(bounds[:-1], host_lens)):
+        rows = min(n_rows, n - p0)
+        if rows > 0:
+            out[start + p0:start + p0 + rows] = best[i * n_rows:i * n_rows + rows]
 
 
 def _key_bound(seq_lens, page_table, max_seq_len: int | None) -> int:

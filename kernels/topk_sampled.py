@@ -58,8 +58,8 @@ def _pick(hist, need, NB: tl.constexpr):
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, len_ptr, tau_ptr, exh_ptr, n, stride_x, target,
-                      HAS_LEN: tl.constexpr, S: tl.constexpr):
+def _threshold_kernel(x_ptr, len_ptr, tau_ptr, exh_ptr, n, stride_x, target, rlen_ptr,
+                      HAS_LEN: tl.constexpr, S: tl.constexpr, HAS_RLEN: tl.constexpr = False):
     """tau[r] = the key of the sampled score at the rank ``target`` candidates would have, down to its
     top 24 bits (three 8-bit radix digits over the sample); exh[r] = 1 when every finite score of
     the row is >= tau (the sample was the whole row and the rank reached its end)."""
@@ -73,7 +73,10 @@ def _threshold_kernel(x_ptr, len_ptr, tau_ptr, exh_ptr, n, stride_x, target,
     x = tl.load(x_ptr + r.to(tl.int64) * stride_x + pos, mask=pos < length, other=float("-inf"))
     valid = x > float("-inf")
     u = _key(x) ^ -2147483648                                       # unsigned order, int32 bits
-    rank = tl.minimum(tl.cdiv(target * S, tl.maximum(length, 1)), S)  # 1-based, among the samples
+    span = length
+    if HAS_RLEN:                                                    # the row the sample stands for
+        span = tl.load(rlen_ptr + r)
+    rank = tl.minimum(tl.cdiv(target * S, tl.maximum(span, 1)), S)  # 1-based, among the samples
     d1 = (u >> 24) & 255
     b1, above = _pick(tl.histogram(d1, 256, mask=valid), rank, 256)
     in1 = valid & (d1 == b1)
@@ -161,7 +164,7 @@ def topk_rows_sampled(scores, topk: int, *, lengths=None, out=None, capacity: in
     count = torch.zeros(rows, dtype=torch.int32, device=dev)
     vals = torch.empty(rows, capacity, dtype=torch.float32, device=dev)
     cols = torch.empty(rows, capacity, dtype=torch.int32, device=dev)
-    _threshold_kernel[(rows,)](scores, len_arg, tau, exh, n, scores.stride(0), target,
+    _threshold_kernel[(rows,)](scores, len_arg, tau, exh, n, scores.stride(0), target, tau,
                                HAS_LEN=has_len, S=sample, num_warps=8)
     _gather_kernel[(rows, triton.cdiv(max(n, 1), part_len))](
         scores, len_arg, tau, vals, cols, count, n, scores.stride(0), part_len, capacity,

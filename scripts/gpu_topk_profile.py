@@ -33,8 +33,8 @@ def main(path):
         base = {"rows": n_rows, "n": n}
         for warps in (4, 8):
             rows.append({**base, "stage": f"threshold w{warps}", "ms": ms(lambda: ts._threshold_kernel[(n_rows,)](
-                x, lens, tau, exh, n, x.stride(0), 3 * K // 2, HAS_LEN=True, S=ts.SAMPLE, num_warps=warps))})
-        ts._threshold_kernel[(n_rows,)](x, lens, tau, exh, n, x.stride(0), 3 * K // 2, HAS_LEN=True, S=ts.SAMPLE)
+                x, lens, tau, exh, n, x.stride(0), 3 * K // 2, tau, HAS_LEN=True, S=ts.SAMPLE, num_warps=warps))})
+        ts._threshold_kernel[(n_rows,)](x, lens, tau, exh, n, x.stride(0), 3 * K // 2, tau, HAS_LEN=True, S=ts.SAMPLE)
         for block, warps, parts in ((4096, 8, 1), (2048, 4, 1), (8192, 8, 1), (4096, 4, 1), (4096, 8, 4)):
             part_len = triton.cdiv(triton.cdiv(n, parts), block) * block
 
