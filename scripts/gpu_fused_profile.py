@@ -1,0 +1,33 @@
+"""Where the fused prefill chunk's time goes (GPU): one 2048-row chunk at 128K, 64 index heads.
+``python3 scripts/gpu_fused_profile.py`` from a tree where ``sglang_indexcache.kernels`` imports."""
+
+import torch
+import triton
+
+from sglang_indexcache.kernels import indexer_fused as f
+from sglang_indexcache.kernels.indexer_scores import prefill_scores
+
+n, h, d, K, rows = 131072, 64, 128, 2048, 2048
+q = torch.randn(n, h, d, device="cuda").bfloat16()
+k = torch.randn(n, d, device="cuda").bfloat16()
+w = torch.rand(n, h, device="cuda")
+cu = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+p0 = n - rows
+calls = {"fallback": 0}
+orig = f.prefill_scores
+
+
+def counted(*a, **kw):
+    calls["fallback"] += 1
+    return orig(*a, **kw)
+
+
+f.prefill_scores = counted
+buf = torch.empty(1, rows, n, device="cuda")
+print("score kernel, chunk", triton.testing.do_bench(lambda: prefill_scores(q, w, k, cu, 0.1, buf, p0, rows)))
+for kw in ({}, {"capacity": 8 * K, "target": 3 * K}, {"sample": 1024}):
+    calls["fallback"] = 0
+    f.fused_prefill_chunk(q, w, k, cu, 0.1, p0, rows, K, **kw)
+    fb = calls["fallback"]
+    ms = triton.testing.do_bench(lambda: f.fused_prefill_chunk(q, w, k, cu, 0.1, p0, rows, K, **kw))
+    print("fused chunk", kw, "ms", ms, "fallback on first call", fb)
