@@ -24,7 +24,10 @@ from .reference import PAGE_SIZE
 __all__ = ["indexer_topk_prefill", "indexer_topk_decode", "SELECTORS"]
 
 DEFAULT_BUDGET_BYTES = 1 << 30
-FUSED_FROM = 16384                  # first key count at which a prefill chunk is selected fused
+# Fused chunks (indexer_fused.py) are off by default: on the H100 their score-and-append kernel took
+# 13.8 ms per 2048 x 128K chunk against 6.9 ms for the plain score kernel (the in-kernel compaction),
+# so a 128K prefill took 475 ms fused against 307 ms with the score tile + sampled top-k.
+FUSED_FROM = None
 SELECTORS = ("triton", "radix", "torch")
 NEG_INF = float("-inf")
 
@@ -111,9 +114,9 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
     Query positions are scored in chunks whose ``[rows, keys]`` fp32 tile fits ``budget_bytes``;
     ``key_chunk`` (default: all keys) splits the keys too, merging a running top-k. ``out`` [t, topk]
     int32 receives the result when given (every element is written). ``config``: launch settings of
-    ``indexer_scores.PREFILL_CONFIG``. With the default selector, chunks whose first position is at
-    least ``fused_from`` (and ``sample``) are selected by ``indexer_fused`` (no score tile written;
-    ``None`` turns it off).
+    ``indexer_scores.PREFILL_CONFIG``. ``fused_from``: with the default selector, chunks whose first
+    position is at least this (and ``sample``) go through ``indexer_fused`` (no score tile written;
+    slower on the H100 so far: off by default, ``FUSED_FROM``).
     """
     t, h, d = q.shape
     _check(topk, d, selector)

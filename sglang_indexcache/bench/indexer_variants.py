@@ -142,10 +142,9 @@ def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, 
              bench, flops, 0)
         for sel in ("triton", "radix", "torch"):
             fn = lambda sel=sel: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, selector=sel, **config)  # noqa: E731
-            name = "fused from 16K + sampled top-k" if sel == "triton" else f"scores + {sel} top-k"
-            _try(doc, path, {**base, "impl": name}, fn, bench, flops, 0)
-        fn = lambda: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, fused_from=None, **config)  # noqa: E731
-        _try(doc, path, {**base, "impl": "scores + sampled top-k (no fused chunks)"}, fn, bench, flops, 0)
+            _try(doc, path, {**base, "impl": f"scores + {sel} top-k"}, fn, bench, flops, 0)
+        fn = lambda: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, fused_from=16384, **config)  # noqa: E731
+        _try(doc, path, {**base, "impl": "fused chunks from 16K + sampled top-k"}, fn, bench, flops, 0)
         chunk = max(1, min(n, (1 << 30) // (4 * n)))
         p0 = n - chunk                                              # the last (longest) chunk
         scores = torch.randn(chunk, n, device=DEV)
