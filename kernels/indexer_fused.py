@@ -19,10 +19,10 @@ This removes the ``[rows, keys]`` fp32 score tile (written once, read about once
 and the selection's read of it. Same contract as ``indexer_topk.indexer_topk_prefill``; ties at the
 threshold may be taken in any order.
 
-Measured on the H100 (docs/perf.md): correct (GPU checks), but the append kernel takes 13.8 ms per
-2048 x 128K chunk (64 heads) against 6.9 ms for the plain score kernel, and no row fell back: the
-per-tile prefix sum over ``[keys, tokens]`` in the product's layout and the scattered appends cost
-more than the tile write and read they save. Off by default (``indexer_topk.FUSED_FROM``).
+Measured on the H100 (docs/perf.md): correct (GPU checks), but one 2048 x 128K chunk (64 heads)
+takes 12.4 ms with atomic slots (14.3 ms with a prefix sum over the tile) against 7.0 ms for the plain
+score kernel, with no row falling back: the append epilogue costs more than the tile write and read
+it saves. Off by default (``indexer_topk.FUSED_FROM``).
 """
 
 from __future__ import annotations
@@ -97,8 +97,12 @@ def _append_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, cu_ptr, tau_ptr, val_ptr, col_pt
                    p0, n_rows, scale, H, cap,
                    stride_qt, stride_qh, stride_wt, stride_kt,
                    HAS_SCALE: tl.constexpr, CAST_K: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
-                   HP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Append the causal scores >= tau[row] of rows p0+pid_m*BT .. (+BT) of request i to their lists."""
+                   HP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   ATOMIC: tl.constexpr):
+    """Append the causal scores >= tau[row] of rows p0+pid_m*BT .. (+BT) of request i to their lists.
+
+    ``ATOMIC``: each hit takes its slot with a relaxed atomic increment of its row's counter
+    (``cnt_ptr`` zeroed by the caller; no cross-thread scan); else a prefix sum over the tile."""
     pid_m = tl.program_id(0)
     i = tl.program_id(1)
     start = tl.load(cu_ptr + i)
@@ -127,18 +131,23 @@ def _append_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, cu_ptr, tau_ptr, val_ptr, col_pt
             if HAS_SCALE:
                 sc = sc * tl.load(ks_ptr + start + key, mask=k_ok, other=0.0)[:, None]
             hit = row_ok[None, :] & (key[:, None] <= pos[None, :]) & (sc >= tau[None, :])  # [BN, BT]
-            slot = count[None, :] + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+            if ATOMIC:
+                ones = tl.full([BN, BT], 1, tl.int32)
+                slot = tl.atomic_add(cnt_ptr + lst[None, :] + 0 * key[:, None], ones, mask=hit, sem="relaxed")
+            else:
+                slot = count[None, :] + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+                count += tl.sum(hit.to(tl.int32), axis=0)
             keep = hit & (slot < cap)
             dst = lst[None, :] * cap + slot
             tl.store(val_ptr + dst, sc, mask=keep)
             tl.store(col_ptr + dst, key[:, None] + tl.zeros([BN, BT], tl.int32), mask=keep)
-            count += tl.sum(hit.to(tl.int32), axis=0)
-    tl.store(cnt_ptr + lst, count, mask=t_loc < n_rows)
+    if not ATOMIC:
+        tl.store(cnt_ptr + lst, count, mask=t_loc < n_rows)
 
 
 def fused_prefill_chunk(q, weights, k, cu_seqlens, scale: float, p0: int, n_rows: int, topk: int,
                         k_scale=None, *, sample: int = 4096, capacity: int | None = None,
-                        target: int | None = None, **config):
+                        target: int | None = None, atomic: bool = True, **config):
     """Top-k ``[b * n_rows, topk]`` int32 (-1 padded) of positions ``p0 .. p0+n_rows-1`` of every request.
 
     Row ``i * n_rows + r`` is request i's position ``p0 + r`` (rows past a request are -1). Needs
@@ -173,10 +182,10 @@ def fused_prefill_chunk(q, weights, k, cu_seqlens, scale: float, p0: int, n_rows
                                HAS_LEN=False, S=sample, HAS_RLEN=True, num_warps=4)
     vals = torch.empty(rows, capacity, dtype=torch.float32, device=dev)
     cols = torch.empty(rows, capacity, dtype=torch.int32, device=dev)
-    count = torch.empty(rows, dtype=torch.int32, device=dev)
+    count = torch.zeros(rows, dtype=torch.int32, device=dev)
     _append_kernel[grid](q, weights, k, ks, cu_seqlens, tau, vals, cols, count, p0, n_rows, scale, h, capacity,
                          q.stride(0), q.stride(1), weights.stride(0), k.stride(0),
-                         UPCAST=interpreting(_append_kernel), **common)
+                         UPCAST=interpreting(_append_kernel), ATOMIC=atomic, **common)
     ok = (count <= capacity) & (count >= row_len.clamp(max=topk))
     local = topk_rows(vals, topk, lengths=torch.where(ok, count, 0), num_warps=4)
     out = torch.where(local >= 0, cols.gather(1, local.clamp(min=0).long()), -1)

@@ -24,9 +24,9 @@ from .reference import PAGE_SIZE
 __all__ = ["indexer_topk_prefill", "indexer_topk_decode", "SELECTORS"]
 
 DEFAULT_BUDGET_BYTES = 1 << 30
-# Fused chunks (indexer_fused.py) are off by default: on the H100 their score-and-append kernel took
-# 13.8 ms per 2048 x 128K chunk against 6.9 ms for the plain score kernel (the in-kernel compaction),
-# so a 128K prefill took 475 ms fused against 307 ms with the score tile + sampled top-k.
+# Fused chunks (indexer_fused.py) are off by default: on the H100 one 2048 x 128K chunk took 12.4 ms
+# fused against 7.0 ms for the plain score kernel, so a 128K prefill (64 heads) took 440 ms fused
+# against 322 ms with the score tile + sampled top-k.
 FUSED_FROM = None
 SELECTORS = ("triton", "radix", "torch")
 NEG_INF = float("-inf")

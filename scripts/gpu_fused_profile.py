@@ -25,9 +25,19 @@ def counted(*a, **kw):
 f.prefill_scores = counted
 buf = torch.empty(1, rows, n, device="cuda")
 print("score kernel, chunk", triton.testing.do_bench(lambda: prefill_scores(q, w, k, cu, 0.1, buf, p0, rows)))
-for kw in ({}, {"capacity": 8 * K, "target": 3 * K}, {"sample": 1024}):
+for kw in ({"atomic": True}, {"atomic": False}, {"atomic": True, "sample": 1024}):
     calls["fallback"] = 0
     f.fused_prefill_chunk(q, w, k, cu, 0.1, p0, rows, K, **kw)
     fb = calls["fallback"]
     ms = triton.testing.do_bench(lambda: f.fused_prefill_chunk(q, w, k, cu, 0.1, p0, rows, K, **kw))
     print("fused chunk", kw, "ms", ms, "fallback on first call", fb)
+
+from sglang_indexcache.kernels import indexer_topk_prefill  # noqa: E402
+
+f.prefill_scores = orig
+for n in (65536, 131072):
+    qq, kk, ww = q[:n], k[:n], w[:n]
+    c = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+    for fused in (None, 16384):
+        ms = triton.testing.do_bench(lambda: indexer_topk_prefill(qq, ww, kk, c, K, 0.1, fused_from=fused), rep=200)
+        print("prefill", n, "fused_from", fused, "ms", ms)
