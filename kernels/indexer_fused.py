@@ -31,36 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import dot_precision, interpreting, mma
-from .indexer_scores import PREFILL_CONFIG, prefill_scores
+from ._triton_common import dot_precision, interpreting
+from .indexer_scores import PREFILL_CONFIG, _head_sum, _load_queries, prefill_scores
 from .topk import topk_rows
 from .topk_sampled import _threshold_kernel, topk_rows_sampled
 
 __all__ = ["fused_prefill_chunk"]
-
-
-@triton.jit
-def _head_sum(q, w, kt, BN: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr,
-              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """[BN, BT] = sum over each token's HP head rows of w * relu(k . q) (keys-major product)."""
-    s = mma(kt, tl.trans(q), UPCAST, PRECISION)                     # [BN, BT*HP]
-    s = tl.maximum(s, 0.0) * w[None, :]
-    return tl.sum(tl.reshape(s, [BN, BT, HP]), axis=2)
-
-
-@triton.jit
-def _load_queries(q_ptr, w_ptr, start, p0, pid_m, n_rows, length, H, stride_qt, stride_qh, stride_wt,
-                  D: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr):
-    r = tl.arange(0, BT * HP)                                       # [BT*HP] = (token, head)
-    r_t = pid_m * BT + r // HP
-    r_h = r % HP
-    r_ok = (r_t < n_rows) & (p0 + r_t < length) & (r_h < H)
-    tok = (start + p0 + r_t).to(tl.int64)
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + r_h[:, None] * stride_qh + d[None, :],
-                mask=r_ok[:, None], other=0.0)                      # [BT*HP, D]
-    w = tl.load(w_ptr + tok * stride_wt + r_h, mask=r_ok, other=0.0)  # [BT*HP]
-    return q, w
 
 
 @triton.jit

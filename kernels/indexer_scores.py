@@ -39,6 +39,32 @@ DECODE_CONFIG = {"block_n": 64, "keys_per_prog": 1024, "num_warps": 4, "num_stag
 
 
 @triton.jit
+def _load_queries(q_ptr, w_ptr, start, p0, pid_m, n_rows, length, H, stride_qt, stride_qh, stride_wt,
+                  D: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr):
+    """Queries ``[BT*HP, D]`` and weights ``[BT*HP]`` of rows (token, head) of query block ``pid_m``
+    (tokens ``p0 + pid_m*BT ..`` of the request at ``start``; zero past the chunk, request, heads)."""
+    r = tl.arange(0, BT * HP)
+    r_t = pid_m * BT + r // HP
+    r_h = r % HP
+    r_ok = (r_t < n_rows) & (p0 + r_t < length) & (r_h < H)
+    tok = (start + p0 + r_t).to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + r_h[:, None] * stride_qh + d[None, :],
+                mask=r_ok[:, None], other=0.0)
+    w = tl.load(w_ptr + tok * stride_wt + r_h, mask=r_ok, other=0.0)
+    return q, w
+
+
+@triton.jit
+def _head_sum(q, w, kt, BN: tl.constexpr, BT: tl.constexpr, HP: tl.constexpr,
+              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """[BN, BT] = sum over each token's HP head rows of w * relu(k . q) (keys-major product)."""
+    s = mma(kt, tl.trans(q), UPCAST, PRECISION)                     # [BN, BT*HP]
+    s = tl.maximum(s, 0.0) * w[None, :]
+    return tl.sum(tl.reshape(s, [BN, BT, HP]), axis=2)
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, w_ptr, k_ptr, ks_ptr, cu_ptr, out_ptr,
     p0, n_rows, k0, n_cols, keys_per_prog, scale, H,
@@ -59,15 +85,9 @@ def _prefill_kernel(
     k_lo = k0 + pid_k * keys_per_prog
     k_hi = tl.minimum(tl.minimum(k_lo + keys_per_prog, last + 1), k0 + n_cols)
     if k_lo < k_hi:
-        r = tl.arange(0, BT * HP)                                  # [BT*HP] = (token, head)
-        r_t = pid_m * BT + r // HP
-        r_h = r % HP
-        r_ok = (r_t < n_rows) & (p0 + r_t < length) & (r_h < H)
-        tok = (start + p0 + r_t).to(tl.int64)
+        q, w = _load_queries(q_ptr, w_ptr, start, p0, pid_m, n_rows, length, H, stride_qt, stride_qh,
+                             stride_wt, D, BT, HP)                 # [BT*HP, D], [BT*HP] fp32
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + tok[:, None] * stride_qt + r_h[:, None] * stride_qh + d[None, :],
-                    mask=r_ok[:, None], other=0.0)                 # [BT*HP, D]
-        w = tl.load(w_ptr + tok * stride_wt + r_h, mask=r_ok, other=0.0)  # [BT*HP] fp32
         row_ok = (t_loc < n_rows) & (pos < length)
         for kb in range(k_lo, k_hi, BN):
             key = kb + tl.arange(0, BN)                            # [BN] key positions
@@ -77,9 +97,7 @@ def _prefill_kernel(
             if CAST_K:
                 kt = kt.to(q.dtype)                                # fp8 keys, bf16 queries: exact
             if KEYS_MAJOR:
-                s = mma(kt, tl.trans(q), UPCAST, PRECISION)        # [BN, BT*HP]
-                s = tl.maximum(s, 0.0) * w[None, :]
-                sc = tl.sum(tl.reshape(s, [BN, BT, HP]), axis=2)   # [BN, BT]
+                sc = _head_sum(q, w, kt, BN, BT, HP, PRECISION, UPCAST)  # [BN, BT]
                 if HAS_SCALE:
                     sc = sc * tl.load(ks_ptr + start + key, mask=k_ok, other=0.0)[:, None]
                 ok = row_ok[None, :] & (key[:, None] <= pos[None, :])
