@@ -14,6 +14,8 @@ from .reference import (
     sparse_mla_decode_ref,
 )
 from .sparse_mla_decode import sparse_mla_decode
+from .topk import topk_rows
+from .topk_sampled import topk_rows_sampled
 
 __all__ = [
     "PAGE_SIZE",
@@ -21,4 +23,5 @@ __all__ = [
     "indexer_topk_decode", "indexer_topk_decode_ref",
     "sparse_mla_decode", "sparse_mla_decode_ref",
     "indexer_scores_prefill_ref", "indexer_scores_decode_ref",
+    "topk_rows", "topk_rows_sampled",
 ]

@@ -19,7 +19,7 @@ import torch
 
 from .indexer_fused import fused_prefill_chunk
 from .indexer_scores import decode_scores, prefill_scores
-from .reference import PAGE_SIZE
+from .reference import PAGE_SIZE, select_topk
 
 __all__ = ["indexer_topk_prefill", "indexer_topk_decode", "SELECTORS"]
 
@@ -35,12 +35,7 @@ NEG_INF = float("-inf")
 def _select_torch(scores, topk: int, lengths):
     """``torch.topk`` over each row's first ``lengths[r]`` columns (the rest masked in place)."""
     cols = torch.arange(scores.shape[1], device=scores.device)
-    scores.masked_fill_(cols[None, :] >= lengths[:, None], NEG_INF)
-    k = min(topk, scores.shape[1])
-    vals, idx = torch.topk(scores, k, dim=1)
-    out = torch.full((scores.shape[0], topk), -1, dtype=torch.int32, device=scores.device)
-    out[:, :k] = torch.where(vals == NEG_INF, -1, idx).to(torch.int32)
-    return out
+    return select_topk(scores.masked_fill_(cols[None, :] >= lengths[:, None], NEG_INF), topk)
 
 
 def _select(scores, topk: int, lengths, selector: str, check_fallback: bool = False):
