@@ -43,8 +43,8 @@ def check_finite(value: float, what: str) -> float:
     return value
 
 
-class PatternEvaluator:
-    """Whole forwards per candidate through ``backend.set_pattern`` + ``backend.batch_nll``."""
+class _Evaluator:
+    """State both evaluators share: the backend, the batches, the current pattern, a work count."""
 
     def __init__(self, backend, batches, tick=None):
         self.backend, self.batches = backend, list(batches)
@@ -52,6 +52,10 @@ class PatternEvaluator:
         self.layer_forwards = 0
         self.tick = tick or (lambda: None)
         self.pattern = None
+
+
+class PatternEvaluator(_Evaluator):
+    """Whole forwards per candidate through ``backend.set_pattern`` + ``backend.batch_nll``."""
 
     def reset(self, pattern: str, what: str) -> float:
         """Make ``pattern`` current; returns its loss."""
@@ -77,15 +81,11 @@ class PatternEvaluator:
         self.pattern = flip(self.pattern, j)
 
 
-class PrefixEvaluator:
+class PrefixEvaluator(_Evaluator):
     """Exact candidate losses with cached per-layer states (see the module docstring)."""
 
     def __init__(self, backend, batches, tick=None):
-        self.backend, self.batches = backend, list(batches)
-        self.num_layers = backend.num_layers
-        self.layer_forwards = 0
-        self.tick = tick or (lambda: None)
-        self.pattern = None
+        super().__init__(backend, batches, tick)
         self.main = []    # [batch][layer 0..N] LayerState entering that layer (N: after the last)
         self.saved = {}   # candidate j -> {batch: (L, LayerState entering L with j shared)}
 
