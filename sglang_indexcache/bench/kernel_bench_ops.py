@@ -164,7 +164,7 @@ def torch_indexer_prefill(q, w, k, scale, topk, chunk=1024):
 
 def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
     from ..kernels import indexer_topk as it
-    from .indexer_variants import _scores_only
+    from .indexer_variants import prefill_scores_only
 
     for n in contexts:
         q = torch.randn(n, heads, D_IDX, device=c.device).bfloat16()
@@ -177,7 +177,7 @@ def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton (ours)", c.bench.ms(
             lambda: it.indexer_topk_prefill(q, w, k, cu, TOPK, 0.1)), flops, nbytes, c.ceil, **extra))
 
-        scores_only = _scores_only(torch, q, w, k, None, cu, {})
+        scores_only = prefill_scores_only(torch, q, w, k, None, cu, {})
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton scores only", c.bench.ms(scores_only),
                                    flops, nbytes, c.ceil, **extra))
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton scores + torch.topk", c.bench.ms(
