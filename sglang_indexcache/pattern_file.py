@@ -126,6 +126,8 @@ def resolve(spec: str, num_layers: int, model: ModelInfo | None = None) -> str:
     match = EVERY_RE.match(text)
     if match:
         return pat.uniform(num_layers, int(match.group(1)))
+    if text.lower().startswith(("every", "all-")) and not looks_like_file(text):
+        raise PatternError(f"{text!r} is neither every-N (N a positive integer) nor all-F")
     if looks_like_file(text):
         document = read(text)
         if model is not None:

@@ -26,6 +26,13 @@ def test_every_4():
     assert (result.returncode, result.stdout) == (0, "FSSSFSSS\n")
 
 
+def test_shorthands():
+    assert cli("pattern", "every-4", "--layers", "8").stdout == "FSSSFSSS\n"
+    assert cli("pattern", "all-F", "--layers", "3").stdout == "FFF\n"
+    result = cli("pattern", "every-4", "--layers", "8", "--from-engine-freq", "sglang")
+    assert (result.returncode, result.stdout) == (0, "FFSSSFSS\n")
+
+
 def test_from_engine_freq_sglang():
     result = cli("pattern", "--every", "4", "--layers", "8", "--from-engine-freq", "sglang")
     assert (result.returncode, result.stdout) == (0, "FFSSSFSS\n")
@@ -50,6 +57,10 @@ def test_engine_export():
     (("pattern", "--every", "4"), "needs --layers"),
     (("pattern", "--every", "x", "--layers", "4"), "invalid int value"),
     (("pattern",), "either a PATTERN or --every"),
+    (("pattern", "every-4"), "needs --layers"),
+    (("pattern", "every-0", "--layers", "8"), "positive integer"),
+    (("pattern", "every-x", "--layers", "8"), "neither every-N"),
+    (("pattern", "every-4", "--every", "2", "--layers", "8"), "not both"),
     (("pattern", "FS", "--engine", "tgi"), "invalid choice"),
     (("frobnicate",), "invalid choice"),
 ])

@@ -102,6 +102,8 @@ def test_resolve_specs(dsa_checkpoint):
     assert pattern_file.spec_label("every-4") == "every-4"
     with pytest.raises(PatternError):
         pattern_file.resolve("every-0", 4)
+    with pytest.raises(PatternError, match="neither every-N"):
+        pattern_file.resolve("every-x", 4)
 
 
 def test_check_against_model_missing_indexer(make_checkpoint):

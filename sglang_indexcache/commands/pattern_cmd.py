@@ -1,6 +1,7 @@
 """Print the canonical F/S pattern (or the flag that gives it to an engine).
 
-Examples: ``indexcache pattern --every 4 --layers 8`` prints FSSSFSSS;
+Examples: ``indexcache pattern --every 4 --layers 8`` (or ``indexcache pattern every-4 --layers 8``)
+prints FSSSFSSS; ``indexcache pattern all-F --layers 4`` prints FFFF;
 ``indexcache pattern --every 4 --layers 8 --from-engine-freq sglang`` prints FFSSSFSS, what stock
 SGLang 0.5.23 really selects for ``index_topk_freq=4``.
 """
@@ -8,11 +9,12 @@ SGLang 0.5.23 really selects for ``index_topk_freq=4``.
 from __future__ import annotations
 
 from .. import pattern as pat
+from .. import pattern_file
 from ..errors import UsageError
 
 
 def add_arguments(parser):
-    parser.add_argument("pattern", nargs="?", help="a pattern such as FSSSFSSS (case-insensitive)")
+    parser.add_argument("pattern", nargs="?", help="a pattern such as FSSSFSSS (case-insensitive), or every-N / all-F with --layers")
     parser.add_argument("--layers", type=int, help="number of DSA layers of the model")
     parser.add_argument("--every", type=int, metavar="N", help="uniform pattern: layer i is F iff i %% N == 0")
     parser.add_argument("--engine", choices=pat.ENGINES, help="print the engine's flag for the pattern")
@@ -23,7 +25,24 @@ def add_arguments(parser):
     parser.add_argument("--offset", type=int, help="index_skip_topk_offset, with --from-engine-freq")
 
 
+def _shorthand(args) -> None:
+    """Turn ``every-N`` into ``--every N`` and ``all-F`` into ``--every 1`` (both need --layers)."""
+    text = args.pattern.strip()
+    match = pattern_file.EVERY_RE.match(text)
+    if match is None and text.lower() not in ("all-f", "allf", "full"):
+        if text.lower().startswith(("every", "all")):
+            raise UsageError(f"{text!r} is neither every-N (N a positive integer) nor all-F")
+        return
+    if args.every is not None:
+        raise UsageError(f"give either {text} or --every N, not both")
+    if args.layers is None:
+        raise UsageError(f"{text} needs --layers L (the model's number of DSA layers)")
+    args.every, args.pattern = (int(match.group(1)) if match else 1), None
+
+
 def run(args) -> int:
+    if args.pattern is not None:
+        _shorthand(args)
     if (args.pattern is None) == (args.every is None):
         raise UsageError("give either a PATTERN or --every N (with --layers L)")
     if args.offset is not None and args.from_engine_freq is None:
