@@ -15,7 +15,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements/lock.txt
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (SGLang 0.5.23 ships cp311 wheels only)"; exit 2; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e '.[test,sglang-cpu]'
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); test "$$free" -ge 8 || \
+		echo "warning: $$free GiB free here; the environment needs about 7 GiB (torch 2.14.1 with its CUDA libraries)" >&2
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e '.[test,sglang-cpu]' || \
+		{ echo "error: pip could not install the environment (above); a half-made $(VENV) is kept: 'make clean-venv' removes it" >&2; exit 1; }
 	@touch $(STAMP)
 
 demo: install
