@@ -28,3 +28,56 @@ def test_bad_arguments_exit_2(capsys, args, match):
 def test_without_gpu_exit_2(capsys):
     assert main(["bench", "kernels"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_occupancy_bounds():
+    from sglang_indexcache.bench.resources import occupancy
+
+    # The current sparse MLA tile on an H100: ~230 registers x 8 warps, 216 KB of shared memory.
+    one = occupancy(232, 8, 216 * 1024)
+    assert (one["ctas_per_sm"], one["ctas_by_regs"], one["ctas_by_smem"]) == (1, 1, 1)
+    two = occupancy(128, 4, 108 * 1024)
+    assert (two["ctas_per_sm"], two["limited_by"]) == (2, "smem")
+    assert occupancy(64, 4, 0)["limited_by"] == "regs"           # 2048 registers a warp: 8 CTAs
+    assert occupancy(24, 16, 0)["limited_by"] == "warps"
+
+
+@pytest.mark.parametrize("data", ["random", "contiguous", "l2"])
+@pytest.mark.parametrize("shared_table", [False, True])
+def test_mla_diagnose_index_sets(data, shared_table):
+    """The diagnostic index sets select what they claim, through the page table the kernel gets."""
+    from sglang_indexcache.bench import mla_variants as mv
+    from sglang_indexcache.kernels.reference import sparse_mla_decode_ref
+
+    torch.manual_seed(0)
+    b, ctx, heads = 3, 4096, 4
+    q, cache, table, idx, rows = mv._inputs(torch, b, ctx, heads, shared_table, torch.device("cpu"), data)
+    assert idx.shape == rows.shape == (b, mv.TOPK) and int(idx.min()) >= 0 and int(idx.max()) < ctx
+    assert torch.equal(rows.long(), table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64)
+    assert all(len(set(r.tolist())) == mv.TOPK for r in rows)        # no repeated row in a request
+    if data == "contiguous":
+        assert torch.equal(rows - rows[:, :1], torch.arange(mv.TOPK, dtype=rows.dtype).expand(b, -1))
+    if data == "l2" or shared_table:
+        assert all(torch.equal(rows[0], r) for r in rows) == (data != "random")
+    if data == "random" and not shared_table:
+        assert len(set(rows.flatten().tolist())) == b * mv.TOPK    # each request its own rows
+    out = sparse_mla_decode_ref(q[:1, :, :], cache, table[:1], idx[:1], 0.1)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="data must be one of"):
+        mv._inputs(torch, b, ctx, heads, shared_table, torch.device("cpu"), "sorted")
+
+
+def test_ncu_targets_smoke():
+    """scripts/ncu_targets.py (the programs scripts/gpu_mla_profile.sh profiles) runs every case at tiny
+    sizes on the CPU interpreter, so an API change shows here and not in a GPU call."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(root / "scripts" / "ncu_targets.py"), "--smoke"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("smoke ok:") == 4, result.stdout

@@ -12,6 +12,14 @@ and a few launch variants, next to FlashMLA's ``flash_mla_sparse_fwd`` when it i
 median ms, TFLOP/s, and GB/s of the selected latent rows (``b * topk * 1152`` bytes: the minimum for
 decode; for prefill every query re-reads its rows, so this is the gathered traffic, not a floor).
 Results are written to ``--out`` after every row (an interrupted run keeps what it measured).
+
+``--diagnose`` measures *why* instead (DeepSeek-V3.2 shapes only: decode batch 64 at 128K and the
+128-head prefill shape). Every launch variant runs on three index sets: ``random`` (the real case),
+``contiguous`` (each request's rows are one run of consecutive cache rows: the same bytes without
+the scattered gather) and ``l2`` (every request reads the same 2048 rows, so after the first they
+come from L2: the time left is compute and latency). Each row also records what the compiler gave
+the variant: registers, spills, shared memory and the CTAs per SM they allow
+(``bench.resources``). Launch variants include ones sized for two CTAs per SM.
 """
 
 from __future__ import annotations
@@ -41,9 +49,39 @@ def _variants(heads: int) -> list[tuple[str, dict]]:
     return out
 
 
-def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device):
-    """q [b, h, 576], cache [pages, 64, 576], page_table [b, pages/req], idx [b, topk], rows [b, topk]."""
+# --diagnose: launch variants with their expected resource use on an H100 (64 heads x 576 q in shared
+# memory = 72 KB; a 64-row x 576 tile = 72 KB per stage; bh x 512 fp32 accumulator in registers).
+DIAGNOSE_VARIANTS = (
+    ("default (bh64 bn64 w8 st2)", {}),
+    ("bh64 bn32 w8 st2", {"block_n": 32}),
+    ("bh64 bn64 w8 st1", {"num_stages": 1}),
+    ("bh32 bn32 w4 st2 (2 CTAs/SM?)", {"block_h": 32, "block_n": 32, "num_warps": 4}),
+    ("bh32 bn32 w8 st2 (2 CTAs/SM?)", {"block_h": 32, "block_n": 32, "num_warps": 8}),
+    ("bh16 bn32 w4 st2", {"block_h": 16, "block_n": 32, "num_warps": 4}),
+)
+DATA_MODES = ("random", "contiguous", "l2")
+
+
+def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device, data: str = "random"):
+    """q [b, h, 576], cache [pages, 64, 576], page_table [b, pages/req], idx [b, topk], rows [b, topk].
+
+    ``data``: ``random`` top-k sets over a random page table; ``contiguous``: each request's rows
+    are consecutive cache rows (identity page table, indices 0..topk-1 of its own pages); ``l2``:
+    every request uses the same page table row and indices (one request's rows, L2-resident)."""
+    if data not in DATA_MODES:
+        raise ValueError(f"data must be one of {DATA_MODES}, got {data!r}")
     per = math.ceil(ctx / 64)
+    if data != "random":
+        n_req = 1 if (shared_table or data == "l2") else b
+        cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
+        table = torch.arange(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
+        table = table.expand(b, -1).contiguous() if n_req == 1 else table
+        idx = torch.arange(TOPK, device=device, dtype=torch.int32).expand(b, -1).contiguous()
+        if data == "l2":
+            idx = torch.randperm(ctx, device=device)[:TOPK].int().expand(b, -1).contiguous()
+        rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
+        q = torch.randn(b, heads, D_QK, device=device).bfloat16()
+        return q, cache, table, idx, rows
     n_req = 1 if shared_table else b
     cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
     table = torch.randperm(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
@@ -57,21 +95,25 @@ def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device):
     return q, cache, table, idx, rows
 
 
-def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla):
+def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla, variants=None):
     from ..kernels import sparse_mla_decode
+    from ..kernels.sparse_mla_decode import _sparse_mla_kernel
+    from . import resources
 
     b, ctx, heads = case["batch"], case["context"], case["heads"]
-    q, cache, table, idx, rows = _inputs(torch, b, ctx, heads, shared_table, bench.device)
+    q, cache, table, idx, rows = _inputs(torch, b, ctx, heads, shared_table, bench.device,
+                                         case.get("data", "random"))
     scale = D_QK ** -0.5
     flops = 2.0 * b * heads * TOPK * (D_QK + D_V)
     nbytes = b * TOPK * 2 * D_QK
     impls = [(name, lambda cfg=cfg: sparse_mla_decode(q, cache, table, idx, scale, config=cfg))
-             for name, cfg in _variants(heads)]
+             for name, cfg in (variants or _variants(heads))]
     if fmla is not None:
         flat = cache.view(-1, 1, D_QK)
         impls.append(("flash_mla sparse_fwd", lambda: fmla(q, flat, rows.view(b, 1, TOPK), scale)))
     want = None
     for name, fn in impls:
+        before = resources.snapshot(_sparse_mla_kernel)
         try:
             got = fn()
             want = got.float() if want is None else want
@@ -82,7 +124,8 @@ def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla
             continue
         doc["rows"].append({**case, "impl": name, "ms": round(ms, 4), "timing": timing,
                             "tflops": round(flops / ms / 1e9, 1), "gbps": round(nbytes / ms / 1e6, 1),
-                            "max_abs_diff_vs_v1": err})
+                            "max_abs_diff_vs_v1": err,
+                            "compiled": resources.new_since(_sparse_mla_kernel, before)})
         log.info("%s: %.4f ms", doc["rows"][-1], ms)
         _save(out_path, doc)
     del q, cache, table, idx, rows
@@ -106,12 +149,24 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="JSON result file")
     parser.add_argument("--budget", type=float, default=0.1, help="seconds of timed calls per row")
     parser.add_argument("--prefill-queries", type=int, default=2048, help="query tokens of the prefill shape")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="launch variants x index sets (random / contiguous / l2) with compiled resources")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     bench = Bench(torch.device("cuda"), args.budget)
     fmla, status = kernel_anchors.load_flash_mla()
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flash_mla": status,
            "rows": [], "failed": []}
+    if args.diagnose:
+        from ..kernels.sparse_mla_decode import DEFAULT_CONFIG
+
+        variants = [(name, {**DEFAULT_CONFIG, **cfg}) for name, cfg in DIAGNOSE_VARIANTS]
+        for kind, b, shared in (("decode", 64, False), ("prefill", args.prefill_queries, True)):
+            for data in DATA_MODES:
+                case = {"kind": kind, "heads": 128, "batch": b, "context": 131072, "data": data}
+                _time_case(bench, torch, doc, args.out, case, shared, fmla if data == "random" else None,
+                           variants)
+        return 0
     for heads, batches in ((128, (1, 16, 64)), (64, (1, 16, 64))):
         for ctx in (8192, 131072):
             for b in batches:
