@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); test "$$free" -ge 8 || \
 		echo "warning: $$free GiB free here; the environment needs about 7 GiB (torch 2.14.1 with its CUDA libraries)" >&2
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e '.[test,sglang-cpu]' || \
+	@echo "installing the project and its pinned dependencies into $(VENV) (requirements/lock.txt)"
+	@$(PY) -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e '.[test,sglang-cpu]' || \
 		{ echo "error: pip could not install the environment (above); a half-made $(VENV) is kept: 'make clean-venv' removes it" >&2; exit 1; }
 	@touch $(STAMP)
 
