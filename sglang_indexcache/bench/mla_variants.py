@@ -76,9 +76,8 @@ def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device, dat
         cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
         table = torch.arange(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
         table = table.expand(b, -1).contiguous() if n_req == 1 else table
-        idx = torch.arange(TOPK, device=device, dtype=torch.int32).expand(b, -1).contiguous()
-        if data == "l2":
-            idx = torch.randperm(ctx, device=device)[:TOPK].int().expand(b, -1).contiguous()
+        one = torch.randperm(ctx, device=device)[:TOPK] if data == "l2" else torch.arange(TOPK, device=device)
+        idx = one.int().expand(b, -1).contiguous()
         rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
         q = torch.randn(b, heads, D_QK, device=device).bfloat16()
         return q, cache, table, idx, rows
