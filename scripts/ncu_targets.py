@@ -13,6 +13,7 @@ import sys
 import torch
 
 from sglang_indexcache.bench import mla_variants as mv
+from sglang_indexcache.bench.kernel_bench_ops import _paged
 from sglang_indexcache.kernels import indexer_topk_decode, sparse_mla_decode, topk_rows_sampled
 from sglang_indexcache.kernels.indexer_scores import prefill_scores
 
@@ -40,9 +41,7 @@ def main(case: str, dev=torch.device("cuda"), ctx: int = 131072, batch: int = 64
             topk_rows_sampled(buf[0], 2048, lengths=lens)
     elif case == "indexer-decode":
         b, h = batch, 64
-        pages = ctx // 64
-        cache = torch.randn(b * pages, 64, 128, device=dev).bfloat16()
-        table = torch.randperm(b * pages, device=dev, dtype=torch.int32).view(b, pages)
+        cache, table, _ = _paged(b, ctx, 128, torch.bfloat16, dev)
         q = torch.randn(b, h, 128, device=dev).bfloat16()
         w = torch.rand(b, h, device=dev)
         lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
