@@ -4,7 +4,6 @@ VENV ?= .venv
 PYTHON ?= python3.11
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SGLANG_VERSION := $(shell cat patches/sglang-version 2>/dev/null)
 SGLANG_DIR ?=
 
 .PHONY: install demo test test-fast apply-patches revert-patches check-patches bench clean-venv

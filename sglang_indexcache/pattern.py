@@ -93,6 +93,28 @@ def from_engine_freq(engine: str, num_layers: int, freq: int, offset: int | None
     )
 
 
+def sglang_config_pattern(config: dict, reads_indexer_types: bool = True) -> tuple[str | None, str | None]:
+    """What stock SGLang selects from a config.json alone, and the key it read (``(None, None)``: all F).
+
+    SGLang's ``dsa_layer_skips_topk``: ``indexer_types`` first where the release reads it (0.5.23;
+    0.5.17 does not), then ``index_topk_pattern`` (a short pattern leaves the rest F, anything but
+    ``S`` is F), then ``index_topk_freq`` with ``index_skip_topk_offset`` (:func:`from_engine_freq`).
+    """
+    n = config["num_hidden_layers"]
+    types = config.get("indexer_types") if reads_indexer_types else None
+    if types is not None:
+        return "".join(SHARED if i < len(types) and types[i] == "shared" else FULL for i in range(n)), \
+            "indexer_types"
+    raw = config.get("index_topk_pattern")
+    if raw is not None:
+        return "".join(SHARED if i < len(raw) and raw[i] == SHARED else FULL for i in range(n)), \
+            "index_topk_pattern"
+    freq = config.get("index_topk_freq") or 1
+    if isinstance(freq, int) and freq > 1:
+        return from_engine_freq("sglang", n, freq, config.get("index_skip_topk_offset")), "index_topk_freq"
+    return None, None
+
+
 def full_layers(pattern: str) -> list[int]:
     """Indices of the F layers."""
     return [i for i, c in enumerate(pattern) if c == FULL]

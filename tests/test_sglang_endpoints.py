@@ -13,6 +13,7 @@ import pytest
 from sglang_support import checkpoints as ck
 from sglang_support import trees as sgl
 
+from sglang_indexcache import pattern as pat
 from sglang_indexcache.errors import PatternError
 from sglang_indexcache.sglang_overlay import overlap, settings
 
@@ -110,4 +111,14 @@ def test_shared_layer_recall_validates_the_pattern():
     ({}, (None, None)),
 ])
 def test_checkpoint_pattern_reads_config_like_sglang(config, expected):
-    assert settings.checkpoint_pattern({"num_hidden_layers": 4, **config}) == expected
+    assert pat.sglang_config_pattern({"num_hidden_layers": 4, **config}) == expected
+
+
+@pytest.mark.parametrize("config, expected", [
+    # SGLang 0.5.17 has no indexer_types: the pattern (or the frequency) is what it reads
+    ({"indexer_types": ["full", "shared", "shared", "full"]}, (None, None)),
+    ({"indexer_types": ["full", "shared", "full", "full"], "index_topk_pattern": "FFSS"}, ("FFSS", "index_topk_pattern")),
+    ({"indexer_types": ["full", "shared", "full", "full"], "index_topk_freq": 2}, ("FFSF", "index_topk_freq")),
+])
+def test_checkpoint_pattern_without_indexer_types_reads_the_pattern(config, expected):
+    assert pat.sglang_config_pattern({"num_hidden_layers": 4, **config}, reads_indexer_types=False) == expected

@@ -1,4 +1,4 @@
-"""Apply, revert and check the SGLang patch set (``patches/sglang-<version>/`` + ``series``).
+"""Apply, revert and check the SGLang patch series (``patches/sglang-<version>/`` + ``series``).
 
 ``python -m sglang_indexcache.sglang_overlay.patchset {apply,revert,check} DIR``
 
@@ -6,13 +6,14 @@ DIR is a git checkout of SGLang (it has ``python/sglang/``) or the parent of an 
 (it has ``sglang/__init__.py``, e.g. ``site-packages``). The patches are git-format with paths
 ``python/sglang/...``; for an installed package they are applied with ``-p2``.
 
-- The SGLang version in DIR must equal the pinned one (``patches/sglang-version``).
+- The SGLang version in DIR picks the series: it must be one of the supported releases listed in
+  ``patches/sglang-version`` (one per line); any other version is refused with nothing changed.
 - ``apply`` checks every patch with ``git apply --check`` before changing anything and then applies
   them all in one ``git apply`` (all or nothing); when every patch reverse-applies it says
   "already applied" and changes nothing.
 - ``revert`` is the exact inverse (``git apply -R``): the files come back byte for byte.
-- ``check`` fails on a missing, unused or duplicate patch in ``series``; with DIR it also says
-  whether the set is applied, applies cleanly, or neither.
+- ``check`` fails on a missing, unused or duplicate patch in any release's ``series``; with DIR it
+  also says whether that release's series is applied, applies cleanly, or neither.
 """
 
 from __future__ import annotations
@@ -37,16 +38,22 @@ class PatchSetError(UsageError):
     """The patch set cannot be applied, reverted or checked as asked (nothing was changed)."""
 
 
-def pinned_version(patches_dir: Path = PATCHES_DIR) -> str:
+def supported_versions(patches_dir: Path = PATCHES_DIR) -> list[str]:
+    """The SGLang releases with a patch series, in the order ``patches/sglang-version`` lists them."""
     path = patches_dir / "sglang-version"
     if not path.is_file():
-        raise PatchSetError(f"{path} is missing: it pins the SGLang version the patches target")
-    return path.read_text().strip()
+        raise PatchSetError(f"{path} is missing: it lists the SGLang releases the patches target")
+    versions = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    versions = [v for v in versions if v]
+    if not versions:
+        raise PatchSetError(f"{path} lists no SGLang release")
+    return versions
 
 
-def series(patches_dir: Path = PATCHES_DIR) -> list[Path]:
-    """The patches in ``series`` order; refuses missing, unused or duplicate entries."""
-    version = pinned_version(patches_dir)
+def series(patches_dir: Path = PATCHES_DIR, version: str | None = None) -> list[Path]:
+    """The patches of ``version`` (default: the newest listed) in ``series`` order; refuses missing,
+    unused or duplicate entries."""
+    version = version or supported_versions(patches_dir)[-1]
     directory = patches_dir / f"sglang-{version}"
     series_path = directory / "series"
     if not series_path.is_file():
@@ -147,15 +154,16 @@ def status(target: Target, patches) -> str:
 
 
 def prepare(directory, patches_dir: Path = PATCHES_DIR):
-    patches = series(patches_dir)
+    """The target tree and the series of its release; refuses an unsupported release."""
+    supported = supported_versions(patches_dir)
     target = locate(directory)
-    version, pinned = installed_version(target), pinned_version(patches_dir)
-    if version != pinned:
+    version = installed_version(target)
+    if version not in supported:
         raise PatchSetError(
-            f"{target.root} holds SGLang {version}, but the patches are for SGLang {pinned}"
-            f" (patches/sglang-version); nothing was changed"
+            f"{target.root} holds SGLang {version}, but patch series exist only for SGLang"
+            f" {', '.join(supported)} (patches/sglang-version); nothing was changed"
         )
-    return target, patches
+    return target, series(patches_dir, version)
 
 
 def apply(directory, patches_dir: Path = PATCHES_DIR) -> str:
@@ -175,12 +183,13 @@ def revert(directory, patches_dir: Path = PATCHES_DIR) -> str:
 
 
 def check(directory=None, patches_dir: Path = PATCHES_DIR) -> str:
-    patches = series(patches_dir)
-    message = f"series OK: {len(patches)} patches for SGLang {pinned_version(patches_dir)}"
+    counts = [f"{len(series(patches_dir, v))} patches for SGLang {v}" for v in supported_versions(patches_dir)]
+    message = "series OK: " + ", ".join(counts)
     if directory:
         target, patches = prepare(directory, patches_dir)
         state = status(target, patches)
-        message += f"; {target.package}: " + ("applied" if state == "applied" else "applies cleanly")
+        message += (f"; {target.package} (SGLang {installed_version(target)}): "
+                    + ("applied" if state == "applied" else "applies cleanly"))
     return message
 
 

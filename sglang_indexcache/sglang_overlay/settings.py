@@ -98,28 +98,34 @@ def _override_dict(cfg) -> dict:
     return value
 
 
-def checkpoint_pattern(config: dict) -> tuple[str | None, str | None]:
-    """What SGLang would select from config.json alone, and the key it reads (None: all F)."""
-    n = config["num_hidden_layers"]
-    types = config.get("indexer_types")
-    if types is not None:
-        return "".join(pat.SHARED if i < len(types) and types[i] == "shared" else pat.FULL
-                       for i in range(n)), "indexer_types"
-    if config.get("index_topk_pattern") is not None:
-        raw = config["index_topk_pattern"]
-        return "".join(pat.SHARED if i < len(raw) and raw[i] == "S" else pat.FULL for i in range(n)), \
-            "index_topk_pattern"
-    freq = config.get("index_topk_freq") or 1
-    if isinstance(freq, int) and freq > 1:
-        offset = config.get("index_skip_topk_offset") or 2
-        return "".join(pat.SHARED if max(i - offset + 1, 0) % freq else pat.FULL for i in range(n)), \
-            "index_topk_freq"
-    return None, None
+@dataclass(frozen=True)
+class Flags:
+    """The IndexCache flag values of one server (the key of its resolution)."""
+
+    model_path: str
+    pattern: str | None
+    every: int | None
+    pattern_file: str | None
+    pattern_file_stamp: int | None  # mtime of the pattern file: an edited file is read again
+    calibration: bool
+
+    @classmethod
+    def of(cls, cfg) -> "Flags":
+        path = getattr(cfg, "index_cache_pattern_file", None)
+        stamp = os.stat(path).st_mtime_ns if path and os.path.isfile(path) else None
+        return cls(str(cfg.model_path), getattr(cfg, "index_cache_pattern", None),
+                   getattr(cfg, "index_cache_every", None), path, stamp,
+                   bool(getattr(cfg, "index_cache_calibration", False)))
+
+    def given(self) -> list[str]:
+        values = {"index_cache_pattern": self.pattern, "index_cache_every": self.every,
+                  "index_cache_pattern_file": self.pattern_file}
+        return [name for name in FLAG_FIELDS if values[name] is not None]
 
 
-def _flag_pattern(cfg, info: ModelInfo) -> tuple[str, str]:
+def _flag_pattern(flags: Flags, info: ModelInfo) -> tuple[str, str]:
     """The pattern the flags ask for, validated for the checkpoint, and a label of its source."""
-    given = [name for name in FLAG_FIELDS if getattr(cfg, name, None) is not None]
+    given = flags.given()
     if len(given) > 1:
         raise IndexCacheError(
             "give only one of " + ", ".join("--" + n.replace("_", "-") for n in given))
@@ -128,49 +134,48 @@ def _flag_pattern(cfg, info: ModelInfo) -> tuple[str, str]:
         if not given:  # calibration mode alone starts with every indexer running
             return pat.FULL * n, "--index-cache-calibration (all F)"
         if given[0] == "index_cache_every":
-            every = cfg.index_cache_every
-            pattern = pat.uniform(n, every)
-            source = f"--index-cache-every {every}"
+            pattern, source = pat.uniform(n, flags.every), f"--index-cache-every {flags.every}"
         elif given[0] == "index_cache_pattern_file":
-            path = cfg.index_cache_pattern_file
-            document = pattern_file.read(path)
-            pattern_file.check_matches(document, info, source=f"pattern file {path}")
-            pattern = pat.validate(document["pattern"], n)
-            source = f"--index-cache-pattern-file {path}"
+            document = pattern_file.read(flags.pattern_file)
+            pattern_file.check_matches(document, info, source=f"pattern file {flags.pattern_file}")
+            pattern, source = document["pattern"], f"--index-cache-pattern-file {flags.pattern_file}"
         else:
-            pattern = pat.validate(cfg.index_cache_pattern, n)
-            source = "--index-cache-pattern"
+            pattern, source = flags.pattern, "--index-cache-pattern"
         return check_against_model(pattern, info), source
     except UsageError as exc:
         flag = "--" + given[0].replace("_", "-")
         raise IndexCacheError(f"{flag}: {exc}") from exc
 
 
-@functools.lru_cache(maxsize=8)
-def _resolve_cached(model_path, pattern, every, pattern_file_path, file_stamp, calibration) -> Settings:
-    class _Flags:  # the flag values, as attributes
-        pass
+def _checkpoint_pattern(config: dict) -> tuple[str | None, str | None]:
+    """What this SGLang release selects from config.json alone (for the override log line)."""
+    from . import compat
 
-    flags = _Flags()
-    flags.index_cache_pattern, flags.index_cache_every = pattern, every
-    flags.index_cache_pattern_file = pattern_file_path
-    if not os.path.isdir(model_path):
+    try:
+        return pat.sglang_config_pattern(config, compat.reads_indexer_types())
+    except UsageError:  # e.g. a non-positive offset: stock SGLang stops on it by itself
+        return None, None
+
+
+@functools.lru_cache(maxsize=8)
+def _resolve_cached(flags: Flags) -> Settings:
+    if not os.path.isdir(flags.model_path):
         raise IndexCacheError(
-            f"IndexCache flags need --model-path to be a local checkpoint directory, got {model_path!r}"
+            f"IndexCache flags need --model-path to be a local checkpoint directory, got {flags.model_path!r}"
             " (download it first, e.g. with huggingface-cli download)")
     try:
-        info = load_model_info(model_path)
+        info = load_model_info(flags.model_path)
     except UsageError as exc:
         raise IndexCacheError(f"IndexCache: {exc}") from exc
     resolved, source = _flag_pattern(flags, info)
-    if calibration:
+    if flags.calibration:
         missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
         if missing:
             raise IndexCacheError(
-                f"--index-cache-calibration keeps every layer's indexer, but {model_path} has no indexer"
+                f"--index-cache-calibration keeps every layer's indexer, but {flags.model_path} has no indexer"
                 f" weights for layers {_ranges(missing)}")
-    ckpt, key = checkpoint_pattern(info.config)
-    return Settings(resolved, source, bool(calibration), ckpt, key)
+    ckpt, key = _checkpoint_pattern(info.config)
+    return Settings(resolved, source, flags.calibration, ckpt, key)
 
 
 def resolve(cfg) -> Settings | None:
@@ -181,11 +186,7 @@ def resolve(cfg) -> Settings | None:
             isinstance(cfg.index_cache_every, bool) or not isinstance(cfg.index_cache_every, int)
             or cfg.index_cache_every <= 0):
         raise IndexCacheError(f"--index-cache-every must be a positive integer, got {cfg.index_cache_every!r}")
-    path = getattr(cfg, "index_cache_pattern_file", None)
-    stamp = os.stat(path).st_mtime_ns if path and os.path.isfile(path) else None
-    return _resolve_cached(str(cfg.model_path), getattr(cfg, "index_cache_pattern", None),
-                           getattr(cfg, "index_cache_every", None), path, stamp,
-                           bool(getattr(cfg, "index_cache_calibration", False)))
+    return _resolve_cached(Flags.of(cfg))
 
 
 def model_override_args(cfg, is_draft_model: bool = False) -> str:
@@ -215,9 +216,9 @@ def _check_no_competing_pattern(overrides: dict) -> None:
 
 def check_server_args(server_args) -> Settings | None:
     """Start-up validation and adjustments, called from SGLang's model-specific resolution hook."""
-    from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view
+    from . import compat
 
-    cfg = resolving_view(server_args)
+    cfg = compat.resolving_view(server_args)
     settings = resolve(cfg)
     if settings is None:
         return None
@@ -227,24 +228,14 @@ def check_server_args(server_args) -> Settings | None:
             "--enable-two-batch-overlap cannot run IndexCache: its op path does not carry top-k indices"
             " across layers (use an all-F pattern or drop --enable-two-batch-overlap)")
     if settings.calibration:
-        _calibration_adjustments(server_args, cfg, declare_resolution)
+        if getattr(cfg, "pp_size", 1) != 1:
+            raise IndexCacheError("--index-cache-calibration needs --pp-size 1 (top-k does not cross pipeline stages)")
+        # Calibration mode switches patterns at run time: no CUDA graphs (they freeze the branch).
+        compat.disable_graphs_and_capture_topk(server_args, cfg, "index_cache_calibration")
+        logger.warning("IndexCache calibration mode: CUDA graphs disabled (a pattern switch would need a"
+                       " recapture); indexer top-k capture enabled for /index_cache/overlap")
     log_startup(settings)
     return settings
-
-
-def _calibration_adjustments(server_args, cfg, declare_resolution) -> None:
-    """Calibration mode switches patterns at run time: no CUDA graphs (they freeze the branch)."""
-    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase, with_phase
-
-    if getattr(cfg, "pp_size", 1) != 1:
-        raise IndexCacheError("--index-cache-calibration needs --pp-size 1 (top-k does not cross pipeline stages)")
-    graphs = cfg.cuda_graph_config
-    for phase in Phase.ALL:
-        graphs = with_phase(graphs, phase, backend=Backend.DISABLED)
-    declare_resolution(server_args, "index_cache_calibration", cuda_graph_config=graphs,
-                       enable_return_indexer_topk=True)
-    logger.warning("IndexCache calibration mode: CUDA graphs disabled (a pattern switch would need a"
-                   " recapture); indexer top-k capture enabled for /index_cache/overlap")
 
 
 def log_startup(settings: Settings) -> None:

@@ -1,0 +1,73 @@
+"""The few places where SGLang releases differ for the overlay (one adapter, no second copy of logic).
+
+Supported releases are listed in ``patches/sglang-version``. What differs:
+
+| | 0.5.17 | 0.5.23 |
+|---|---|---|
+| argument resolution | ``ServerArgs.__post_init__`` mutates the fields; a declaration overlay is read through ``overrides.resolved_view`` | lazy: ``overrides.resolving_view`` / ``declare_resolution`` |
+| CUDA graphs off | set ``cuda_graph_config.<phase>.backend`` on the fields | ``with_phase`` declared as a resolution |
+| config keys ``dsa_layer_skips_topk`` reads | ``index_topk_pattern``, then the frequency | ``indexer_types`` first, then the same |
+
+Everything else (flags, validation, endpoints, runtime switch) is the same code for both.
+"""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.lru_cache(maxsize=1)
+def release() -> str:
+    """The SGLang version this process imports (``"0.5.17"``, ``"0.5.23"``...)."""
+    from sglang.version import __version__
+
+    return str(__version__)
+
+
+def _lazy_resolution() -> bool:
+    """0.5.23-style lazy resolution (``resolving_view``/``declare_resolution``) is available."""
+    try:
+        from sglang.srt.arg_groups.overrides import declare_resolution, resolving_view  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolving_view(server_args):
+    """A read-only view of the arguments as resolved so far (mid-resolution reads)."""
+    if _lazy_resolution():
+        from sglang.srt.arg_groups.overrides import resolving_view as view
+    else:
+        from sglang.srt.arg_groups.overrides import resolved_view as view
+    return view(server_args)
+
+
+# Whether ``dsa_layer_skips_topk`` reads ``indexer_types`` before ``index_topk_pattern`` (read in
+# each release's srt/configs/model_config.py).
+READS_INDEXER_TYPES = {"0.5.17": False, "0.5.23": True}
+
+
+def reads_indexer_types() -> bool:
+    """Whether this release's ``dsa_layer_skips_topk`` reads ``indexer_types`` before the pattern."""
+    return READS_INDEXER_TYPES.get(release(), True)
+
+
+def disable_graphs_and_capture_topk(server_args, cfg, source: str) -> None:
+    """Calibration mode: no CUDA graph in any phase, indexer top-k capture on."""
+    from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
+
+    if _lazy_resolution():
+        from sglang.srt.arg_groups.overrides import declare_resolution
+        from sglang.srt.model_executor.cuda_graph_config import with_phase
+
+        graphs = cfg.cuda_graph_config
+        for phase in Phase.ALL:
+            graphs = with_phase(graphs, phase, backend=Backend.DISABLED)
+        declare_resolution(server_args, source, cuda_graph_config=graphs, enable_return_indexer_topk=True)
+        return
+    # 0.5.17: __post_init__ has already parsed cuda_graph_config into per-phase objects; the
+    # runtime reads the fields once resolution ends, and no model declaration touches them.
+    for phase in Phase.ALL:
+        getattr(server_args.cuda_graph_config, phase).backend = Backend.DISABLED
+    server_args.disable_cuda_graph = True
+    server_args.enable_return_indexer_topk = True
