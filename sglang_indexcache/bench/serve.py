@@ -162,7 +162,7 @@ class Client:
             if response.status != 200:
                 sample.error = f"HTTP {response.status}: {response.read()[:200].decode('utf-8', 'replace')}"
                 return sample
-            self._read_stream(response, sample)
+            self._read_stream(response, sample, sample.sent + self.timeout_s)
         except (OSError, http.client.HTTPException, ValueError) as exc:
             sample.error = f"{type(exc).__name__}: {exc}"
         finally:
@@ -172,9 +172,12 @@ class Client:
         return sample
 
     @staticmethod
-    def _read_stream(response, sample: Sample) -> None:
+    def _read_stream(response, sample: Sample, deadline: float) -> None:
         counted = 0
         while True:
+            if time.perf_counter() > deadline:
+                sample.error = f"timed out: still streaming after {deadline - sample.sent:.0f} s"
+                return
             line = response.readline()
             if not line:
                 break

@@ -48,7 +48,8 @@ def add_arguments(modes) -> None:
     p.add_argument("--warmup-length", default="2048", help="prompt tokens of the one warm-up request (default 2048)")
     p.add_argument("--vocab", type=int, default=4000, help="token ids are drawn from [1, VOCAB) (default 4000)")
     p.add_argument("--seed", type=int, default=0, help="mixed into every request's seed with tag, length, index")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per request (default 900)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per request, in all and without data (default 900); a"
+                   " request over it is recorded as lost")
     p.add_argument("--api-key", default=os.environ.get("INDEXCACHE_API_KEY"),
                    help="Bearer key if the server needs one (default $INDEXCACHE_API_KEY)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/serve_<tag>.json (after each phase)")
