@@ -35,7 +35,7 @@ class Stub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.prefill_s_per_token, self.prefill_base_s, self.itl_s = prefill_s_per_token, prefill_base_s, itl_s
         self.bodies, self.lock, self.active = [], threading.Lock(), 0
-        self.fail = {}  # first token -> "http500" | "stream-error" | "short" | "hang"
+        self.fail = {}  # first token -> "http500" | "stream-error" | "short" | "hang" | "drip"
         self.log_path = log_path
         self._stop = threading.Event()
 
@@ -114,7 +114,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for k in range(new):
                 if k:
-                    time.sleep(s.itl_s)
+                    time.sleep(0.3 if fail == "drip" else s.itl_s)
                 if fail == "stream-error" and k == 2:
                     self._send({"error": {"message": "injected stream error", "code": 500}})
                     break
@@ -184,19 +184,21 @@ def test_failures_are_counted_not_raised(tmp_path):
         maker = PromptMaker(0, "f", 4000, 9)  # the same first tokens the run will draw, in order
         firsts = [maker.make("x", 2, i)[0] for i in range(9)]
         # warm-up 0; prefill 256: 1, 2; prefill 1024: 3, 4; decode 5..8
-        stub.fail = {firsts[1]: "http500", firsts[4]: "hang", firsts[5]: "stream-error", firsts[6]: "short"}
+        stub.fail = {firsts[1]: "http500", firsts[4]: "hang", firsts[5]: "stream-error", firsts[6]: "short",
+                     firsts[7]: "drip"}
         rc = main(["--quiet", "bench", "serve", "--url", stub.url, "--tag", "f", "--lengths", "256,1024",
                    "--decode-batch", "4", "--decode-length", "512", "--decode-tokens", "8",
                    "--warmup-length", "64", "--timeout", "1", "--out", str(tmp_path)])
     assert rc == 0
     doc = json.loads((tmp_path / "serve_f.json").read_text())
-    assert doc["lost"]["lost"] == 4 and doc["lost"]["requests"] == 9
-    assert [r["lost"] for r in doc["prefill"]] == [1, 1] and doc["decode"]["lost"] == 2
+    assert doc["lost"]["lost"] == 5 and doc["lost"]["requests"] == 9
+    assert [r["lost"] for r in doc["prefill"]] == [1, 1] and doc["decode"]["lost"] == 3
     errors = " | ".join(doc["lost"]["errors"])
     assert "HTTP 500" in errors and "injected stream error" in errors and "returned 7 of 8" in errors
-    assert "timed out" in errors
+    assert "TimeoutError: timed out" in errors  # no data for --timeout seconds
+    assert "timed out: still streaming after 1 s" in errors  # data, but longer than --timeout in all
     assert doc["prefill"][0]["ttft_s"]["min"] is not None  # the other request of that length still counts
-    assert doc["decode"]["client"]["measured"] == 2
+    assert doc["decode"]["client"]["measured"] == 1
 
 
 def test_decode_stats_window_and_itl():
