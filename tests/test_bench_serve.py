@@ -2,7 +2,7 @@
 
 The stub implements ``GET /health``, ``GET /server_info`` and streamed ``POST /generate`` the way
 SGLang 0.5.17 answers under ``--skip-tokenizer-init`` (``data: {"output_ids": [...], "meta_info":
-{...}}`` lines, cumulative ids, ``data: [DONE]``), with a controllable prefill delay per prompt token
+{...}}`` lines, cumulative ids, ``data: [DONE]``, chunked transfer encoding), with a controllable prefill delay per prompt token
 and a fixed inter-token delay, and appends SGLang-format ``Prefill batch`` / ``Decode batch`` lines
 to a log file while it runs.
 """
@@ -10,6 +10,8 @@ to a log file while it runs.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -67,6 +69,8 @@ class Stub(ThreadingHTTPServer):
 
 
 class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # streams go out chunked, as uvicorn sends SGLang's StreamingResponse
+
     def log_message(self, *args):
         pass
 
@@ -75,6 +79,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -82,6 +87,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/health":
             self.send_response(200)
             self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
             self.end_headers()
         elif self.path == "/server_info":
             self._json(200, {"model_path": "/models/glm5-dsa-4l", "disable_radix_cache": True,
@@ -102,6 +108,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(500, {"error": {"message": "injected failure"}})
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
         self.end_headers()
         s.log(PREFILL_LINE.format(s=0, n=s.active))
         time.sleep(s.prefill_base_s + s.prefill_s_per_token * len(ids))
@@ -122,7 +130,8 @@ class Handler(BaseHTTPRequestHandler):
                 meta = {"id": "r", "finish_reason": None if k + 1 < new else {"type": "length"},
                         "prompt_tokens": len(ids), "completion_tokens": k + 1, "cached_tokens": 0}
                 self._send({"output_ids": out, "meta_info": meta})
-            self.wfile.write(b"data: [DONE]\n\n")
+            self._chunk(b"data: [DONE]\n\n")
+            self._chunk(b"")
         except OSError:  # the client gave up (timeout)
             pass
         finally:
@@ -130,7 +139,10 @@ class Handler(BaseHTTPRequestHandler):
                 s.active -= 1
 
     def _send(self, obj):
-        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        self._chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+
+    def _chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
 
@@ -290,3 +302,12 @@ def test_bad_flags_exit_2(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_serve_path_imports_no_torch():
+    """The client runs on the GPU host with plain python3: no torch, numpy or SGLang on its path."""
+    code = ("import sys; from sglang_indexcache.cli import build_parser; build_parser();"
+            " import sglang_indexcache.bench.serve_run, sglang_indexcache.bench.serve_report;"
+            " print([m for m in ('torch', 'numpy', 'sglang', 'tqdm') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
