@@ -87,7 +87,7 @@ def _prefill(spec: ServeSpec, client: Client, prompts: PromptMaker, origin: floa
     return rows
 
 
-def _decode(spec: ServeSpec, client: Client, prompts: PromptMaker, origin: float) -> dict:
+def _decode(spec: ServeSpec, client: Client, prompts: PromptMaker, origin: float, interval) -> dict:
     window = serve_log.LogWindow(spec.server_log) if spec.server_log else None
     if window:
         window.start()
@@ -104,7 +104,7 @@ def _decode(spec: ServeSpec, client: Client, prompts: PromptMaker, origin: float
     server = None
     if window:
         time.sleep(1.0)  # let the scheduler's last lines reach the file
-        server = serve_log.summarize(window.read(), spec.decode_batch, _interval(client))
+        server = serve_log.summarize(window.read(), spec.decode_batch, interval)
     lost = sum(not s.ok for s in samples)
     log.info("[%s] decode: client %s tok/s, server log %s tok/s (%s steady lines), lost %d", spec.tag,
              _fmt(stats["tok_s"]), _fmt(server and server["tok_s_median"]),
@@ -115,11 +115,6 @@ def _decode(spec: ServeSpec, client: Client, prompts: PromptMaker, origin: float
     return {"batch": spec.decode_batch, "length": spec.decode_length, "new_tokens": spec.decode_tokens,
             "client": stats, "server_log": server, "lost": lost,
             "samples": [s.to_json(origin) for s in samples]}
-
-
-def _interval(client: Client):
-    info = _server_info(client)
-    return info.get("decode_log_interval")
 
 
 def _fmt(value) -> str:
@@ -169,7 +164,7 @@ def run(spec: ServeSpec, client: Client, on_update=None) -> dict:
     if on_update:
         on_update(doc)
     if spec.decode_batch > 0:
-        doc["decode"] = _decode(spec, client, prompts, origin)
+        doc["decode"] = _decode(spec, client, prompts, origin, doc["server"].get("decode_log_interval"))
     doc["lost"] = _lost(doc)
     if on_update:
         on_update(doc)
