@@ -14,6 +14,7 @@ import json
 
 from ..bench import kernels as kernel_bench
 from ..errors import UsageError
+from . import bench_serve
 
 CONFIG_NAMES = ("tiny", "glm-5", "deepseek-v3.2", "glm-30b-a3b")
 DEFAULT_PATTERNS = "all-F,every-2,every-4,every-8"
@@ -69,6 +70,7 @@ def add_arguments(parser):
     dec.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes (default 1,8)")
     kern = modes.add_parser("kernels", help="the DSA kernels alone (sglang_indexcache.bench.kernels)")
     kernel_bench.add_kernel_arguments(kern)
+    bench_serve.add_arguments(modes)
 
 
 def _config(name: str) -> dict:
@@ -140,6 +142,8 @@ def _run_kernels(args) -> int:
 def run(args) -> int:
     if args.mode == "kernels":
         return _run_kernels(args)
+    if args.mode in bench_serve.MODES:
+        return bench_serve.run(args)
     from ..bench import report, runner
     from ..pattern_file import atomic_write_text
 
