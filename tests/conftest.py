@@ -60,3 +60,10 @@ def make_checkpoint(tmp_path):
     def make(name="model", **kwargs):
         return write_dsa_checkpoint(tmp_path / name, **kwargs)
     return make
+
+
+@pytest.fixture(scope="module", params=__import__("sglang_support.trees", fromlist=["RELEASES"]).RELEASES,
+                ids=lambda release: f"sglang-{release}")
+def sglang_release(request) -> str:
+    """Each supported SGLang release in turn (``patches/sglang-version``): the SGLang suites run on all."""
+    return request.param

@@ -4,7 +4,6 @@ and the overlay's pure parts: overlap recall, what a config.json selects."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -21,13 +20,12 @@ DRIVER = sgl.DRIVER.with_name("endpoints_driver.py")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    trees = sgl.trees(tmp_path_factory)
+def run(tmp_path_factory, sglang_release):
+    trees = sgl.trees(tmp_path_factory, sglang_release)
     checkpoint = ck.session_checkpoints(tmp_path_factory)["types"]
     results = tmp_path_factory.mktemp("endpoints") / "results.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(trees.patched), str(sgl.REPO)]), PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(DRIVER), str(checkpoint), str(results)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(DRIVER), str(checkpoint), str(results)],
+                          env=sgl.env(trees.patched, sglang_release), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(results.read_text())
 
@@ -46,12 +44,23 @@ def test_get_state_and_gauge(run):
 
 
 @pytest.mark.sglang
-def test_switch_waits_for_idle_flushes_and_updates_gauge(run):
+def test_switch_under_load_retracts_switches_and_continues(run):
+    status, body = run["set_in_flight"]
+    assert status == 200 and body["pattern"] == "FSFSFSFS"
+    after = run["after_in_flight"]
+    # pause in retract mode under the old pattern, switch, continue under the new one; no flush
+    assert after["events"] == [["pause", "retract", "FSSFSSSF"], ["continue", "FSFSFSFS"]]
+    assert after["model"] == "FSFSFSFS" and after["flushes"] == 0 and after["idle_checks"] == 1
+
+
+@pytest.mark.sglang
+def test_switch_waits_while_paused_by_another_then_flushes_and_updates_gauge(run):
     status, body = run["set"]
     assert status == 200 and body["pattern"] == "FSSSFSSS"
     after = run["after_set"]
     assert after["model"] == "FSSSFSSS" and after["next"] == [True, True, True, False, True, True, True, False]
-    assert after["idle_checks"] == 3  # busy twice (HTTP side retried), switched on the third
+    assert after["idle_checks"] == 4  # 1 under load, then busy twice (HTTP side retried), switched on the third
+    assert len(after["events"]) == 2  # the paused scheduler was not paused or continued again
     assert after["flushes"] == 1 and after["gauge"] == 2
     assert run["server_info"]["pattern"] == "FSSSFSSS"
 
@@ -71,8 +80,10 @@ def test_overlap_runs_all_f_and_restores(run):
     assert run["after_overlap"]["generate_patterns"] == ["FFFFFFFF"] and run["after_overlap"]["return_indexer_topk"]
     assert run["after_overlap"]["model"] == "FSSSFSSS"
     assert body["tokens"] == 10
-    assert [(r["layer"], r["source"], r["recall"]) for r in body["layers"]] == [
-        (1, 0, 0.75), (2, 0, 0.5), (3, 0, 0.25), (5, 4, 0.75), (6, 4, 0.5), (7, 4, 0.25)]
+    assert [(r["layer"], r["source"], r["shared"], r["recall"]) for r in body["layers"]] == [
+        (0, 0, False, 1.0), (1, 0, True, 0.75), (2, 0, True, 0.5), (3, 0, True, 0.25),
+        (4, 4, False, 1.0), (5, 4, True, 0.75), (6, 4, True, 0.5), (7, 4, True, 0.25)]
+    assert body["mean_recall"] == pytest.approx(0.5)  # S layers only
 
 
 @pytest.mark.sglang

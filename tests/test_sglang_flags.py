@@ -1,4 +1,4 @@
-"""Server-args level regression of the patched SGLang 0.5.23 against stock, on the CPU.
+"""Server-args level regression of the patched SGLang against stock (every supported release), on the CPU.
 
 All cases run in two fresh subprocesses (one imports the stock tree, one the patched tree): parse
 the command line, resolve it, build ``ModelConfig`` and read ``dsa_layer_skips_topk`` per layer.
@@ -115,8 +115,8 @@ def _argv(ckpts, files, name, extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    trees = sgl.trees(tmp_path_factory)
+def results(tmp_path_factory, sglang_release):
+    trees = sgl.trees(tmp_path_factory, sglang_release)
     ckpts = ck.session_checkpoints(tmp_path_factory)
     work = tmp_path_factory.mktemp("sglang-flags")
     not_dsa = work / "not_dsa"
@@ -130,9 +130,10 @@ def results(tmp_path_factory):
     no_flag = [{"argv": _argv(ckpts, files, c, [] if o is None else ["--json-model-override-args", json.dumps(o)])}
                for _, c, o in NO_FLAG_CASES]
     flagged = [{"argv": _argv(ckpts, files, c, f)} for _, c, f, _ in FLAG_CASES + BAD_CASES]
-    stock = sgl.run_driver(trees.stock, no_flag, work / "stock")
-    patched = sgl.run_driver(trees.patched, no_flag + flagged, work / "patched")
-    return {"stock": stock, "patched": patched[:len(no_flag)], "flagged": patched[len(no_flag):]}
+    stock = sgl.run_driver(trees.stock, no_flag, work / "stock", sglang_release)
+    patched = sgl.run_driver(trees.patched, no_flag + flagged, work / "patched", sglang_release)
+    return {"stock": stock, "patched": patched[:len(no_flag)], "flagged": patched[len(no_flag):],
+            "release": sglang_release, "ckpts": ckpts}
 
 
 @pytest.mark.parametrize("index", range(len(NO_FLAG_CASES)), ids=[c[0] for c in NO_FLAG_CASES])
@@ -151,10 +152,12 @@ def test_without_flags_patched_equals_stock(results, index):
 
 
 def test_stock_trap_is_real(results):
-    """On a checkpoint with indexer_types, stock ignores a pattern override (what our flag fixes)."""
+    """On a checkpoint with indexer_types, stock 0.5.23 ignores a pattern override (what our flag fixes);
+    0.5.17 has no indexer_types and follows the override."""
     ids = [c[0] for c in NO_FLAG_CASES]
     trap = results["stock"][ids.index("types-override-pattern")]
-    assert trap["skips"] == [False] * N
+    expected = "FFFFFFFF" if results["release"] == "0.5.23" else "FSSFSSSF"
+    assert trap["skips"] == [c == "S" for c in expected]
     nulled = results["stock"][ids.index("types-null-types-pattern")]
     assert nulled["skips"] == [c == "S" for c in "FSFSFSFS"]
 
@@ -172,14 +175,19 @@ def test_flag_sets_every_layer(results, index):
         assert startup[0].startswith(f"IndexCache: pattern {pat.describe(running)}")
         assert result["args"]["enable_return_indexer_topk"] is True
         assert {phase["backend"] for phase in result["args"]["cuda_graph_config"].values()} == {"disabled"}
-        assert "index_cache_calibration" in result["declared"]  # our declaration (CPU disables graphs anyway)
+        assert result["args"]["disable_radix_cache"] is True
+        if results["release"] == "0.5.23":
+            assert "index_cache_calibration" in result["declared"]  # our declaration (CPU disables graphs anyway)
     else:
         assert "index_cache_calibration" not in result["declared"]
         assert startup[0].startswith(f"IndexCache: pattern {pat.describe(expected)}")
+    # the override line names what this release would have read from config.json alone
+    config = json.loads((results["ckpts"][checkpoint] / "config.json").read_text())
+    ckpt_pattern, key = pat.sglang_config_pattern(config, reads_indexer_types=results["release"] == "0.5.23")
     overrode = [line for line in result["logs"] if "overrode the checkpoint's" in line]
-    assert len(overrode) == (0 if checkpoint == "plain" else 1)
-    if checkpoint in ("types", "glm52"):
-        assert "indexer_types" in overrode[0]
+    assert len(overrode) == (0 if key is None else 1)
+    if key is not None:
+        assert f"overrode the checkpoint's {key} ({ckpt_pattern})" in overrode[0]
 
 
 def test_flag_values_are_parsed(results):

@@ -1,12 +1,11 @@
 """Start-up of the patched server: a bad IndexCache flag is one line on stderr and exit 2.
 
-Runs SGLang 0.5.23's own ``run_server`` (the entry of ``python -m sglang.launch_server`` and
+Runs SGLang's own ``run_server`` (each supported release) (the entry of ``python -m sglang.launch_server`` and
 ``sglang serve``) in a fresh interpreter on the CPU; resolution stops before any server starts.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -28,21 +27,19 @@ run_server(prepare_server_args(sys.argv[1:]))
 """
 
 
-def _launch(tree, argv, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(sgl.REPO)]), SGLANG_USE_CPU_ENGINE="1",
-               PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", LAUNCH, *argv], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+def _launch(tree, release, argv, tmp_path):
+    return subprocess.run([sys.executable, "-c", LAUNCH, *argv], env=sgl.env(tree, release), capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--index-cache-pattern", "SFFFFFFF"], "layer 0 must be F"),
     (["--index-cache-pattern", "FSSF"], "4 layers but the model has 8"),
 ])
-def test_bad_flag_is_one_line_and_exit_2(tmp_path_factory, tmp_path, flags, message):
-    trees = sgl.trees(tmp_path_factory)
+def test_bad_flag_is_one_line_and_exit_2(tmp_path_factory, tmp_path, sglang_release, flags, message):
+    trees = sgl.trees(tmp_path_factory, sglang_release)
     model = ck.write_glm_dsa_checkpoint(tmp_path / "model", "types")
-    proc = _launch(trees.patched, ["--model-path", str(model), "--device", "cpu", *flags], tmp_path)
+    proc = _launch(trees.patched, sglang_release, ["--model-path", str(model), "--device", "cpu", *flags], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("IndexCache: error:")]

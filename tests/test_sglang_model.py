@@ -1,4 +1,4 @@
-"""Model-level regression against stock SGLang 0.5.23: its own GlmMoeDsaForCausalLM, built on the CPU.
+"""Model-level regression against stock SGLang (each supported release): its own GlmMoeDsaForCausalLM, on the CPU.
 
 For each case, SGLang's model class is built from the resolved server args and loaded with
 SGLang's own ``load_weights``; per layer we read ``(skip_topk, next_skip_topk, has_indexer,
@@ -81,8 +81,8 @@ def _argv(path, extra) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    trees = sgl.trees(tmp_path_factory)
+def results(tmp_path_factory, sglang_release):
+    trees = sgl.trees(tmp_path_factory, sglang_release)
     ckpts = ck.session_checkpoints(tmp_path_factory)
     work = tmp_path_factory.mktemp("sglang-model")
     files = {}
@@ -101,18 +101,35 @@ def results(tmp_path_factory):
         {"argv": _argv(ckpts["types"], ["--index-cache-calibration", "--index-cache-pattern", "FSSFSSSF"]),
          "build": True, "switch": CALIBRATION_SWITCHES},
     ]
-    stock = sgl.run_driver(trees.stock, no_flag, work / "stock")
-    patched = sgl.run_driver(trees.patched, no_flag + flagged + special, work / "patched")
+    stock = sgl.run_driver(trees.stock, no_flag, work / "stock", sglang_release)
+    patched = sgl.run_driver(trees.patched, no_flag + flagged + special, work / "patched", sglang_release)
     # The last flagged case again, alone in a fresh process: batching must not change any result.
-    [alone] = sgl.run_driver(trees.patched, [flagged[-1]], work / "alone")
-    return {"stock": stock, "patched": patched[:len(no_flag)],
+    [alone] = sgl.run_driver(trees.patched, [flagged[-1]], work / "alone", sglang_release)
+    return {"release": sglang_release, "ckpts": ckpts, "stock": stock, "patched": patched[:len(no_flag)],
             "flagged": patched[len(no_flag):len(no_flag) + len(flagged)],
             "refused": patched[-2], "calibration": patched[-1], "alone": alone}
 
 
+def stock_expectation(results, index):
+    """(pattern, last layer's next_skip_topk, unloaded F layers) stock builds for NO_FLAG_CASES[index].
+
+    0.5.23: the table above (it reads indexer_types first, the trap). 0.5.17 reads no indexer_types:
+    ``pattern.sglang_config_pattern`` of config.json with the override, over one layer more for the
+    absent successor's flag.
+    """
+    _, checkpoint, override, expected, last_next, unloaded = NO_FLAG_CASES[index]
+    if results["release"] == "0.5.23":
+        return expected, last_next, unloaded
+    config = {**json.loads((results["ckpts"][checkpoint] / "config.json").read_text()), **(override or {})}
+    selected, _ = pat.sglang_config_pattern({**config, "num_hidden_layers": N + 1}, reads_indexer_types=False)
+    selected = selected or pat.FULL * (N + 1)
+    missing = GLM52_MISSING if checkpoint == "glm52" else set()
+    return selected[:N], selected[N] == pat.SHARED, {i for i in missing if selected[i] == pat.FULL}
+
+
 @pytest.mark.parametrize("index", range(len(NO_FLAG_CASES)), ids=[c[0] for c in NO_FLAG_CASES])
 def test_without_flags_model_equals_stock(results, index):
-    _, _, _, expected, last_next, unloaded = NO_FLAG_CASES[index]
+    expected, last_next, unloaded = stock_expectation(results, index)
     stock, patched = results["stock"][index], results["patched"][index]
     assert "error" not in stock, stock.get("error")
     assert stock["layers"] == expected_layers(expected, last_next, unloaded)
@@ -127,8 +144,12 @@ def test_flag_pattern_reaches_every_layer(results, index):
     assert "error" not in result, result.get("error")
     assert result["layers"] == expected_layers(expected)
     overrode = [line for line in result["logs"] if "overrode the checkpoint's" in line]
-    if checkpoint in ("types", "glm52"):  # config.json carries indexer_types: the flag wins, and says so
-        assert len(overrode) == 1 and "indexer_types" in overrode[0] and overrode[0].endswith(expected)
+    config = json.loads((results["ckpts"][checkpoint] / "config.json").read_text())
+    _, key = pat.sglang_config_pattern(config, reads_indexer_types=results["release"] == "0.5.23")
+    if key is not None:  # config.json carries a pattern this release reads: the flag wins, and says so
+        assert len(overrode) == 1 and key in overrode[0] and overrode[0].endswith(expected)
+    else:
+        assert overrode == []
 
 
 def test_a_case_alone_equals_the_same_case_in_a_batch(results):
@@ -162,7 +183,7 @@ def test_calibration_keeps_every_indexer_and_switches(results):
         previous = step["layers"]
 
 
-def test_embedded_model_loads_in_sglang(tmp_path_factory):
+def test_embedded_model_loads_in_sglang(tmp_path_factory, sglang_release):
     """models/tiny-glm-dsa through SGLang's own loader; config keys SGLang needs are listed if missing."""
     if not (TINY_MODEL_DIR / "config.json").is_file() or not (TINY_MODEL_DIR / "model.safetensors").is_file():
         pytest.skip(f"{TINY_MODEL_DIR} has no config.json + model.safetensors yet")
@@ -171,16 +192,16 @@ def test_embedded_model_loads_in_sglang(tmp_path_factory):
     overrides = {key: value for key, value, _ in gaps if key is not None}
     argv = _argv(TINY_MODEL_DIR, ["--dtype", "bfloat16", "--skip-tokenizer-init"]
                  + (["--json-model-override-args", json.dumps(overrides)] if overrides else []))
-    trees = sgl.trees(tmp_path_factory)
+    trees = sgl.trees(tmp_path_factory, sglang_release)
     work = tmp_path_factory.mktemp("embedded")
-    [stock] = sgl.run_driver(trees.stock, [{"argv": argv, "build": True}], work / "stock")
+    [stock] = sgl.run_driver(trees.stock, [{"argv": argv, "build": True}], work / "stock", sglang_release)
     assert "error" not in stock, f"gaps {[g[2] for g in gaps]}: {stock.get('error')}"
     layers = stock["layers"]
     assert all(row[3] for row in layers if row[2]), f"indexer weights not loaded: {layers}"
     layer_count = len(layers)
     plain, every4 = sgl.run_driver(trees.patched, [{"argv": argv, "build": True},
                                                    {"argv": argv + ["--index-cache-every", "4"], "build": True}],
-                                   work / "patched")
+                                   work / "patched", sglang_release)
     assert plain["layers"] == layers
     if set(load_model_info(TINY_MODEL_DIR).layers_with_indexer) == set(range(layer_count)):
         assert every4["layers"] == expected_layers(pat.uniform(layer_count, 4)), every4.get("error")

@@ -1,4 +1,5 @@
-"""The patch set against the real SGLang 0.5.23 wheel: series checks, apply/revert, both layouts.
+"""The patch series against the real SGLang wheels (every supported release): series checks,
+apply/revert, both layouts, other releases refused.
 
 Fast: no SGLang import. Trees that apply/revert are made of only the files the patches touch plus
 the package's ``__init__.py`` and ``_version.py``, extracted from the cached wheel.
@@ -22,18 +23,18 @@ pytestmark = pytest.mark.sglang
 MAX_CHANGED_LINES = 150
 
 
-def patched_files() -> set[str]:
+def patched_files(release: str) -> set[str]:
     files = set()
-    for patch in patchset.series():
+    for patch in patchset.series(version=release):
         files |= set(re.findall(r"^diff --git a/python/(\S+) ", patch.read_text(), re.M))
     return files
 
 
 @pytest.fixture
-def small_tree(tmp_path):
+def small_tree(tmp_path, sglang_release):
     """An installed-layout tree holding just what the patches and the version check read."""
-    members = patched_files() | {"sglang/__init__.py", "sglang/_version.py", "sglang/version.py"}
-    return sgl.unpack(sgl.wheel(), tmp_path / "site", members)
+    members = patched_files(sglang_release) | {"sglang/__init__.py", "sglang/_version.py", "sglang/version.py"}
+    return sgl.unpack(sgl.wheel(sglang_release), tmp_path / "site", members)
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -41,8 +42,15 @@ def digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_series_lists_every_patch_once_and_each_is_small():
-    patches = patchset.series()
+def test_supported_releases_are_listed_oldest_first():
+    versions = patchset.supported_versions()
+    assert versions == sorted(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
+    assert {"0.5.17", "0.5.23"} <= set(versions)
+
+
+@pytest.mark.parametrize("release", patchset.supported_versions())
+def test_series_lists_every_patch_once_and_each_is_small(release):
+    patches = patchset.series(version=release)
     assert [p.name[:4] for p in patches] == sorted(p.name[:4] for p in patches)
     for patch in patches:
         text = patch.read_text()
@@ -63,9 +71,9 @@ def test_series_lists_every_patch_once_and_each_is_small():
 def test_check_refuses_a_broken_series(tmp_path, damage, message):
     patches_dir = tmp_path / "patches"
     shutil.copytree(patchset.PATCHES_DIR, patches_dir)
-    directory = patches_dir / f"sglang-{patchset.pinned_version(patches_dir)}"
+    directory = patches_dir / f"sglang-{patchset.supported_versions(patches_dir)[0]}"  # any release's series
     series = directory / "series"
-    first = patchset.series(patches_dir)[0].name
+    first = patchset.series(patches_dir, directory.name.split("-", 1)[1])[0].name
     if damage == "missing":
         (directory / first).unlink()
     elif damage == "unused":
@@ -76,12 +84,12 @@ def test_check_refuses_a_broken_series(tmp_path, damage, message):
         patchset.check(None, patches_dir)
 
 
-def test_apply_is_idempotent_and_revert_restores_bytes(small_tree):
+def test_apply_is_idempotent_and_revert_restores_bytes(small_tree, sglang_release):
     before = digest(small_tree)
-    assert "applies cleanly" in patchset.check(small_tree)
-    assert patchset.apply(small_tree).startswith(f"applied {len(patchset.series())} patches")
+    assert f"(SGLang {sglang_release}): applies cleanly" in patchset.check(small_tree)
+    assert patchset.apply(small_tree).startswith(f"applied {len(patchset.series(version=sglang_release))} patches")
     after = digest(small_tree)
-    assert {name for name in before if before[name] != after[name]} == patched_files()
+    assert {name for name in before if before[name] != after[name]} == patched_files(sglang_release)
     assert patchset.apply(small_tree).startswith("already applied")
     assert digest(small_tree) == after
     assert patchset.revert(small_tree).startswith("reverted")
@@ -100,11 +108,18 @@ def test_checkout_layout(tmp_path, small_tree):
     assert digest(checkout) == before
 
 
-def test_other_version_is_refused_with_nothing_changed(small_tree):
+OTHER_RELEASES = {"0.5.17": ["0.5.16", "0.5.18"], "0.5.23": ["0.5.22", "0.5.24"]}
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_other_version_is_refused_with_nothing_changed(small_tree, sglang_release, step):
+    other = OTHER_RELEASES[sglang_release][step]
     version_file = small_tree / "sglang" / "_version.py"
-    version_file.write_text(version_file.read_text().replace("'0.5.23'", "'0.5.22'"))
+    version_file.write_text(version_file.read_text().replace(f"'{sglang_release}'", f"'{other}'"))
     before = digest(small_tree)
-    with pytest.raises(patchset.PatchSetError, match="holds SGLang 0.5.22, but the patches are for SGLang 0.5.23"):
+    supported = ", ".join(patchset.supported_versions())
+    with pytest.raises(patchset.PatchSetError,
+                       match=f"holds SGLang {re.escape(other)}, but patch series exist only for SGLang {supported}"):
         patchset.apply(small_tree)
     assert digest(small_tree) == before
 
@@ -119,8 +134,8 @@ def test_tree_that_does_not_match_is_refused_with_nothing_changed(small_tree):
     assert digest(small_tree) == before
 
 
-def test_partly_patched_tree_is_refused(small_tree):
-    first = patchset.series()[0]
+def test_partly_patched_tree_is_refused(small_tree, sglang_release):
+    first = patchset.series(version=sglang_release)[0]
     subprocess.run(["git", "apply", "-p2", str(first)], cwd=small_tree, check=True)
     with pytest.raises(patchset.PatchSetError, match="partly patched"):
         patchset.apply(small_tree)

@@ -52,8 +52,8 @@ def test_needs_a_pattern_file_or_calibration(model_and_file):
 
 
 @pytest.mark.sglang
-def test_refuses_an_unpatched_sglang(model_and_file, tmp_path_factory):
+def test_refuses_an_unpatched_sglang(model_and_file, tmp_path_factory, sglang_release):
     model, path = model_and_file
-    trees = sgl.trees(tmp_path_factory)
+    trees = sgl.trees(tmp_path_factory, sglang_release)
     proc = serve("--model", model, "--pattern-file", path, pythonpath=trees.stock)
     assert proc.returncode == 2 and "is not patched: make apply-patches" in proc.stderr

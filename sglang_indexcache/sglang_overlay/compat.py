@@ -52,8 +52,13 @@ def reads_indexer_types() -> bool:
     return READS_INDEXER_TYPES.get(release(), True)
 
 
-def disable_graphs_and_capture_topk(server_args, cfg, source: str) -> None:
-    """Calibration mode: no CUDA graph in any phase, indexer top-k capture on."""
+def calibration_adjustments(server_args, cfg, source: str) -> None:
+    """Calibration mode: no CUDA graph in any phase, no radix cache, indexer top-k capture on.
+
+    The radix cache goes because a prefix cached under one pattern lacks the index keys of the
+    layers another pattern makes F; with it off, a switch under load retracts the running requests
+    and they recompute their whole KV under the new pattern (``runtime.handle_request``).
+    """
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
 
     if _lazy_resolution():
@@ -63,7 +68,8 @@ def disable_graphs_and_capture_topk(server_args, cfg, source: str) -> None:
         graphs = cfg.cuda_graph_config
         for phase in Phase.ALL:
             graphs = with_phase(graphs, phase, backend=Backend.DISABLED)
-        declare_resolution(server_args, source, cuda_graph_config=graphs, enable_return_indexer_topk=True)
+        declare_resolution(server_args, source, cuda_graph_config=graphs, enable_return_indexer_topk=True,
+                           disable_radix_cache=True)
         return
     # 0.5.17: __post_init__ has already parsed cuda_graph_config into per-phase objects; the
     # runtime reads the fields once resolution ends, and no model declaration touches them.
@@ -71,3 +77,4 @@ def disable_graphs_and_capture_topk(server_args, cfg, source: str) -> None:
         getattr(server_args.cuda_graph_config, phase).backend = Backend.DISABLED
     server_args.disable_cuda_graph = True
     server_args.enable_return_indexer_topk = True
+    server_args.disable_radix_cache = True

@@ -114,10 +114,13 @@ def server_info(server_args) -> dict | None:
 def handle_request(scheduler, req):
     """Scheduler handler of ``IndexCacheReqInput``: ``get`` the state or ``set`` a pattern.
 
-    A switch is validated first (an invalid pattern changes nothing), runs only when the scheduler
-    is fully idle (otherwise it answers ``busy`` and the HTTP side retries), so no batch ever mixes
-    two patterns, and flushes the prefix cache (cached prefixes lack the index keys of layers that
-    were S).
+    A switch is validated first (an invalid pattern changes nothing) and runs between batches, so
+    no batch ever mixes two patterns. When the scheduler is idle it switches and flushes the prefix
+    cache (cached prefixes lack the index keys of layers that were S). With requests in flight it
+    pauses generation in SGLang's retract mode (the running requests go back to the waiting queue
+    and free their KV), switches, and continues: the retracted requests recompute their KV under
+    the new pattern, none is lost. A scheduler paused by someone else answers ``busy`` (the HTTP
+    side retries).
     """
     from sglang.srt.managers.io_struct import IndexCacheReqOutput
 
@@ -134,16 +137,32 @@ def handle_request(scheduler, req):
         pattern = check_pattern(model, req.pattern or "")
     except UsageError as exc:
         return IndexCacheReqOutput(success=False, message=str(exc))
-    if not scheduler.is_fully_idle():
-        return IndexCacheReqOutput(success=False, busy=True, message="requests in flight")
-    apply_pattern(model, pattern)
-    if not scheduler.flush_cache():
-        logger.warning("IndexCache: prefix cache flush failed after the switch to %s", pattern)
+    if scheduler.is_fully_idle():
+        apply_pattern(model, pattern)
+        how = "prefix cache flushed" if scheduler.flush_cache() else "prefix cache flush failed"
+    elif getattr(scheduler, "_engine_paused", False):
+        return IndexCacheReqOutput(success=False, busy=True, message="generation is paused by another request")
+    else:
+        retracted = _switch_in_flight(scheduler, model, pattern)
+        how = f"{retracted} running requests retracted, their KV recomputed under the new pattern"
     _STATE["pattern"] = pattern
     if _STATE["gauge"] is not None:
         _STATE["gauge"].set(pattern.count(pat.FULL))
-    logger.info("IndexCache: switched to pattern %s; prefix cache flushed", pat.describe(pattern))
+    logger.info("IndexCache: switched to pattern %s; %s", pat.describe(pattern), how)
     return IndexCacheReqOutput(success=True, state=state())
+
+
+def _switch_in_flight(scheduler, model, pattern: str) -> int:
+    """Pause (retract mode), switch, continue; returns how many requests were retracted."""
+    from sglang.srt.managers.io_struct import ContinueGenerationReqInput, PauseGenerationReqInput
+
+    running = len(scheduler.running_batch.reqs) + (scheduler.chunked_req is not None)
+    scheduler.pause_generation(PauseGenerationReqInput(mode="retract"))
+    try:
+        apply_pattern(model, pattern)
+    finally:
+        scheduler.continue_generation(ContinueGenerationReqInput(torch_empty_cache=False))
+    return running
 
 
 def remember_pattern(pattern: str) -> None:

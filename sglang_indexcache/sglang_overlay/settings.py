@@ -231,9 +231,10 @@ def check_server_args(server_args) -> Settings | None:
         if getattr(cfg, "pp_size", 1) != 1:
             raise IndexCacheError("--index-cache-calibration needs --pp-size 1 (top-k does not cross pipeline stages)")
         # Calibration mode switches patterns at run time: no CUDA graphs (they freeze the branch).
-        compat.disable_graphs_and_capture_topk(server_args, cfg, "index_cache_calibration")
-        logger.warning("IndexCache calibration mode: CUDA graphs disabled (a pattern switch would need a"
-                       " recapture); indexer top-k capture enabled for /index_cache/overlap")
+        compat.calibration_adjustments(server_args, cfg, "index_cache_calibration")
+        logger.warning("IndexCache calibration mode: CUDA graphs and the radix cache disabled (a pattern switch"
+                       " would need a recapture, and cached prefixes lack other patterns' index keys); indexer"
+                       " top-k capture enabled for /index_cache/overlap")
     log_startup(settings)
     return settings
 

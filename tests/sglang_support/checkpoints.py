@@ -11,8 +11,9 @@ Three flavours (``FLAVOURS``):
   as transformers writes it into every GlmMoeDsa config it saves.
 - ``plain``: every layer has an indexer; config.json has no ``indexer_types`` (pattern or frequency
   keys only, from ``extra_config``), like a DeepSeek-V3.2-style config.
-- ``glm52``: GLM-5.2-style: config.json carries ``indexer_types`` with shared layers
-  (``GLM52_PATTERN``) and the shared layers have no indexer weights at all.
+- ``glm52``: GLM-5.2-style: config.json carries its own pattern (``GLM52_PATTERN``), as
+  ``indexer_types`` (what SGLang 0.5.23 reads) and ``index_topk_pattern`` (what 0.5.17 reads), and
+  the shared layers have no indexer weights at all.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | 
     saved.update(SGLANG_CONFIG_KEYS)
     if flavour == "plain":
         saved.pop("indexer_types", None)
+    if flavour == "glm52":
+        saved["index_topk_pattern"] = GLM52_PATTERN[:num_layers]
     saved.update(extra_config or {})
     config_path.write_text(json.dumps(saved, indent=2))
     return path

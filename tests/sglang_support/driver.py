@@ -1,4 +1,4 @@
-"""Run SGLang 0.5.23 cases on the CPU in this process; used by the tests in a fresh subprocess.
+"""Run SGLang cases (0.5.17 or 0.5.23) on the CPU in this process; used by the tests in a fresh subprocess.
 
 ``python driver.py CASES.json RESULTS.json`` with ``PYTHONPATH`` pointing at a stock or patched
 SGLang tree. Each case is ``{"argv": [...], "build": bool, "switch": [patterns]}``; its result:
@@ -6,8 +6,9 @@ SGLang tree. Each case is ``{"argv": [...], "build": bool, "switch": [patterns]}
 - ``error``: ``{"type", "message"}`` when parsing, resolution or loading refused the case
   (argparse's exit is reported as type ``SystemExit`` with its stderr line);
 - ``skips``: ``dsa_layer_skips_topk(hf_config, i)`` for every layer of the resolved ModelConfig;
-- ``args``: ``server_args.resolved_dict()`` as JSON-able values (``index_cache_*`` fields dropped,
-  so stock and patched compare directly);
+- ``args``: the resolved arguments as JSON-able values (0.5.23: ``server_args.resolved_dict()``;
+  0.5.17, which resolves in ``__post_init__``: the fields), ``index_cache_*`` fields dropped, so
+  stock and patched compare directly;
 - ``layers`` (with ``build``): per layer ``[skip_topk, next_skip_topk, has_indexer,
   indexer weights equal to the checkpoint's]`` after SGLang's own ``load_weights``;
 - ``switched`` (with ``switch``): per requested pattern, the layers after the overlay's switch
@@ -45,6 +46,10 @@ class _Capture(logging.Handler):
 
 
 def _jsonable(value):
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
     try:
         json.dumps(value)
         return value
@@ -93,14 +98,38 @@ def _layers(model, state_dict):
     return rows
 
 
+def _resolve(server_args) -> dict:
+    """Finish resolution, publish the runtime context, return the resolved arguments (per release)."""
+    from sglang.srt import runtime_context
+
+    if hasattr(server_args, "resolve_once"):  # 0.5.23: lazy resolution, then publish
+        server_args.resolve_once()
+        runtime_context.publish(server_args, role="scheduler",
+                                ranks=runtime_context.SpawnRanks(world_rank=0, gpu_id=0))
+        return server_args.resolved_dict()
+    import dataclasses  # 0.5.17: __post_init__ has resolved every field
+
+    runtime_context.publish(server_args, role="scheduler")
+    return {f.name: getattr(server_args, f.name) for f in dataclasses.fields(server_args)}
+
+
+def _model_config(server_args):
+    from sglang.srt import runtime_context
+
+    if hasattr(runtime_context, "process_model_config"):
+        return runtime_context.process_model_config()
+    from sglang.srt.configs.model_config import ModelConfig
+
+    return ModelConfig.from_server_args(server_args)
+
+
 def _build(result, case):
     from safetensors.torch import load_file
     from sglang.srt.model_loader.utils import set_default_torch_dtype
     from sglang.srt.models.glm4_moe import GlmMoeDsaForCausalLM
-    from sglang.srt.runtime_context import process_model_config
 
     _init_dist()
-    config = process_model_config()
+    config = _model_config(result["_server_args"])
     with set_default_torch_dtype(config.dtype):
         model = GlmMoeDsaForCausalLM(config.hf_config, quant_config=None)
     state_dict = load_file(os.path.join(case["argv"][case["argv"].index("--model-path") + 1], "model.safetensors"))
@@ -128,7 +157,6 @@ def _build(result, case):
 
 def run_case(case) -> dict:
     from sglang.srt.configs.model_config import ModelConfig, dsa_layer_skips_topk
-    from sglang.srt.runtime_context import SpawnRanks, publish
     from sglang.srt.server_args import prepare_server_args
 
     result = {}
@@ -136,11 +164,9 @@ def run_case(case) -> dict:
     try:
         with contextlib.redirect_stderr(stderr):
             server_args = prepare_server_args(case["argv"])
-        server_args.resolve_once()
-        publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))
+        resolved = _resolve(server_args)
         hf_config = ModelConfig.from_server_args(server_args).hf_config
         result["skips"] = [dsa_layer_skips_topk(hf_config, i) for i in range(hf_config.num_hidden_layers)]
-        resolved = server_args.resolved_dict()
         result["args"] = {k: _jsonable(v) for k, v in resolved.items() if k not in OUR_FIELDS}
         result["ours"] = {k: _jsonable(resolved[k]) for k in OUR_FIELDS if k in resolved}
         result["declared"] = sorted({source for source, _ in getattr(server_args, "_resolved_overrides", [])})

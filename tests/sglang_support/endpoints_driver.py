@@ -78,18 +78,37 @@ def main(checkpoint, results_path):
     model = _model()
     runtime.on_model_loaded(SimpleNamespace(is_draft_worker=False, model=model, server_args=server_args))
     runtime.make_gauge(Gauge, {"model_name": "tiny"}, server_args)
-    busy = {"left": 2, "idle_checks": 0, "flushes": 0}
+    # The stand-in scheduler: running requests (the first switch retracts them), then paused by
+    # someone else for two checks (the HTTP side retries), then idle.
+    busy = {"left": 2, "idle_checks": 0, "flushes": 0, "events": []}
 
-    def is_fully_idle():
-        busy["idle_checks"] += 1
-        busy["left"] -= 1
-        return busy["left"] < 0
+    class _Scheduler:
+        running_batch = SimpleNamespace(reqs=["r1", "r2", "r3"])
+        chunked_req = "r4"
+        _engine_paused = False
+        idle = False
 
-    def flush_cache():
-        busy["flushes"] += 1
-        return True
+        def is_fully_idle(self):
+            busy["idle_checks"] += 1
+            if self._engine_paused:
+                busy["left"] -= 1
+                if busy["left"] < 0:
+                    self._engine_paused, self.idle = False, True
+            return self.idle
 
-    scheduler = SimpleNamespace(is_fully_idle=is_fully_idle, flush_cache=flush_cache)
+        def flush_cache(self):
+            busy["flushes"] += 1
+            return True
+
+        def pause_generation(self, req):
+            busy["events"].append(["pause", req.mode, runtime.model_pattern(model)])
+            self._engine_paused = True
+
+        def continue_generation(self, req):
+            busy["events"].append(["continue", runtime.model_pattern(model)])
+            self._engine_paused = False
+
+    scheduler = _Scheduler()
     codec = (io_struct._msgpack_encoder, io_struct._msgpack_decoder)
     seen = {"generate_patterns": []}
 
@@ -121,6 +140,9 @@ def main(checkpoint, results_path):
         out["get"] = await call(app, "GET", "/index_cache", key=ADMIN_KEY)
         out["gauge_start"] = gauge._value.get()
         out["set_no_key"] = await call(app, "POST", "/index_cache/pattern", {"pattern": "FSSSFSSS"})
+        out["set_in_flight"] = await call(app, "POST", "/index_cache/pattern", {"pattern": "FSFSFSFS"}, key=ADMIN_KEY)
+        out["after_in_flight"] = {"model": runtime.model_pattern(model), **json.loads(json.dumps(busy))}
+        scheduler._engine_paused = True  # paused by another request: busy until it ends
         out["set"] = await call(app, "POST", "/index_cache/pattern", {"pattern": " fsssfsss "}, key=ADMIN_KEY)
         out["after_set"] = {"model": runtime.model_pattern(model), **busy, "gauge": gauge._value.get(),
                             "next": [a.self_attn.next_skip_topk for a in model.model.layers]}
