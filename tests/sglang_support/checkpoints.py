@@ -69,6 +69,9 @@ def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | 
     config_path = path / "config.json"
     saved = json.loads(config_path.read_text())
     saved.update(SGLANG_CONFIG_KEYS)
+    # Each transformers release recomputes its own default; 5.12.1 (SGLang 0.5.17's) rejects the
+    # 'indexed_attention' that later ones write, and SGLang does not read the key.
+    saved.pop("layer_types", None)
     if flavour == "plain":
         saved.pop("indexer_types", None)
     if flavour == "glm52":
