@@ -14,8 +14,10 @@ import math
 
 import torch
 
+from ..kernels.reference import gathered_attention, index_scores
 from . import kernel_anchors
 from .kernels import D_IDX, D_QK, D_V, TOPK
+from .ops import torch_indexer_prefill as torch_prefill
 
 @dataclasses.dataclass
 class Context:
@@ -41,10 +43,7 @@ def _paged(b: int, ctx: int, width: int, dtype, device):
 
 def torch_sparse_mla(q, kv_flat, rows, valid, scale):
     """Plain PyTorch: gather the selected latents, bf16 matmuls, fp32 softmax."""
-    kv = kv_flat[rows]                                              # [b, topk, d_qk]
-    s = torch.bmm(q, kv.transpose(1, 2)).float() * scale            # [b, h, topk]
-    s.masked_fill_(~valid[:, None, :], float("-inf"))
-    return torch.bmm(s.softmax(-1).to(q.dtype), kv[..., :D_V])       # [b, h, d_v]
+    return gathered_attention(q, kv_flat[rows], valid, scale, D_V)  # [b, h, d_v]
 
 
 def mla_rows(c: Context, shape: str, heads: int, batches, contexts):
@@ -104,9 +103,7 @@ def _anchor(c: Context, kind, shape, impl, fns, ref_out, flops, nbytes, extra):
 
 def torch_indexer_decode(q, w, kc_flat, rows, scale, topk):
     """Plain PyTorch: gather K, bf16 logits, relu, weighted head sum in fp32, top-k."""
-    k = kc_flat[rows]                                               # [b, L, d]
-    logits = torch.einsum("bhd,bld->bhl", q, k).relu_()            # [b, h, L]
-    scores = torch.einsum("bhl,bh->bl", logits.float(), w) * scale
+    scores = index_scores(q[:, None], w[:, None], kc_flat[rows], scale)[:, 0]  # [b, L]
     return scores.topk(min(topk, scores.shape[1]), dim=1).indices
 
 
@@ -149,17 +146,7 @@ def indexer_decode_rows(c: Context, shape: str, heads: int, batches, contexts):
 
 def torch_indexer_prefill(q, w, k, scale, topk, chunk=1024):
     """Plain PyTorch, one request: per chunk of 1024 queries, logits over the keys so far, top-k."""
-    n = q.shape[0]
-    out = torch.full((n, topk), -1, dtype=torch.int64, device=q.device)
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        logits = torch.einsum("qhd,kd->qhk", q[c0:c1], k[:c1]).relu_()      # [c, h, c1]
-        scores = torch.einsum("qhk,qh->qk", logits.float(), w[c0:c1]) * scale
-        pos = torch.arange(c0, c1, device=q.device)[:, None]
-        scores.masked_fill_(torch.arange(c1, device=q.device)[None, :] > pos, float("-inf"))
-        kk = min(topk, c1)
-        out[c0:c1, :kk] = scores.topk(kk, dim=1).indices
-    return out
+    return torch_prefill(q, w, k, topk, scale, budget_bytes=chunk * q.shape[1] * q.shape[0] * q.element_size())
 
 
 def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
