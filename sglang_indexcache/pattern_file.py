@@ -9,33 +9,17 @@ import datetime as _dt
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from . import __version__
 from . import pattern as pat
+from .atomic import atomic_write_text  # noqa: F401 - also imported from here by commands/
 from .errors import PatternError, PatternFileError
 from .model_info import ModelInfo
 
 FORMAT = "indexcache-pattern/v1"
 METHODS = ("greedy", "uniform", "distilled", "manual")
 EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_document(pattern: str, model: ModelInfo, method: str = "manual", **calibration) -> dict:

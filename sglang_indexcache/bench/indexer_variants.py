@@ -19,10 +19,10 @@ Every row is written to ``--out`` as it is measured (an interrupted run keeps wh
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
+
+from ..atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,7 @@ SWEEP = [  # rows (query tokens x padded heads), block_n, warps, stages, keys-ma
 
 
 def _save(path: str, doc: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, doc)
 
 
 def ceilings(torch, bench) -> dict:

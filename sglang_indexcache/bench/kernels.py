@@ -202,9 +202,9 @@ def run_kernels(args) -> int:
 
 
 def _save(path: str, doc: dict):
-    from ..pattern_file import atomic_write_text
+    from ..atomic import atomic_write_json
 
-    atomic_write_text(path, json.dumps(doc, indent=1))
+    atomic_write_json(path, doc)
 
 
 def _print_table(doc: dict):

@@ -25,10 +25,10 @@ the variant: registers, spills, shared memory and the CTAs per SM they allow
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
+
+from ..atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +132,7 @@ def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla
 
 
 def _save(path: str, doc: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, doc)
 
 
 def main(argv=None) -> int:

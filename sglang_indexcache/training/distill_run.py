@@ -25,6 +25,7 @@ import torch
 
 from .. import pattern as pattern_mod
 from .. import pattern_file, progress
+from ..atomic import atomic_write_text
 from ..errors import DataError, ModelDirError, UsageError
 from ..models import lm_loss
 from . import distill_io
@@ -230,5 +231,5 @@ def _finish(cfg, info, pattern, distiller, state, after, train, eval_desc) -> di
     pattern_file.write(out / "pattern.json", document)
     if state["history"]:
         distill_io.plot_losses(state["history"], out / "distill" / "loss.png", label)
-    pattern_file.atomic_write_text(out / "distill" / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "distill" / "report.json", json.dumps(report, indent=2) + "\n")
     return report
