@@ -46,7 +46,7 @@ def test_occupancy_bounds():
 @pytest.mark.parametrize("shared_table", [False, True])
 def test_mla_diagnose_index_sets(data, shared_table):
     """The diagnostic index sets select what they claim, through the page table the kernel gets."""
-    from sglang_indexcache.bench import mla_variants as mv
+    from sglang_indexcache.bench import kernel_bench_ops as mv
     from sglang_indexcache.kernels.reference import sparse_mla_decode_ref
 
     torch.manual_seed(0)

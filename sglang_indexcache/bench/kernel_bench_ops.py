@@ -14,17 +14,19 @@ import math
 
 import torch
 
+from ..kernels.indexer_scores import prefill_scores
 from ..kernels.reference import gathered_attention, index_scores
 from . import kernel_anchors
-from .kernels import D_IDX, D_QK, D_V, TOPK
 from .ops import torch_indexer_prefill as torch_prefill
+
+from .shapes import D_IDX, D_QK, D_V, TOPK
 
 @dataclasses.dataclass
 class Context:
     bench: object
     ceil: dict
     doc: dict
-    row: object                     # kernels._row
+    row: object                     # kernels._row(kind, shape, impl, ms, flops, nbytes, ceil, **extra)
     sglang_dir: str | None
     mla_config: dict | None
     device: str = "cuda"
@@ -39,6 +41,55 @@ def _paged(b: int, ctx: int, width: int, dtype, device):
     pos = torch.arange(ctx, device=device)
     rows = page_table.long()[:, pos // 64] * 64 + pos % 64          # [b, ctx]
     return cache, page_table, rows
+
+
+def prefill_scores_only(torch, q, w, k, ks, cu, config, budget_bytes=1 << 30):
+    """The score kernel over every chunk of query positions, as ``indexer_topk_prefill`` runs it."""
+    n = q.shape[0]
+    chunk = max(1, min(n, budget_bytes // (4 * n)))
+    buf = torch.empty(chunk * n, dtype=torch.float32, device=q.device)
+
+    def run():
+        for p0 in range(0, n, chunk):
+            rows = min(chunk, n - p0)
+            prefill_scores(q, w, k, cu, 0.1, buf[:rows * (p0 + rows)].view(1, rows, p0 + rows), p0, rows,
+                           k_scale=ks, **config)
+    return run
+
+
+DATA_MODES = ("random", "contiguous", "l2")
+
+
+def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device, data: str = "random"):
+    """q [b, h, 576], cache [pages, 64, 576], page_table [b, pages/req], idx [b, topk], rows [b, topk].
+
+    ``data``: ``random`` top-k sets over a random page table; ``contiguous``: each request's rows
+    are consecutive cache rows (identity page table, indices 0..topk-1 of its own pages); ``l2``:
+    every request uses the same page table row and indices (one request's rows, L2-resident)."""
+    if data not in DATA_MODES:
+        raise ValueError(f"data must be one of {DATA_MODES}, got {data!r}")
+    per = math.ceil(ctx / 64)
+    if data != "random":
+        n_req = 1 if (shared_table or data == "l2") else b
+        cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
+        table = torch.arange(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
+        table = table.expand(b, -1).contiguous() if n_req == 1 else table
+        one = torch.randperm(ctx, device=device)[:TOPK] if data == "l2" else torch.arange(TOPK, device=device)
+        idx = one.int().expand(b, -1).contiguous()
+        rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
+        q = torch.randn(b, heads, D_QK, device=device).bfloat16()
+        return q, cache, table, idx, rows
+    n_req = 1 if shared_table else b
+    cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
+    table = torch.randperm(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
+    if shared_table:
+        table = table.expand(b, -1).contiguous()                    # one request's row per query
+    idx = torch.empty(b, TOPK, dtype=torch.int32, device=device)
+    for a in range(0, b, 256):                                      # bounded memory for the draw
+        idx[a:a + 256] = torch.rand(min(256, b - a), ctx, device=device).topk(TOPK, dim=1).indices.int()
+    rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
+    q = torch.randn(b, heads, D_QK, device=device).bfloat16()
+    return q, cache, table, idx, rows
 
 
 def torch_sparse_mla(q, kv_flat, rows, valid, scale):
@@ -151,7 +202,6 @@ def torch_indexer_prefill(q, w, k, scale, topk, chunk=1024):
 
 def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
     from ..kernels import indexer_topk as it
-    from .indexer_variants import prefill_scores_only
 
     for n in contexts:
         q = torch.randn(n, heads, D_IDX, device=c.device).bfloat16()
