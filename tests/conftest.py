@@ -60,3 +60,11 @@ def make_checkpoint(tmp_path):
     def make(name="model", **kwargs):
         return write_dsa_checkpoint(tmp_path / name, **kwargs)
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that runs Triton kernels in the CPU interpreter (the ``worker`` fixture of the
+    kernel tests) ``interpreter``, so ``make test-fast`` can leave those slow cases out."""
+    for item in items:
+        if "worker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.interpreter)

@@ -67,6 +67,7 @@ def test_mla_diagnose_index_sets(data, shared_table):
         mv._inputs(torch, b, ctx, heads, shared_table, torch.device("cpu"), "sorted")
 
 
+@pytest.mark.interpreter
 def test_ncu_targets_smoke():
     """scripts/ncu_targets.py (the programs scripts/gpu_mla_profile.sh profiles) runs every case at tiny
     sizes on the CPU interpreter, so an API change shows here and not in a GPU call."""
