@@ -27,6 +27,11 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# The quick loop while editing: no SGLang wheel, no Triton-interpreter kernel cases, no slow or GPU
+# tests (`make test` runs everything and is what CI runs).
+test-fast: install
+	$(PY) -m pytest -q -m "not sglang and not interpreter and not slow and not gpu"
+
 bench: install
 	$(VENV)/bin/indexcache bench prefill --config tiny
 

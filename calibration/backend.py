@@ -3,9 +3,9 @@
 The model definition is transformers' own (``GlmMoeDsaForCausalLM``); this module only decides, per
 layer, whether the attention module holds its indexer (F) or ``None`` (S, so it reuses the carried
 top-k of the nearest F layer before it and cannot run an indexer). The indexers are the fast drop-in
-:class:`sglang_indexcache.dsa_torch.FastIndexer` (same top-k as transformers').
-
-Losses are total next-token nats over total predicted tokens (``S - 1`` per block of ``S``).
+:class:`sglang_indexcache.models.indexer.CausalIndexer` (same top-k as transformers'); the slots are
+switched by :mod:`sglang_indexcache.models.swap`, attention is :mod:`~sglang_indexcache.models.sparse_attention`
+and losses are :mod:`sglang_indexcache.models.lm_loss`'s (total nats over total predicted tokens).
 
 Layer-wise API (exact prefix reuse for the greedy search)::
 
@@ -21,30 +21,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from sglang_indexcache import dsa_torch
 from sglang_indexcache import pattern as pat
 from sglang_indexcache.errors import ModelDirError, PatternError
-from sglang_indexcache.model_info import _ranges, load_model_info
-
-from . import sparse_layer
-from .causal_indexer import CausalIndexer
+from sglang_indexcache.model_info import load_model_info
+from sglang_indexcache.models import lm_loss, sparse_attention, swap
+from sglang_indexcache.models.indexer import CausalIndexer
+from sglang_indexcache.models.lm_loss import LossResult, summed_loss
+from sglang_indexcache.validation import require_indexers
 
 log = logging.getLogger(__name__)
 GLM_DSA_TYPES = ("glm_moe_dsa",)
-
-
-@dataclass
-class LossResult:
-    """Summed next-token negative log-likelihood (nats) over ``tokens`` predicted tokens."""
-
-    nll_sum: float
-    tokens: int
-
-    @property
-    def mean(self) -> float:
-        return self.nll_sum / max(self.tokens, 1)
 
 
 @dataclass
@@ -63,24 +50,6 @@ class LayerState:
     position_ids: torch.Tensor
 
 
-def _as_ids(blocks) -> torch.Tensor:
-    ids = getattr(blocks, "input_ids", blocks)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise TypeError(f"expected TokenBlocks or a LongTensor [n, seq], got {type(blocks).__name__}")
-    return ids
-
-
-def summed_loss(batch_nll, blocks, batch_size: int = 4, progress=None) -> LossResult:
-    """Sum ``batch_nll(ids [B, S]) -> (nll, tokens)`` over ``blocks`` in batches of ``batch_size``."""
-    ids = _as_ids(blocks)
-    nll_sum, tokens = 0.0, 0
-    starts = range(0, ids.shape[0], batch_size)
-    for start in (progress(starts) if progress else starts):
-        nll, count = batch_nll(ids[start:start + batch_size])
-        nll_sum, tokens = nll_sum + nll, tokens + count
-    return LossResult(nll_sum, tokens)
-
-
 class TransformersBackend:
     """transformers GlmMoeDsa with every indexer kept, and a switchable F/S pattern."""
 
@@ -96,12 +65,8 @@ class TransformersBackend:
         self.path = path
         self.config = model.config
         self.num_layers = int(model.config.num_hidden_layers)
-        dsa_torch.install_fast_indexers(model)
-        for layer in model.model.layers:  # FastIndexer that also skips the causally masked keys
-            if isinstance(layer.self_attn.indexer, dsa_torch.FastIndexer):
-                layer.self_attn.indexer = CausalIndexer(layer.self_attn.indexer.inner)
         # [num_layers] CausalIndexer (a FastIndexer), None where the checkpoint has none
-        self.indexers = [layer.self_attn.indexer for layer in model.model.layers]
+        self.indexers = swap.wrap_indexers(model, CausalIndexer)
         self.indexer_layers = set(range(self.num_layers)) if indexer_layers is None else set(indexer_layers)
         for i in range(self.num_layers):
             if i not in self.indexer_layers:
@@ -132,13 +97,7 @@ class TransformersBackend:
             )
         have = info.layers_with_indexer
         if pattern is not None:
-            wanted = pat.validate(pattern, info.num_dsa_layers)
-            missing = [i for i in pat.full_layers(wanted) if i not in have]
-            if missing:
-                raise ModelDirError(
-                    f"{model_dir} has no indexer weights for F layer(s) {_ranges(missing)} of pattern"
-                    f" {wanted} (layers with an indexer: {_ranges(sorted(have))})"
-                )
+            require_indexers(pat.validate(pattern, info.num_dsa_layers), have, str(model_dir), ModelDirError)
         config = AutoConfig.from_pretrained(model_dir)
         # Build an indexer exactly where the checkpoint has weights; the pattern decides use later.
         config.indexer_types = ["full" if i in have else "shared" for i in range(info.num_dsa_layers)]
@@ -188,15 +147,8 @@ class TransformersBackend:
     def set_pattern(self, pattern: str) -> str:
         """Switch to ``pattern`` without reloading: S layers' indexers detached, F layers' restored."""
         pattern = pat.validate(pattern, self.num_layers)
-        missing = [i for i in pat.full_layers(pattern) if self.indexers[i] is None]
-        if missing:
-            raise PatternError(
-                f"layer {missing[0]} is F but the model has no indexer weights for it"
-                f" (layers with one: {_ranges(sorted(self.indexer_layers))})"
-            )
-        for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.indexer = self.indexers[i] if pattern[i] == pat.FULL else None
-        self.pattern = pattern
+        require_indexers(pattern, self.indexer_layers, "the model")
+        self.pattern = swap.apply_pattern(self.model, self.indexers, pattern)
         return pattern
 
     @property
@@ -205,10 +157,9 @@ class TransformersBackend:
         return "".join(pat.SHARED if ix is None else pat.FULL for ix in self.indexers)
 
     def _attach(self, i: int, full: bool) -> None:
-        attn = self.model.model.layers[i].self_attn
-        if full and self.indexers[i] is None:
-            raise PatternError(f"layer {i} is F but the model has no indexer weights for it")
-        attn.indexer = self.indexers[i] if full else None
+        if full:
+            require_indexers(self.pattern[:i] + pat.FULL + self.pattern[i + 1:], self.indexer_layers, "the model")
+        swap.set_indexers(self.model, {i: self.indexers[i] if full else None})
 
     # ------------------------------------------------------------------ layer-wise API --------
     @torch.inference_mode()
@@ -239,8 +190,8 @@ class TransformersBackend:
         layer = self.model.model.layers[i]
         try:
             if self.sparse_attention:
-                hidden, topk = sparse_layer.decoder_layer(layer, state.hidden, state.position_embeddings, state.mask,
-                                                          state.position_ids, state.topk)
+                hidden, topk = sparse_attention.decoder_layer(layer, state.hidden, state.position_embeddings,
+                                                              state.mask, state.position_ids, state.topk)
             else:
                 hidden, topk = layer(
                     state.hidden, attention_mask=state.mask, position_embeddings=state.position_embeddings,
@@ -253,13 +204,7 @@ class TransformersBackend:
     @torch.inference_mode()
     def end(self, state: LayerState, input_ids: torch.Tensor) -> tuple[float, int]:
         """Final norm + lm_head; summed next-token NLL (float64 sum of float32 terms) and count."""
-        hidden = self.model.model.norm(state.hidden)
-        labels = input_ids[:, 1:].to(hidden.device)  # [B, S-1]
-        nll = 0.0
-        for b in range(hidden.shape[0]):  # per sequence: [S-1, V] logits stay below glibc's mmap threshold
-            logits = self.model.lm_head(hidden[b, :-1]).float()  # [S-1, V]
-            nll += float(F.cross_entropy(logits, labels[b], reduction="sum"))
-        return nll, int(labels.numel())
+        return lm_loss.next_token_nll(self.model, state.hidden, input_ids)
 
     # ------------------------------------------------------------------ whole batches ---------
     @torch.inference_mode()
@@ -278,9 +223,8 @@ class TransformersBackend:
     @torch.inference_mode()
     def record_topk(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's OWN top-k ``[B, S, k]`` int32 on ``input_ids [B, S]`` (as if all F)."""
-        missing = [i for i in range(self.num_layers) if self.indexers[i] is None]
-        if missing:
-            raise PatternError(f"layers {_ranges(missing)} have no indexer weights: cannot record their top-k")
+        require_indexers(pat.FULL * self.num_layers, self.indexer_layers, "the model",
+                         hint=": cannot record every layer's own top-k")
         state, out = self.begin(input_ids), []
         for i in range(self.num_layers):
             state = self.layer(i, state, True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sglang_indexcache import pattern as pat
 from sglang_indexcache import pattern_file, progress
+from sglang_indexcache.atomic import atomic_write_text
 from sglang_indexcache.errors import UsageError
 
 from . import greedy
@@ -79,7 +80,7 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     side = state_path(out)
 
     def save(current):
-        pattern_file.atomic_write_text(side, json.dumps(current, indent=1) + "\n")
+        atomic_write_text(side, json.dumps(current, indent=1) + "\n")
         if on_step is not None:
             on_step(current)
 

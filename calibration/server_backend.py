@@ -24,7 +24,7 @@ import urllib.request
 from sglang_indexcache import pattern as pat
 from sglang_indexcache.errors import UsageError
 
-from .backend import LossResult, summed_loss
+from sglang_indexcache.models.lm_loss import LossResult, summed_loss
 
 log = logging.getLogger(__name__)
 

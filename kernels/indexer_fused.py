@@ -19,10 +19,8 @@ This removes the ``[rows, keys]`` fp32 score tile (written once, read about once
 and the selection's read of it. Same contract as ``indexer_topk.indexer_topk_prefill``; ties at the
 threshold may be taken in any order.
 
-Measured on the H100 (docs/perf.md): correct (GPU checks), but one 2048 x 128K chunk (64 heads)
-takes 12.4 ms with atomic slots (14.3 ms with a prefix sum over the tile) against 7.0 ms for the plain
-score kernel, with no row falling back: the append epilogue costs more than the tile write and read
-it saves. Off by default (``indexer_topk.FUSED_FROM``).
+Off by default (``indexer_topk.FUSED_FROM``); why, with its measurements: docs/kernels.md, *History
+and measurements*.
 """
 
 from __future__ import annotations

@@ -6,12 +6,10 @@ keys); the specification is ``reference.indexer_scores_prefill_ref`` / ``indexer
 Prefill: a program holds ``BT`` query tokens x all ``h`` index heads (padded to ``HP``, a power of
 two) as the rows of one ``[BT*HP, d]`` operand, loaded once, and walks its share of the causal keys in
 blocks of ``BN``: one matrix product ``[BT*HP, d] x [d, BN]`` per block, then ReLU, the head weights and
-the sum over each token's ``HP`` rows. The earlier kernel looped over heads inside each key tile and
-re-read every head's queries for every tile (64 queries x 32 heads = 512 KB of L2 traffic per
-64 x 64 tile), which bounded it near 55% of the bf16 peak.
+the sum over each token's ``HP`` rows.
 
-Decode: a program holds one request's ``[HP, d]`` query and walks ``keys_per_prog`` keys of the paged
-cache (the earlier kernel reloaded the query for every 64 keys: as many bytes as the keys themselves).
+Decode: a program holds one request's ``[HP, d]`` query (loaded once) and walks ``keys_per_prog``
+keys of the paged cache. Earlier designs and measured speeds: docs/kernels.md.
 
 fp8 (e4m3) operands: ``q`` and ``k`` may both be float8_e4m3fn (tensor-core fp8 products, fp32
 accumulation) with per-key scales ``k_scale`` (> 0); a per-(token, head) query scale belongs in the
@@ -32,8 +30,7 @@ from .reference import PAGE_SIZE
 __all__ = ["prefill_scores", "decode_scores", "PREFILL_CONFIG", "DECODE_CONFIG"]
 
 # rows = query tokens x padded heads per program; keys per block; warps; pipeline stages; key order
-# H100 sweep (docs/perf.md): fastest for 32 and 64 heads, bf16 and fp8. (512 rows with 16 warps timed
-# 7% faster for 32 bf16 heads but gave wrong scores on the GPU with triton 3.6: not used.)
+# (chosen by the GPU sweep in docs/kernels.md)
 PREFILL_CONFIG = {"rows": 256, "block_n": 64, "num_warps": 8, "num_stages": 3, "keys_major": True}
 DECODE_CONFIG = {"block_n": 64, "keys_per_prog": 1024, "num_warps": 4, "num_stages": 3}
 

@@ -24,9 +24,8 @@ from .reference import PAGE_SIZE, select_topk
 __all__ = ["indexer_topk_prefill", "indexer_topk_decode", "SELECTORS"]
 
 DEFAULT_BUDGET_BYTES = 1 << 30
-# Fused chunks (indexer_fused.py) are off by default: on the H100 one 2048 x 128K chunk took 12.4 ms
-# fused against 7.0 ms for the plain score kernel, so a 128K prefill (64 heads) took 440 ms fused
-# against 322 ms with the score tile + sampled top-k.
+# Fused chunks (indexer_fused.py) are off by default: slower than the score tile + sampled top-k
+# (docs/kernels.md, History and measurements).
 FUSED_FROM = None
 SELECTORS = ("triton", "radix", "torch")
 NEG_INF = float("-inf")
@@ -111,7 +110,7 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
     int32 receives the result when given (every element is written). ``config``: launch settings of
     ``indexer_scores.PREFILL_CONFIG``. ``fused_from``: with the default selector, chunks whose first
     position is at least this (and ``sample``) go through ``indexer_fused`` (no score tile written;
-    slower on the H100 so far: off by default, ``FUSED_FROM``).
+    off by default, ``FUSED_FROM``).
     """
     t, h, d = q.shape
     _check(topk, d, selector)

@@ -19,8 +19,9 @@ import torch
 PAGE_SIZE = 64
 
 __all__ = [
-    "PAGE_SIZE", "paged_rows", "select_topk", "indexer_scores_prefill_ref", "indexer_topk_prefill_ref",
-    "indexer_scores_decode_ref", "indexer_topk_decode_ref", "sparse_mla_decode_ref",
+    "PAGE_SIZE", "paged_rows", "select_topk", "index_scores", "gathered_attention",
+    "indexer_scores_prefill_ref", "indexer_topk_prefill_ref", "indexer_scores_decode_ref",
+    "indexer_topk_decode_ref", "sparse_mla_decode_ref",
 ]
 
 
@@ -45,10 +46,47 @@ def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return out
 
 
-def _index_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * sum_h w[r,h] * relu(q[r,h] . k[s])`` in fp32: q [r, h, d], w [r, h], k [n, d] -> [r, n]."""
-    logits = torch.einsum("rhd,nd->rhn", q.float(), k.float())  # [r, h, n]
-    return torch.einsum("rhn,rh->rn", logits.relu(), weights.float()) * scale
+def index_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The lightning-indexer formula: ``I[.., r, n] = scale * sum_h w[.., r, h] * relu(q[.., r, h] . k[.., n])``.
+
+    Args:
+        q: ``[.., r, h, d]`` index queries (leading dims, e.g. a batch, broadcast with ``k``'s).
+        weights: ``[.., r, h]`` per-query per-head weights.
+        k: ``[.., n, d]`` index keys, q's dtype.
+        scale: score scale (> 0, so ``scale * relu(x) = relu(scale * x)``).
+
+    Returns:
+        ``[.., r, n]`` fp32, no mask. The products ``q . k`` run in q's dtype and the head sum in
+        ``weights``' dtype: the references pass fp32 throughout; callers after speed (the benchmark's
+        PyTorch kernel set) pass bf16. Differentiable (used for indexer training).
+    """
+    logits = torch.einsum("...rhd,...nd->...rhn", q, k).relu_()                  # [.., r, h, n]
+    return torch.einsum("...rhn,...rh->...rn", logits.to(weights.dtype), weights).float() * scale
+
+
+def gathered_attention(q: torch.Tensor, kv: torch.Tensor, valid: torch.Tensor, sm_scale: float, d_v: int,
+                       return_lse: bool = False):
+    """Sparse attention of each query row over its own gathered key rows (absorbed MLA form).
+
+    Args:
+        q: ``[r, h, d_qk]`` queries, kv's dtype.
+        kv: ``[r, n, d_qk]`` the ``n`` selected cache rows of each query; K = the whole row, V = its
+            first ``d_v`` dims.
+        valid: ``[r, n]`` bool, False where a slot holds no key (a -1 index, a future token).
+        sm_scale: softmax scale applied to ``q . k``.
+        d_v: value dim.
+        return_lse: also return the log-sum-exp.
+
+    Returns:
+        ``out [r, h, d_v]`` in kv's dtype, ``softmax(sm_scale * q K^T) V`` over the valid slots (products
+        in kv's dtype, softmax in fp32), and with ``return_lse`` also ``lse [r, h]`` fp32. A row
+        with no valid slot gives ``out = 0`` and ``lse = -inf``.
+    """
+    logits = torch.bmm(q, kv.transpose(1, 2)).float() * sm_scale                # [r, h, n]
+    logits.masked_fill_(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0).to(kv.dtype)          # no valid slot -> 0
+    out = torch.bmm(probs, kv[..., :d_v])                                        # [r, h, d_v]
+    return (out, torch.logsumexp(logits, dim=-1)) if return_lse else out
 
 
 def indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale: float, k_scale=None) -> torch.Tensor:
@@ -66,7 +104,7 @@ def indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale: float, k_scale=
         n = end - start
         if n <= 0:
             continue
-        scores = _index_scores(q[start:end], weights[start:end], k[start:end], scale)  # [n, n]
+        scores = index_scores(q[start:end].float(), weights[start:end].float(), k[start:end].float(), scale)
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         out[start:end, :n] = scores.masked_fill(~causal, float("-inf"))
     return out
@@ -116,7 +154,7 @@ def indexer_scores_decode_ref(q, weights, k_cache, page_table, seq_lens, scale: 
             continue
         rows = paged_rows(page_table[i], torch.arange(n, device=q.device))
         keys = _dequant_keys(k_cache, k_scale, rows)              # [n, d]
-        out[i, :n] = _index_scores(q[i:i + 1], weights[i:i + 1], keys, scale)[0]
+        out[i, :n] = index_scores(q[i:i + 1].float(), weights[i:i + 1].float(), keys, scale)[0]
     return out
 
 
@@ -167,9 +205,9 @@ def sparse_mla_decode_ref(q, kv_cache, page_table, indices, sm_scale: float, d_v
         sel = indices[i][indices[i] >= 0]                          # [n]
         if sel.numel() == 0:
             continue
-        kv = flat[paged_rows(page_table[i], sel)].float()           # [n, d_qk]
-        logits = (q[i].float() @ kv.T) * sm_scale                  # [h, n]
-        lse[i] = torch.logsumexp(logits, dim=-1)
-        out[i] = torch.softmax(logits, dim=-1) @ kv[:, :d_v]      # [h, d_v]
+        kv = flat[paged_rows(page_table[i], sel)].float()[None]    # [1, n, d_qk]
+        valid = torch.ones(kv.shape[:2], dtype=torch.bool, device=q.device)
+        o, l = gathered_attention(q[i:i + 1].float(), kv, valid, sm_scale, d_v, return_lse=True)
+        out[i], lse[i] = o[0], l[0]                                # [h, d_v], [h]
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

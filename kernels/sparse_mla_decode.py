@@ -8,8 +8,8 @@ split) or a partial output + log-sum-exp per split, which a combine kernel merge
 
 Two variants of the gather (``config["rows"]``): ``"flat"`` (default) first translates every index
 to its flat cache row in a small kernel (``[b, topk]`` int32, -1 kept), so the attention loop has one
-level of indirection (row -> latent), as FlashMLA's and SGLang's kernels take it; ``"paged"`` (the
-earlier version, ``LEGACY_CONFIG``) looks the page table up inside the loop (index -> page -> latent).
+level of indirection (row -> latent), as FlashMLA's and SGLang's kernels take it; ``"paged"``
+(``LEGACY_CONFIG``) looks the page table up inside the loop (index -> page -> latent).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from .reference import PAGE_SIZE
 __all__ = ["sparse_mla_decode", "DEFAULT_CONFIG", "LEGACY_CONFIG", "flat_rows"]
 
 LOG2E = 1.4426950408889634
-# Launch parameters from the GPU sweep recorded in docs/perf.md (H100).
-# num_warps None = 8 for 64-head blocks, 4 for blocks of <= 32 heads (H100: 20-head prefill shape).
+# Launch parameters from the GPU sweep (docs/kernels.md); num_warps None = 8 for 64-head blocks,
+# 4 for blocks of <= 32 heads.
 DEFAULT_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": None, "num_stages": 2, "rows": "flat"}
-# The first version (page-table lookup inside the attention loop), kept for comparison.
+# Page-table lookup inside the attention loop; timed by scripts/mla_variants.py and tested.
 LEGACY_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, "rows": "paged"}
 
 
@@ -125,7 +125,7 @@ def _combine_kernel(
 def _num_splits(b: int, head_blocks: int, topk: int, block_n: int, device) -> int:
     """Split-K factor: the largest power of two <= SMs / programs (at most 32, one index block each).
 
-    On the H100 sweep in docs/perf.md this picks the fastest split of every swept shape.
+    (Checked against the GPU sweep: docs/kernels.md.)
     """
     if device.type != "cuda":
         return 1

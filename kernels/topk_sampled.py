@@ -9,8 +9,8 @@ How (all on the device, no host sync, so it can be captured in a CUDA graph):
 1. ``_threshold_kernel`` (one program per row): reads ``SAMPLE`` scores, in groups of 8 adjacent
    ones (one 32-byte sector each) at evenly spaced positions of the row, and finds, by three 8-bit radix digits of their order-preserving keys (histograms in
    registers), the floor ``tau`` of the 24-bit key bin holding the sample rank that ``target`` (1.5 x
-   topk by default) candidates of the whole row would have. (A bitonic ``tl.sort`` of 4096 samples
-   cost about 80 us per row on an H100: more than reading the row.) A row no longer than
+   topk by default) candidates of the whole row would have (not a ``tl.sort`` of the sample:
+   docs/kernels.md says why). A row no longer than
    ``SAMPLE`` is sampled whole; when the rank passes its finite samples every finite score is taken
    (and the row is "exhaustive" if it was sampled whole).
 2. ``_gather_kernel`` (``parts`` programs per row, each one slice of it; more slices when there are
@@ -37,7 +37,7 @@ from .topk import topk_rows
 __all__ = ["topk_rows_sampled"]
 
 SAMPLE = 4096
-BLOCK = 2048                        # scores per step of the gather (4 warps); H100: 2048/4 > 4096/8 > 8192/8
+BLOCK = 2048                        # scores per step of the gather (4 warps; GPU sweep: docs/kernels.md)
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def topk_rows_sampled(scores, topk: int, *, lengths=None, out=None, capacity: in
     to fill the device twice over), ``sample`` scores read per row for the threshold (a power of
     two), ``fallback=False`` skips step 4 (tests of the sampled path only: a misled row is wrong),
     ``check_fallback=True`` runs step 4 only if some row needs it (a host sync: not in CUDA graphs;
-    step 4 over rows of length 0 still writes every row, 0.25 ms for 2048 rows on an H100).
+    step 4 over rows of length 0 still writes every row).
     """
     if not isinstance(topk, int) or isinstance(topk, bool) or topk <= 0:
         raise ValueError(f"topk must be a positive int, got {topk!r}")

@@ -18,7 +18,7 @@ import torch
 from sglang_indexcache.bench import report, runner
 from sglang_indexcache.bench.ops import KernelSet
 from sglang_indexcache.configs import named_config
-from sglang_indexcache.pattern_file import atomic_write_text
+from sglang_indexcache.atomic import atomic_write_text
 
 log = logging.getLogger("gpu_bench_stack")
 K = 1024

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call for the lightning-indexer kernels: correctness at serving sizes (every kernel, incl.
-# the radix top-k and fp8 prefill), then `python -m sglang_indexcache.bench.indexer_variants` (launch
+# the radix top-k and fp8 prefill), then `python scripts/indexer_variants.py` (launch
 # sweep, prefill 32K-128K, decode 128K/200K in CUDA graphs). Writes $OUT/kernel_checks.json,
 # $OUT/indexer_variants.json and $OUT/log.txt.
 # Usage (repo root): OUT=dir bash scripts/gpu_indexer.sh [extra indexer_variants arguments]
@@ -19,8 +19,8 @@ cd "$SITE"                                  # so that python -m finds this layou
   date -u +"%Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  [ -n "${SKIP_CHECKS:-}" ] || { $PY -m sglang_indexcache.bench.kernel_checks --out "$OUT/kernel_checks.json"; echo "checks exit $?"; }
+  [ -n "${SKIP_CHECKS:-}" ] || { $PY scripts/gpu_kernel_checks.py --out "$OUT/kernel_checks.json"; echo "checks exit $?"; }
   if [ -n "${TOPK_PROFILE:-}" ]; then $PY "$OLDPWD/scripts/gpu_topk_profile.py" "$OUT/topk_profile.json"; echo "profile exit $?"; exit 0; fi
-  $PY -m sglang_indexcache.bench.indexer_variants --out "$OUT/indexer_variants.json" "$@"; echo "variants exit $?"
+  $PY scripts/indexer_variants.py --out "$OUT/indexer_variants.json" "$@"; echo "variants exit $?"
   date -u +"%Y-%m-%dT%H:%M:%SZ"
 } 2>&1 | tee "$OUT/log.txt"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU call that says where the DSA kernels' time goes (issues 7 and 9), measure-first:
-#  1. `python -m sglang_indexcache.bench.mla_variants --diagnose`: sparse MLA launch variants (some
+#  1. `python scripts/mla_variants.py --diagnose`: sparse MLA launch variants (some
 #     sized for two CTAs per SM) x index sets (random / contiguous / L2-resident), DeepSeek-V3.2
 #     decode batch 64 at 128K and the 128-head prefill shape, each with the registers, spills,
 #     shared memory and CTAs per SM the compiler gave it -> $OUT/mla_diagnose.json
@@ -36,7 +36,7 @@ SECTIONS=(--section SpeedOfLight --section Occupancy --section LaunchStats --sec
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   if [ -n "$DIAGNOSE" ]; then
-    $PY -m sglang_indexcache.bench.mla_variants --diagnose --budget 0.1 --out "$OUT/mla_diagnose.json"
+    $PY scripts/mla_variants.py --diagnose --budget 0.1 --out "$OUT/mla_diagnose.json"
     echo "diagnose exit $?"
   fi
   command -v ncu >/dev/null || { echo "ncu not found: skipping the Nsight Compute part"; exit 0; }

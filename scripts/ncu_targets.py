@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from sglang_indexcache.bench import mla_variants as mv
+from sglang_indexcache.bench import kernel_bench_ops as mv
 from sglang_indexcache.bench.kernel_bench_ops import _paged
 from sglang_indexcache.kernels import indexer_topk_decode, sparse_mla_decode, topk_rows_sampled
 from sglang_indexcache.kernels.indexer_scores import prefill_scores

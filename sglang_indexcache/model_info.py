@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelDirError
+from .pattern import layer_ranges
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 INDEXER_MARK = ".indexer."
@@ -65,7 +66,7 @@ class ModelInfo:
         fields["architecture"] = self.architecture
         weights = json.dumps(sorted(self.indexer_weights.items()), separators=(",", ":"))
         fields["indexer_weights"] = "sha256:" + hashlib.sha256(weights.encode()).hexdigest()[:16]
-        fields["indexer_layers"] = _ranges(sorted(self.layers_with_indexer))
+        fields["indexer_layers"] = layer_ranges(self.layers_with_indexer)
         return fields
 
     def fingerprint(self) -> str:
@@ -73,16 +74,8 @@ class ModelInfo:
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _ranges(values: list[int]) -> str:
-    """``[0,1,2,5,7,8]`` -> ``"0-2,5,7-8"``."""
-    parts, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            parts.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ",".join(parts)
+# Kept for sglang_overlay/settings.py and runtime.py until they import pattern.layer_ranges.
+_ranges = layer_ranges
 
 
 def is_dsa_config(config: dict) -> bool:

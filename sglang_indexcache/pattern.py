@@ -140,6 +140,19 @@ def served_layers(pattern: str) -> dict[int, list[int]]:
     return served
 
 
+def layer_ranges(layers) -> str:
+    """Sorted layer numbers as ranges for messages: ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    values = sorted(layers)
+    parts, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
 def describe(pattern: str) -> str:
     kept = pattern.count(FULL)
     return f"{pattern} ({kept}/{len(pattern)} indexers kept, {len(pattern) - kept} shared)"

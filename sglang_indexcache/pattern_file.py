@@ -9,33 +9,17 @@ import datetime as _dt
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from . import __version__
 from . import pattern as pat
+from .atomic import atomic_write_text  # noqa: F401 - also imported from here by commands/
 from .errors import PatternError, PatternFileError
 from .model_info import ModelInfo
 
 FORMAT = "indexcache-pattern/v1"
 METHODS = ("greedy", "uniform", "distilled", "manual")
 EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_document(pattern: str, model: ModelInfo, method: str = "manual", **calibration) -> dict:
@@ -118,32 +102,51 @@ def looks_like_file(spec: str) -> bool:
     return spec.endswith(".json") or os.sep in spec or Path(spec).is_file()
 
 
-def resolve(spec: str, num_layers: int, model: ModelInfo | None = None) -> str:
-    """Turn a command-line pattern spec into a validated canonical pattern for ``num_layers``."""
+ALL_F_NAMES = ("all-f", "allf", "full")
+
+
+def parse_spec(spec: str) -> tuple[str, object]:
+    """The one reading of a command-line pattern spec, before any model is known.
+
+    Returns ``("all-F", 1)``, ``("every", N)``, ``("file", path)`` or ``("pattern", text)`` (the
+    text still to be validated); ``every...`` or ``all-...`` that is neither shorthand nor a file is
+    refused (PatternError).
+    """
     text = spec.strip()
-    if text.lower() in ("all-f", "allf", "full"):
-        return pat.FULL * pat.check_num_layers(num_layers)
+    if text.lower() in ALL_F_NAMES:
+        return "all-F", 1
     match = EVERY_RE.match(text)
     if match:
-        return pat.uniform(num_layers, int(match.group(1)))
-    if text.lower().startswith(("every", "all-")) and not looks_like_file(text):
-        raise PatternError(f"{text!r} is neither every-N (N a positive integer) nor all-F")
+        return "every", int(match.group(1))
     if looks_like_file(text):
-        document = read(text)
+        return "file", text
+    if text.lower().startswith(("every", "all-")):
+        raise PatternError(f"{text!r} is neither every-N (N a positive integer) nor all-F")
+    return "pattern", text
+
+
+def resolve(spec: str, num_layers: int, model: ModelInfo | None = None) -> str:
+    """Turn a command-line pattern spec into a validated canonical pattern for ``num_layers``."""
+    kind, value = parse_spec(spec)
+    if kind == "all-F":
+        return pat.FULL * pat.check_num_layers(num_layers)
+    if kind == "every":
+        return pat.uniform(num_layers, value)
+    if kind == "file":
+        document = read(value)
         if model is not None:
-            check_matches(document, model, source=f"pattern file {text}")
+            check_matches(document, model, source=f"pattern file {value}")
         return pat.validate(document["pattern"], num_layers)
-    return pat.validate(text, num_layers)
+    return pat.validate(value, num_layers)
 
 
 def spec_label(spec: str) -> str:
     """A short label for tables: ``all-F``, ``every-4``, the file name, or the pattern itself."""
-    text = spec.strip()
-    if text.lower() in ("all-f", "allf", "full"):
+    kind, value = parse_spec(spec)
+    if kind == "all-F":
         return "all-F"
-    match = EVERY_RE.match(text)
-    if match:
-        return f"every-{match.group(1)}"
-    if looks_like_file(text):
-        return Path(text).name
-    return text.upper()
+    if kind == "every":
+        return f"every-{value}"
+    if kind == "file":
+        return Path(value).name
+    return value.upper()

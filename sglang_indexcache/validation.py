@@ -1,20 +1,40 @@
-"""Checks of a pattern against a real checkpoint (layer count, layer 0, indexer weights)."""
+"""Checks of a pattern against a real checkpoint (layer count, layer 0, indexer weights).
+
+:func:`require_indexers` is the one "an F layer has no indexer weights" check: the pattern-file
+validation, the transformers backend, distillation and evaluation call it with what they hold.
+"""
 
 from __future__ import annotations
 
 from . import pattern as pat
 from .errors import PatternError
-from .model_info import ModelInfo, _ranges
+from .model_info import ModelInfo
+
+
+def missing_indexers(pattern: str, have) -> list[int]:
+    """The F layers of (canonical) ``pattern`` that are not among the layers ``have``."""
+    have = set(have)
+    return [i for i in pat.full_layers(pattern) if i not in have]
+
+
+def require_indexers(pattern: str, have, owner: str, error: type[Exception] = PatternError,
+                     hint: str = "") -> None:
+    """Raise ``error`` naming the first F layer of ``pattern`` whose indexer ``owner`` lacks.
+
+    ``have``: the layers that hold an indexer; ``owner``: who lacks it, for the message (a
+    checkpoint path, "the model"); ``hint``: appended to the message (what to do instead).
+    """
+    missing = missing_indexers(pattern, have)
+    if missing:
+        raise error(
+            f"layer {missing[0]} is F but {owner} has no indexer weights for it (no indexer weights for"
+            f" F layer(s) {pat.layer_ranges(missing)} of pattern {pattern}; layers with one:"
+            f" {pat.layer_ranges(have) or 'none'}){hint}"
+        )
 
 
 def check_against_model(pattern: str, model: ModelInfo) -> str:
     """Validate ``pattern`` for ``model``: length, layer 0 F, an indexer in every F layer."""
     pattern = pat.validate(pattern, model.num_dsa_layers)
-    missing = [i for i in pat.full_layers(pattern) if i not in model.layers_with_indexer]
-    if missing:
-        raise PatternError(
-            f"layer {missing[0]} is F but {model.path} has no indexer weights for it"
-            f" (F layers without indexer: {_ranges(missing)}; layers with one: "
-            f"{_ranges(sorted(model.layers_with_indexer))})"
-        )
+    require_indexers(pattern, model.layers_with_indexer, str(model.path))
     return pattern

@@ -67,3 +67,11 @@ def make_checkpoint(tmp_path):
 def sglang_release(request) -> str:
     """Each supported SGLang release in turn (``patches/sglang-version``): the SGLang suites run on all."""
     return request.param
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that runs Triton kernels in the CPU interpreter (the ``worker`` fixture of the
+    kernel tests) ``interpreter``, so ``make test-fast`` can leave those slow cases out."""
+    for item in items:
+        if "worker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.interpreter)

@@ -5,7 +5,8 @@ import torch
 from transformers import GlmMoeDsaForCausalLM
 
 from dsa_models import micro_config, micro_model, save_micro_checkpoint
-from sglang_indexcache import configs, dsa_torch
+from sglang_indexcache import configs
+from sglang_indexcache.models import indexer as dsa
 from sglang_indexcache.calibration.backend import TransformersBackend
 from sglang_indexcache.errors import ModelDirError, PatternError
 
@@ -72,7 +73,7 @@ def test_s_layers_never_call_their_indexer(backend):
 
 
 def test_fast_indexers_installed_and_record_topk(backend):
-    assert all(isinstance(ix, dsa_torch.FastIndexer) for ix in backend.indexers)
+    assert all(isinstance(ix, dsa.FastIndexer) for ix in backend.indexers)
     backend.set_pattern("FSSSSS")
     topk = backend.record_topk(torch.randint(0, 300, (2, 30)))
     assert backend.pattern == "FSSSSS"  # recording does not change the pattern
@@ -118,11 +119,11 @@ def test_from_config_glm5_shapes_at_depth_2():
 
 @pytest.mark.parametrize("seq,chunk", [(300, 64), (50, 128)])  # several chunks with a ragged end; one chunk
 def test_causal_index_scores_equal_masked_full(seq, chunk):
-    from sglang_indexcache.calibration.causal_indexer import causal_index_scores
+    from sglang_indexcache.models.indexer import causal_index_scores
 
     q, k, w = torch.randn(2, seq, 3, 16), torch.randn(2, seq, 16), torch.randn(2, seq, 3)
     mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None]
-    want = dsa_torch.apply_mask(dsa_torch.index_scores(q, k, w, 0.25), mask)
-    got = dsa_torch.apply_mask(causal_index_scores(q, k, w, 0.25, chunk=chunk), mask)
+    want = dsa.apply_mask(dsa.index_scores(q, k, w, 0.25), mask)
+    got = dsa.apply_mask(causal_index_scores(q, k, w, 0.25, chunk=chunk), mask)
     assert torch.equal(got.isinf(), want.isinf())
     torch.testing.assert_close(got[mask.expand(2, -1, -1)], want[mask.expand(2, -1, -1)], rtol=1e-5, atol=1e-5)

@@ -8,7 +8,8 @@ import torch
 from dsa_models import micro_config
 from safetensors import safe_open
 
-from sglang_indexcache import cli, dsa_torch
+from sglang_indexcache import cli
+from sglang_indexcache.models import indexer as dsa
 from sglang_indexcache.training.distill import Distiller
 from sglang_indexcache.training.distill_loss import (ServedTarget, causal_mask, indexer_log_probs,
                                                      multi_layer_kl_ref, selected_mask)
@@ -113,7 +114,7 @@ def _dense_reference(model, ids, layers_of_source):
     for source, served in layers_of_source.items():
         indexer = model.model.layers[source].self_attn.indexer
         hidden, q_resid, pos = inputs[source]
-        logits = dsa_torch.indexer_logits(indexer, hidden, q_resid, pos)  # [B, S, S]
+        logits = dsa.indexer_logits(indexer, hidden, q_resid, pos)  # [B, S, S]
         ps = [attn[j].float().mean(1) for j in served]
         out[source] = float(multi_layer_kl_ref(ps, logits.detach(), mask)) / ids.numel()
     return out

@@ -46,7 +46,7 @@ def test_occupancy_bounds():
 @pytest.mark.parametrize("shared_table", [False, True])
 def test_mla_diagnose_index_sets(data, shared_table):
     """The diagnostic index sets select what they claim, through the page table the kernel gets."""
-    from sglang_indexcache.bench import mla_variants as mv
+    from sglang_indexcache.bench import kernel_bench_ops as mv
     from sglang_indexcache.kernels.reference import sparse_mla_decode_ref
 
     torch.manual_seed(0)
@@ -67,6 +67,7 @@ def test_mla_diagnose_index_sets(data, shared_table):
         mv._inputs(torch, b, ctx, heads, shared_table, torch.device("cpu"), "sorted")
 
 
+@pytest.mark.interpreter
 def test_ncu_targets_smoke():
     """scripts/ncu_targets.py (the programs scripts/gpu_mla_profile.sh profiles) runs every case at tiny
     sizes on the CPU interpreter, so an API change shows here and not in a GPU call."""

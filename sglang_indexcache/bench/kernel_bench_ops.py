@@ -14,15 +14,19 @@ import math
 
 import torch
 
+from ..kernels.indexer_scores import prefill_scores
+from ..kernels.reference import gathered_attention, index_scores
 from . import kernel_anchors
-from .kernels import D_IDX, D_QK, D_V, TOPK
+from .ops import torch_indexer_prefill as torch_prefill
+
+from .shapes import D_IDX, D_QK, D_V, TOPK
 
 @dataclasses.dataclass
 class Context:
     bench: object
     ceil: dict
     doc: dict
-    row: object                     # kernels._row
+    row: object                     # kernels._row(kind, shape, impl, ms, flops, nbytes, ceil, **extra)
     sglang_dir: str | None
     mla_config: dict | None
     device: str = "cuda"
@@ -39,12 +43,58 @@ def _paged(b: int, ctx: int, width: int, dtype, device):
     return cache, page_table, rows
 
 
+def prefill_scores_only(torch, q, w, k, ks, cu, config, budget_bytes=1 << 30):
+    """The score kernel over every chunk of query positions, as ``indexer_topk_prefill`` runs it."""
+    n = q.shape[0]
+    chunk = max(1, min(n, budget_bytes // (4 * n)))
+    buf = torch.empty(chunk * n, dtype=torch.float32, device=q.device)
+
+    def run():
+        for p0 in range(0, n, chunk):
+            rows = min(chunk, n - p0)
+            prefill_scores(q, w, k, cu, 0.1, buf[:rows * (p0 + rows)].view(1, rows, p0 + rows), p0, rows,
+                           k_scale=ks, **config)
+    return run
+
+
+DATA_MODES = ("random", "contiguous", "l2")
+
+
+def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device, data: str = "random"):
+    """q [b, h, 576], cache [pages, 64, 576], page_table [b, pages/req], idx [b, topk], rows [b, topk].
+
+    ``data``: ``random`` top-k sets over a random page table; ``contiguous``: each request's rows
+    are consecutive cache rows (identity page table, indices 0..topk-1 of its own pages); ``l2``:
+    every request uses the same page table row and indices (one request's rows, L2-resident)."""
+    if data not in DATA_MODES:
+        raise ValueError(f"data must be one of {DATA_MODES}, got {data!r}")
+    per = math.ceil(ctx / 64)
+    if data != "random":
+        n_req = 1 if (shared_table or data == "l2") else b
+        cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
+        table = torch.arange(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
+        table = table.expand(b, -1).contiguous() if n_req == 1 else table
+        one = torch.randperm(ctx, device=device)[:TOPK] if data == "l2" else torch.arange(TOPK, device=device)
+        idx = one.int().expand(b, -1).contiguous()
+        rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
+        q = torch.randn(b, heads, D_QK, device=device).bfloat16()
+        return q, cache, table, idx, rows
+    n_req = 1 if shared_table else b
+    cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
+    table = torch.randperm(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
+    if shared_table:
+        table = table.expand(b, -1).contiguous()                    # one request's row per query
+    idx = torch.empty(b, TOPK, dtype=torch.int32, device=device)
+    for a in range(0, b, 256):                                      # bounded memory for the draw
+        idx[a:a + 256] = torch.rand(min(256, b - a), ctx, device=device).topk(TOPK, dim=1).indices.int()
+    rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
+    q = torch.randn(b, heads, D_QK, device=device).bfloat16()
+    return q, cache, table, idx, rows
+
+
 def torch_sparse_mla(q, kv_flat, rows, valid, scale):
     """Plain PyTorch: gather the selected latents, bf16 matmuls, fp32 softmax."""
-    kv = kv_flat[rows]                                              # [b, topk, d_qk]
-    s = torch.bmm(q, kv.transpose(1, 2)).float() * scale            # [b, h, topk]
-    s.masked_fill_(~valid[:, None, :], float("-inf"))
-    return torch.bmm(s.softmax(-1).to(q.dtype), kv[..., :D_V])       # [b, h, d_v]
+    return gathered_attention(q, kv_flat[rows], valid, scale, D_V)  # [b, h, d_v]
 
 
 def mla_rows(c: Context, shape: str, heads: int, batches, contexts):
@@ -104,9 +154,7 @@ def _anchor(c: Context, kind, shape, impl, fns, ref_out, flops, nbytes, extra):
 
 def torch_indexer_decode(q, w, kc_flat, rows, scale, topk):
     """Plain PyTorch: gather K, bf16 logits, relu, weighted head sum in fp32, top-k."""
-    k = kc_flat[rows]                                               # [b, L, d]
-    logits = torch.einsum("bhd,bld->bhl", q, k).relu_()            # [b, h, L]
-    scores = torch.einsum("bhl,bh->bl", logits.float(), w) * scale
+    scores = index_scores(q[:, None], w[:, None], kc_flat[rows], scale)[:, 0]  # [b, L]
     return scores.topk(min(topk, scores.shape[1]), dim=1).indices
 
 
@@ -149,22 +197,11 @@ def indexer_decode_rows(c: Context, shape: str, heads: int, batches, contexts):
 
 def torch_indexer_prefill(q, w, k, scale, topk, chunk=1024):
     """Plain PyTorch, one request: per chunk of 1024 queries, logits over the keys so far, top-k."""
-    n = q.shape[0]
-    out = torch.full((n, topk), -1, dtype=torch.int64, device=q.device)
-    for c0 in range(0, n, chunk):
-        c1 = min(n, c0 + chunk)
-        logits = torch.einsum("qhd,kd->qhk", q[c0:c1], k[:c1]).relu_()      # [c, h, c1]
-        scores = torch.einsum("qhk,qh->qk", logits.float(), w[c0:c1]) * scale
-        pos = torch.arange(c0, c1, device=q.device)[:, None]
-        scores.masked_fill_(torch.arange(c1, device=q.device)[None, :] > pos, float("-inf"))
-        kk = min(topk, c1)
-        out[c0:c1, :kk] = scores.topk(kk, dim=1).indices
-    return out
+    return torch_prefill(q, w, k, topk, scale, budget_bytes=chunk * q.shape[1] * q.shape[0] * q.element_size())
 
 
 def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
     from ..kernels import indexer_topk as it
-    from .indexer_variants import prefill_scores_only
 
     for n in contexts:
         q = torch.randn(n, heads, D_IDX, device=c.device).bfloat16()

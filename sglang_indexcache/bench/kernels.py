@@ -5,25 +5,21 @@ SGLang's Triton decode when they load), indexer top-k for decode (ours bf16 and 
 for a prefill of one request (ours, PyTorch up to 32K). Each row gives the median milliseconds
 (CUDA events; the L2 is flushed before every timed call and inputs rotate so that one call's data
 is not the next one's cache), achieved TFLOP/s and GB/s, and the share of the ceilings (a large
-bf16 matrix product, a large device copy) measured in the same run.
+bf16 matrix product, a large device copy) measured in the same run. Timing is ``timing.Bench``;
+inputs, baselines and rows are ``kernel_bench_ops``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
+
+from .shapes import KERNEL_SHAPES as SHAPES
 
 log = logging.getLogger(__name__)
 
-SHAPES = {  # name -> (attention heads, index heads); d_qk 576, d_v 512, index d 128, top-k 2048
-    "deepseek-v3.2": (128, 64),
-    "glm-5": (64, 32),
-}
-D_QK, D_V, D_IDX, TOPK = 576, 512, 128, 2048
 OPS = ("mla", "indexer-decode", "indexer-prefill")
-L2_FLUSH_BYTES = 256 << 20
 
 
 def _ints(text: str) -> list[int]:
@@ -55,76 +51,6 @@ def add_kernel_arguments(parser):
                         help="first time our MLA kernel under several launch configs (128 and 64 heads)")
     parser.add_argument("--json", action="store_true", help="print the result document as JSON")
     parser.add_argument("--save", metavar="FILE", help="also write the JSON document here")
-
-
-class Bench:
-    """Timing with the L2 flushed between calls; ``fns`` rotate so inputs differ call to call."""
-
-    def __init__(self, device, budget_s: float):
-        import torch
-
-        self.torch, self.device, self.budget = torch, device, budget_s
-        flush = L2_FLUSH_BYTES if device.type == "cuda" else 1 << 20
-        self.flush = torch.empty(flush // 4, dtype=torch.float32, device=device)
-
-    def sync(self):
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-
-    def empty_cache(self):
-        if self.device.type == "cuda":
-            self.torch.cuda.empty_cache()
-
-    def ms(self, fns) -> float:
-        """Median milliseconds of calls cycling through ``fns`` (one warm-up call first)."""
-        fns = fns if isinstance(fns, (list, tuple)) else [fns]
-        fns[0]()                                                   # warm-up (and compile)
-        self.sync()
-        t0 = time.perf_counter()
-        fns[-1]()
-        self.sync()
-        reps = int(min(50, max(3, self.budget / max(time.perf_counter() - t0, 1e-6))))
-        times = []
-        for r in range(reps):
-            self.flush.zero_()
-            times.append(self._one(fns[r % len(fns)]))
-        return statistics.median(times)
-
-    def ms_graph(self, fns):
-        """``(ms, "graph")``: each call captured once in a CUDA graph and replayed, so the time is the
-        GPU's alone (no host launch overhead, as in a CUDA-graph decode step); ``(ms, "eager")``
-        when a call cannot be captured."""
-        torch = self.torch
-        fns = fns if isinstance(fns, (list, tuple)) else [fns]
-        if self.device.type != "cuda":
-            return self.ms(fns), "eager"
-        try:
-            graphs = []
-            for fn in fns:
-                fn()
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    fn()
-                graphs.append(g)
-        except Exception as exc:                                   # noqa: BLE001 - not capturable
-            log.info("graph capture failed (%s); timing eagerly", exc)
-            torch.cuda.synchronize()
-            return self.ms(fns), "eager"
-        return self.ms([g.replay for g in graphs]), "graph"
-
-    def _one(self, fn) -> float:
-        torch = self.torch
-        if self.device.type != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            return 1e3 * (time.perf_counter() - t0)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
 
 
 def _row(kind, shape, impl, ms, flops, nbytes, ceil, **extra):
@@ -166,7 +92,7 @@ def run_kernels(args) -> int:
 
     from ..errors import UsageError
     from . import kernel_bench_ops as ops
-    from .floor import measure_ceilings
+    from .timing import Bench, measure_ceilings
 
     cfg = _settings(args)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -202,9 +128,9 @@ def run_kernels(args) -> int:
 
 
 def _save(path: str, doc: dict):
-    from ..pattern_file import atomic_write_text
+    from ..atomic import atomic_write_json
 
-    atomic_write_text(path, json.dumps(doc, indent=1))
+    atomic_write_json(path, doc)
 
 
 def _print_table(doc: dict):

@@ -22,7 +22,7 @@ import os
 import torch
 
 from ..errors import UsageError
-from ..kernels.reference import PAGE_SIZE, select_topk
+from ..kernels.reference import PAGE_SIZE, gathered_attention, index_scores, paged_rows, select_topk
 
 API_NAMES = ("indexer_topk_prefill", "indexer_topk_decode", "sparse_mla_decode")
 KERNEL_SETS = ("auto", "triton", "torch", "ref")
@@ -69,18 +69,7 @@ class KernelSet:
         return self._indexer_prefill_chunked(q, weights, k, topk, scale)
 
     def _indexer_prefill_chunked(self, q, weights, k, topk, scale):
-        t, h, d = q.shape
-        out = torch.empty(t, topk, dtype=torch.int32, device=q.device)
-        rows = max(1, min(t, self.budget // max(1, h * t * q.element_size())))
-        for p0 in range(0, t, rows):
-            p1 = min(t, p0 + rows)                                 # queries [p0, p1), keys [0, p1)
-            logits = (q[p0:p1].reshape(-1, d) @ k[:p1].T).view(p1 - p0, h, p1).relu_()  # [c, h, p1]
-            w = weights[p0:p1].to(logits.dtype).unsqueeze(1)       # [c, 1, h]
-            scores = torch.bmm(w, logits).squeeze(1).float() * scale  # [c, p1]
-            causal = torch.ones(p1 - p0, p1 - p0, dtype=torch.bool, device=q.device).triu_(1)
-            scores[:, p0:p1].masked_fill_(causal, float("-inf"))
-            out[p0:p1] = self.select_topk(scores, topk)
-        return out
+        return torch_indexer_prefill(q, weights.to(q.dtype), k, topk, scale, self.budget)  # bf16 head sum
 
     def attention_prefill(self, q, kv_cache, page_row, indices, sm_scale: float, d_v: int):
         """q [c, h, d_qk] of c query tokens of one request, kv_cache [pages, 64, d_qk], page_row
@@ -98,22 +87,7 @@ class KernelSet:
         return self._tables[1][:rows]
 
     def _attention_gather(self, q, kv_cache, page_row, indices, sm_scale, d_v):
-        c, h, d_qk = q.shape
-        topk = indices.shape[1]
-        flat = kv_cache.reshape(-1, d_qk)
-        out = torch.empty(c, h, d_v, dtype=q.dtype, device=q.device)
-        step = max(1, min(c, self.budget // max(1, topk * d_qk * q.element_size() * 2)))
-        for a in range(0, c, step):
-            idx = indices[a:a + step].long()                       # [s, topk]
-            valid = idx >= 0
-            pos = idx.clamp(min=0)
-            rows = page_row.long()[pos // PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE
-            kv = flat.index_select(0, rows.reshape(-1)).view(idx.shape[0], topk, d_qk)  # [s, topk, d_qk]
-            logits = torch.bmm(q[a:a + step], kv.transpose(1, 2)).float() * sm_scale   # [s, h, topk]
-            logits.masked_fill_(~valid.unsqueeze(1), float("-inf"))
-            probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0).to(kv.dtype)       # no valid -> 0
-            out[a:a + step] = torch.bmm(probs, kv)[..., :d_v]      # [s, h, d_v]
-        return out
+        return torch_sparse_mla(q, kv_cache, page_row, indices, sm_scale, d_v, self.budget)
 
     # ------------------------------------------------------------------ decode --------------
     def indexer_decode(self, q, weights, k_cache, page_table, seq_lens, topk: int, scale: float):
@@ -127,3 +101,42 @@ class KernelSet:
         """q [b, h, d_qk], kv_cache [pages, 64, d_qk], indices [b, topk] -> out [b, h, d_v]."""
         name = "sparse_mla_decode" if self.name == "triton" else "sparse_mla_decode_ref"
         return self.api[name](q, kv_cache, page_table, indices, sm_scale, d_v)
+
+
+def torch_indexer_prefill(q, weights, k, topk: int, scale: float, budget_bytes: int) -> torch.Tensor:
+    """Causal indexer top-k of one request in plain PyTorch, ``indexer_topk_prefill``'s semantics.
+
+    q [t, h, d], weights [t, h], k [t, d] -> indices [t, topk] int32 (-1 padded). Query blocks
+    sized to ``budget_bytes`` are scored against their causal keys only (``reference.index_scores``:
+    the products in q's dtype, the head sum in weights' dtype).
+    """
+    t, h, _ = q.shape
+    out = torch.empty(t, topk, dtype=torch.int32, device=q.device)
+    rows = max(1, min(t, budget_bytes // max(1, h * t * q.element_size())))
+    for p0 in range(0, t, rows):
+        p1 = min(t, p0 + rows)                                     # queries [p0, p1), keys [0, p1)
+        scores = index_scores(q[p0:p1], weights[p0:p1], k[:p1], scale)   # [c, p1] fp32
+        causal = torch.ones(p1 - p0, p1 - p0, dtype=torch.bool, device=q.device).triu_(1)
+        scores[:, p0:p1].masked_fill_(causal, float("-inf"))
+        out[p0:p1] = select_topk(scores, topk)
+    return out
+
+
+def torch_sparse_mla(q, kv_cache, page_row, indices, sm_scale: float, d_v: int, budget_bytes: int):
+    """Sparse MLA of ``c`` query tokens of one request in plain PyTorch, truly sparse.
+
+    q [c, h, d_qk], kv_cache [pages, 64, d_qk], page_row [max_pages] int32 (the request's page table),
+    indices [c, topk] (-1 skipped) -> out [c, h, d_v]. The selected latent rows of a few queries at a
+    time (``budget_bytes``) are gathered and attended (``reference.gathered_attention``).
+    """
+    c, h, d_qk = q.shape
+    topk = indices.shape[1]
+    flat = kv_cache.reshape(-1, d_qk)
+    out = torch.empty(c, h, d_v, dtype=q.dtype, device=q.device)
+    step = max(1, min(c, budget_bytes // max(1, topk * d_qk * q.element_size() * 2)))
+    for a in range(0, c, step):
+        idx = indices[a:a + step]                                  # [s, topk]
+        rows = paged_rows(page_row, idx.clamp(min=0).reshape(-1)).view(idx.shape)
+        kv = flat.index_select(0, rows.reshape(-1)).view(idx.shape[0], topk, d_qk)  # [s, topk, d_qk]
+        out[a:a + step] = gathered_attention(q[a:a + step], kv, idx >= 0, sm_scale, d_v)  # [s, h, d_v]
+    return out

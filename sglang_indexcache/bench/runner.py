@@ -29,7 +29,7 @@ from . import floor as floor_model
 from .ops import KernelSet
 from .shapes import COMPONENTS, decode_counts, prefill_counts
 from .stack import Stack
-from .timing import median_result
+from .timing import measure_ceilings, median_result
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def run_prefill(spec: BenchSpec, on_rows=None) -> dict:
     _check_patterns(spec)
     kernels = KernelSet(spec.kernels, spec.device)
     stack = Stack(spec.config, spec.layers, spec.device, spec.dtype, kernels, topk=spec.topk, seed=spec.seed)
-    ceilings = floor_model.measure_ceilings(spec.device, spec.dtype)
+    ceilings = measure_ceilings(spec.device, spec.dtype)
     doc = _header(spec, stack, ceilings)
     elt = torch.finfo(spec.dtype).bits // 8
     total = len(spec.contexts) * (spec.warmup + spec.repeats * len(spec.patterns))
@@ -198,7 +198,7 @@ def run_decode(spec: BenchSpec, on_rows=None) -> dict:
             stack = Stack(spec.config, spec.layers, spec.device, spec.dtype, kernels,
                           decode_batch=batch, topk=spec.topk, seed=spec.seed)
             if doc is None:
-                doc = _header(spec, stack, floor_model.measure_ceilings(spec.device, spec.dtype))
+                doc = _header(spec, stack, measure_ceilings(spec.device, spec.dtype))
             for context in spec.contexts:
                 if _past(spec, f"decode b={batch} at {context}"):
                     break

@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass
 from ..errors import UsageError
 
 COMPONENTS = ("indexer", "attention", "dense")
+# bench kernels: name -> (attention heads, index heads); d_qk 576, d_v 512, index d 128, top-k 2048
+KERNEL_SHAPES = {"deepseek-v3.2": (128, 64), "glm-5": (64, 32)}
+D_QK, D_V, D_IDX, TOPK = 576, 512, 128, 2048
 
 
 @dataclass(frozen=True)

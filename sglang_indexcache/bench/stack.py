@@ -13,7 +13,6 @@ batch's cached tokens) and, in decode, one paged index-key cache: each layer sti
 from __future__ import annotations
 
 import logging
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,7 @@ from ..errors import UsageError
 from .layer import DSALayer
 from .ops import PAGE_SIZE, KernelSet
 from .shapes import LayerShapes, decode_experts, layer_shapes
-from .timing import NullTimer, Timer
+from .timing import NullTimer, Timer, median_seconds
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +117,9 @@ class Stack:
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
             self.decode(inputs, pattern, timer=NullTimer())
-        times = []
-        for _ in range(repeats + 1):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+        seconds = median_seconds(graph.replay, self.device, repeats, warmup=1)
         del graph
-        return statistics.median(times[1:])
+        return seconds
 
     def decode(self, inputs, pattern: str, timer=None) -> dict | None:
         """One decode step of the whole stack under ``pattern``; returns the Timer's result."""

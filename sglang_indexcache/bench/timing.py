@@ -1,17 +1,118 @@
-"""Per-component timing of one forward: host clock on the CPU, device events on a GPU.
+"""The benchmarks' one measuring module: host clock on the CPU, CUDA events on a GPU.
 
-Sections never synchronise the device (events are recorded on the stream and read once at the end),
-so timing a component does not change the time of the whole.
+- :func:`time_call` / :func:`median_seconds`: one call, or the median of ``repeats`` after warm-up;
+- :class:`Bench`: per-op kernel timing (median milliseconds, L2 flushed before every call, inputs
+  rotating, optional CUDA-graph replay), used by ``bench kernels`` and the research scripts;
+- :func:`measure_ceilings`: the device's matmul and copy rates, the denominators of every floor;
+- :class:`Timer` / :func:`median_result`: per-component timing of one stack forward and medians
+  (with their spread) over repeats, used by ``bench prefill`` / ``bench decode``. Sections never
+  synchronise the device (events are recorded on the stream and read once at the end), so timing a
+  component does not change the time of the whole.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 
 import torch
+
+log = logging.getLogger(__name__)
+L2_FLUSH_BYTES = 256 << 20
+
+
+def time_call(fn, device: torch.device) -> float:
+    """Seconds of one call of ``fn``: CUDA events around it on a GPU (then a sync), else the host clock."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    return statistics.median(time_call(fn, device) for _ in range(repeats))
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    """``{"matmul_flops": FLOP/s, "copy_bytes": B/s, "matmul_n": n, "copy_mib": m}`` on ``device``."""
+    cuda = device.type == "cuda"
+    n = 8192 if cuda else 2048
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    mm = median_seconds(lambda: a @ b, device, 10 if cuda else 3)
+    numel = (1 << 28) if cuda else (1 << 25)                 # 1 GiB / 128 MiB of fp32
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    cp = median_seconds(lambda: dst.copy_(src), device, 10 if cuda else 3)
+    return {"matmul_flops": 2 * n ** 3 / mm, "copy_bytes": 2 * numel * 4 / cp,
+            "matmul_n": n, "copy_mib": numel * 4 >> 20, "dtype": str(dtype).replace("torch.", "")}
+
+
+class Bench:
+    """Per-op timing with the L2 flushed between calls; ``fns`` rotate so inputs differ call to call."""
+
+    def __init__(self, device, budget_s: float):
+        self.device, self.budget = device, budget_s
+        flush = L2_FLUSH_BYTES if device.type == "cuda" else 1 << 20
+        self.flush = torch.empty(flush // 4, dtype=torch.float32, device=device)
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def empty_cache(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def ms(self, fns) -> float:
+        """Median milliseconds of calls cycling through ``fns`` (one warm-up call first); as many
+        calls as fit in the budget (3 to 50)."""
+        fns = fns if isinstance(fns, (list, tuple)) else [fns]
+        fns[0]()                                                   # warm-up (and compile)
+        self.sync()
+        t0 = time.perf_counter()
+        fns[-1]()
+        self.sync()
+        reps = int(min(50, max(3, self.budget / max(time.perf_counter() - t0, 1e-6))))
+        times = []
+        for r in range(reps):
+            self.flush.zero_()
+            times.append(1e3 * time_call(fns[r % len(fns)], self.device))
+        return statistics.median(times)
+
+    def ms_graph(self, fns):
+        """``(ms, "graph")``: each call captured once in a CUDA graph and replayed, so the time is the
+        GPU's alone (no host launch overhead, as in a CUDA-graph decode step); ``(ms, "eager")``
+        when a call cannot be captured."""
+        fns = fns if isinstance(fns, (list, tuple)) else [fns]
+        if self.device.type != "cuda":
+            return self.ms(fns), "eager"
+        try:
+            graphs = []
+            for fn in fns:
+                fn()
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    fn()
+                graphs.append(g)
+        except Exception as exc:                                   # noqa: BLE001 - not capturable
+            log.info("graph capture failed (%s); timing eagerly", exc)
+            torch.cuda.synchronize()
+            return self.ms(fns), "eager"
+        return self.ms([g.replay for g in graphs]), "graph"
 
 
 class Timer:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from sglang_indexcache.errors import DataError
-from sglang_indexcache.pattern_file import atomic_write_text
+from sglang_indexcache.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

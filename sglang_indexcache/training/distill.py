@@ -16,7 +16,7 @@ Which forward produces ``p`` (the targets):
 
 In both, the main model runs under ``no_grad`` (eager attention, so the attention module returns
 its probabilities ``[B, H, S, T]``; a forward hook on ``self_attn`` reads them). The indexer of an
-F layer gets gradients through :func:`dsa_torch.indexer_logits` on its captured (detached) inputs,
+F layer gets gradients through :func:`models.indexer.indexer_logits` on its captured (detached) inputs,
 once the last layer it serves has added its distribution to the F layer's
 :class:`~.distill_loss.ServedTarget`; that layer's loss is back-propagated at once and its
 target freed, so at most one centroid is alive at a time.
@@ -24,15 +24,16 @@ target freed, so at most one centroid is alive at a time.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 from torch import nn
 
-from .. import dsa_torch
 from .. import pattern as pattern_mod
 from ..errors import UsageError
+from ..models import indexer as dsa, swap
+from ..models.swap import swapped_indexers
+from ..validation import require_indexers
 from .distill_loss import (ServedTarget, attention_distribution, causal_mask, indexer_log_probs,
                            selected_mask)
 
@@ -47,30 +48,12 @@ def indexer_parameter_names(indexers: dict[int, nn.Module]) -> dict[str, nn.Para
     """
     named = {}
     for layer, indexer in sorted(indexers.items()):
-        for name, param in _inner(indexer).named_parameters():
+        for name, param in swap.inner_indexer(indexer).named_parameters():
             named[f"model.layers.{layer}.self_attn.indexer.{name}"] = param
     return named
 
 
-def _inner(indexer):
-    return indexer.inner if isinstance(indexer, (dsa_torch.FastIndexer, _Selector)) else indexer
-
-
-@contextlib.contextmanager
-def swapped_indexers(model, modules: dict[int, nn.Module | None]):
-    """Temporarily set ``layers[i].self_attn.indexer = modules[i]`` (None = shared layer)."""
-    layers = model.model.layers
-    saved = [layer.self_attn.indexer for layer in layers]
-    try:
-        for i, module in modules.items():
-            layers[i].self_attn.indexer = module
-        yield
-    finally:
-        for layer, module in zip(layers, saved):
-            layer.self_attn.indexer = module
-
-
-class _Selector(nn.Module):
+class _Selector(swap.IndexerWrapper):
     """Stand-in for an F layer's indexer during a distillation forward: records its inputs.
 
     ``dense=True`` returns every key ``[B, S, T]`` (dense attention); otherwise the indexer's own
@@ -78,8 +61,8 @@ class _Selector(nn.Module):
     """
 
     def __init__(self, inner, dense: bool):
-        super().__init__()
-        self.inner, self.dense = inner, dense
+        super().__init__(inner)
+        self.dense = dense
         self.inputs = None
         self.topk = None
 
@@ -92,9 +75,9 @@ class _Selector(nn.Module):
         batch, seq, _ = hidden_states.shape
         if self.dense:
             return torch.arange(seq, dtype=torch.int32).expand(batch, seq, seq)  # [B, S, T]
-        q, k, w = dsa_torch.indexer_qkw(self.inner, hidden_states, q_resid, position_embeddings)
-        scores = dsa_torch.apply_mask(dsa_torch.index_scores(q, k, w, self.inner.softmax_scale), attention_mask)
-        self.topk = dsa_torch.causal_topk(scores, self.inner.index_topk)  # [B, S, k]
+        q, k, w = dsa.indexer_qkw(self.inner, hidden_states, q_resid, position_embeddings)
+        scores = dsa.apply_mask(dsa.index_scores(q, k, w, self.inner.softmax_scale), attention_mask)
+        self.topk = dsa.causal_topk(scores, self.inner.index_topk)  # [B, S, k]
         return self.topk
 
 
@@ -118,10 +101,9 @@ class Distiller:
         self.full = pattern_mod.full_layers(self.pattern)
         if indexers is None:  # per layer; e.g. TransformersBackend.indexers (S layers detached there)
             indexers = [layer.self_attn.indexer for layer in model.model.layers]
-        missing = [f for f in self.full if indexers[f] is None]
-        if missing:
-            raise UsageError(f"F layer(s) {missing} of pattern {self.pattern} have no indexer")
-        self.indexers = {f: _inner(indexers[f]) for f in self.full}  # layer -> GlmMoeDsaIndexer
+        have = [i for i, ix in enumerate(indexers) if ix is not None]
+        require_indexers(self.pattern, have, "the model", UsageError)
+        self.indexers = {f: swap.inner_indexer(indexers[f]) for f in self.full}  # layer -> GlmMoeDsaIndexer
 
     def parameters(self) -> dict[str, nn.Parameter]:
         """The trainable parameters (F layers' indexers), by checkpoint name."""
@@ -184,7 +166,7 @@ class Distiller:
     def _backward(self, source: int, selector: _Selector, target: ServedTarget, visible, state) -> float:
         hidden, q_resid, position_embeddings = selector.inputs
         with torch.enable_grad():
-            logits = dsa_torch.indexer_logits(selector.inner, hidden, q_resid, position_embeddings)  # [B, S, T]
+            logits = dsa.indexer_logits(selector.inner, hidden, q_resid, position_embeddings)  # [B, S, T]
             loss = target.loss(indexer_log_probs(logits, visible)) / state["tokens"]
             loss.backward()
         selector.inputs = None

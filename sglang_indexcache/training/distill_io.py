@@ -8,34 +8,15 @@ Every file is written to a temporary name and renamed, so a reader never sees ha
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_path
 from ..errors import ModelDirError
 
 STATE_FORMAT = "indexcache-distill-state/v1"
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path):
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600; a new file's usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _shard_names(path: Path) -> list[str]:
@@ -65,7 +46,7 @@ def write_checkpoint(src_dir, out_dir, tensors: dict[str, torch.Tensor]) -> list
     remaining, rewritten = set(tensors), []
     for path in sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")):
         names = set(_shard_names(path)) & set(tensors) if path.suffix == ".safetensors" else set()
-        with _atomic_path(out / path.name) as tmp:
+        with atomic_path(out / path.name) as tmp:
             if not names:
                 shutil.copyfile(path, tmp)
                 continue
@@ -109,7 +90,7 @@ def round_to_stored(model_dir, params: dict[str, torch.nn.Parameter]) -> None:
 
 def save_state(path, state: dict) -> None:
     """Atomically ``torch.save`` the resumable state (a dict of tensors, numbers, strings)."""
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         torch.save({"format": STATE_FORMAT, **state}, tmp)
 
 
@@ -145,6 +126,6 @@ def plot_losses(history: list[dict], path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with _atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

@@ -41,7 +41,7 @@ def causal_mask(seq: int, device=None) -> torch.Tensor:
 def selected_mask(topk: torch.Tensor, seq: int) -> torch.Tensor:
     """bool ``[B, S, T=S]``: True at the selected keys that are also causal.
 
-    ``topk``: int ``[B, S, k]`` token indices as transformers/:mod:`dsa_torch` return them (a query
+    ``topk``: int ``[B, S, k]`` token indices as transformers/:mod:`models.indexer` return them (a query
     with fewer than ``k`` visible keys also names masked positions; the causal mask drops them).
     """
     batch = topk.shape[0]

@@ -25,7 +25,9 @@ import torch
 
 from .. import pattern as pattern_mod
 from .. import pattern_file, progress
+from ..atomic import atomic_write_text
 from ..errors import DataError, ModelDirError, UsageError
+from ..models import lm_loss
 from . import distill_io
 from .distill import Distiller
 
@@ -80,11 +82,8 @@ def batch_indices(seed: int, step: int, n_blocks: int, batch_size: int) -> list[
 def _lm_losses(backend, blocks, patterns: dict[str, str], batch_size: int) -> dict[str, float]:
     """LM loss (nats/token) of ``blocks [n, S]`` per labelled pattern (eager attention, which is
     also the faster one on the CPU for these masked shapes)."""
-    out = {}
-    for label, pattern in patterns.items():
-        backend.set_pattern(pattern)
-        out[label] = backend.loss(blocks, batch_size=batch_size).mean
-    return out
+    losses = lm_loss.pattern_losses(backend.set_pattern, backend.batch_nll, blocks, patterns, batch_size)
+    return {label: result.mean for label, result in losses.items()}
 
 
 def _tokenizer(model_dir):
@@ -232,5 +231,5 @@ def _finish(cfg, info, pattern, distiller, state, after, train, eval_desc) -> di
     pattern_file.write(out / "pattern.json", document)
     if state["history"]:
         distill_io.plot_losses(state["history"], out / "distill" / "loss.png", label)
-    pattern_file.atomic_write_text(out / "distill" / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "distill" / "report.json", json.dumps(report, indent=2) + "\n")
     return report

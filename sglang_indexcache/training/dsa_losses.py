@@ -3,7 +3,7 @@
 Each layer's indexer is wrapped in a :class:`TrainIndexer` that has three modes:
 
 - ``"dense"``: the indexer is bypassed and every causal position is selected (dense attention);
-- ``"warmup"``: index scores ``I [B, S, T]`` are computed WITH gradients (``dsa_torch``) and kept,
+- ``"warmup"``: index scores ``I [B, S, T]`` are computed WITH gradients (``models.indexer``) and kept,
   attention stays dense;
 - ``"sparse"``: the same scores, computed from DETACHED inputs (so the indexer loss never reaches
   the main model), select the top-k for the attention (non-differentiable, as in DSA).
@@ -17,15 +17,14 @@ the causal positions (warm-up) or over the selected set only (sparse stage).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from sglang_indexcache.dsa_torch import apply_mask, causal_topk, indexer_logits
+from sglang_indexcache.models import swap
+from sglang_indexcache.models.indexer import apply_mask, causal_topk, indexer_logits
 
 MODES = ("dense", "warmup", "sparse")
 
 
-class TrainIndexer(nn.Module):
+class TrainIndexer(swap.IndexerWrapper):
     """Drop-in for ``GlmMoeDsaIndexer`` during training; ``inner`` keeps the checkpoint's weights.
 
     After a forward, ``scores`` holds the masked index scores ``[B, S, T]`` (float32, ``-inf`` at
@@ -34,9 +33,7 @@ class TrainIndexer(nn.Module):
     """
 
     def __init__(self, inner, mode: str = "dense"):
-        super().__init__()
-        self.inner = inner
-        self.layer_idx = inner.layer_idx
+        super().__init__(inner)
         self.mode = mode
         self.scores = None
         self.topk = None
@@ -65,22 +62,14 @@ class TrainIndexer(nn.Module):
 
 def wrap_indexers(model, mode: str = "dense") -> list[TrainIndexer]:
     """Wrap every layer's indexer (idempotent); return the wrappers, one per layer."""
-    wrappers = []
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        if attn.indexer is None:
-            raise ValueError(f"layer {attn.layer_idx} has no indexer; train with indexer_types all 'full'")
-        if not isinstance(attn.indexer, TrainIndexer):
-            attn.indexer = TrainIndexer(attn.indexer, mode)
-        attn.indexer.mode = mode
-        wrappers.append(attn.indexer)
+    wrappers = swap.wrap_indexers(model, TrainIndexer, require_all=True, mode=mode)
+    for wrapper in wrappers:
+        wrapper.mode = mode
     return wrappers
 
 
 def unwrap_indexers(model) -> None:
-    for layer in model.model.layers:
-        if isinstance(layer.self_attn.indexer, TrainIndexer):
-            layer.self_attn.indexer = layer.self_attn.indexer.inner
+    swap.unwrap_indexers(model)
 
 
 class AttentionProbe:

@@ -11,42 +11,25 @@ import numpy as np
 import torch
 
 from sglang_indexcache import pattern as pattern_mod
+from sglang_indexcache.models import lm_loss as lm
+from sglang_indexcache.models.swap import apply_pattern, current_indexers
 
 
-def apply_pattern(model, indexers: list, pattern: str) -> None:
-    """Give the F layers of ``pattern`` their indexer (from ``indexers``) and the S layers none."""
-    pattern = pattern_mod.validate(pattern, len(indexers))
-    for layer, indexer, kind in zip(model.model.layers, indexers, pattern):
-        layer.self_attn.indexer = indexer if kind == "F" else None
-
-
-@torch.no_grad()
 def lm_loss(model, blocks: torch.Tensor, batch_size: int = 4, autocast: bool = False) -> float:
     """Mean next-token loss (nats) over ``blocks [n, seq_len]`` (int64), every block full length."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start:start + batch_size].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(input_ids=batch, labels=batch)
-        n = batch.shape[0] * (batch.shape[1] - 1)
-        total += float(out.loss) * n
-        count += n
-    return total / count
+    return lm.summed_loss(lm.forward_nll(model, autocast), blocks, batch_size).mean
 
 
 def pattern_losses(model, blocks: torch.Tensor, patterns: dict[str, str], batch_size: int = 4,
                    autocast: bool = False) -> dict[str, float]:
     """``{label: loss}`` for each ``{label: pattern}``; the model's indexers are restored after."""
-    indexers = [layer.self_attn.indexer for layer in model.model.layers]
+    indexers = current_indexers(model)
     if any(ix is None for ix in indexers):
         raise ValueError("pattern_losses needs a model loaded with every layer's indexer")
     try:
-        out = {}
-        for label, pattern in patterns.items():
-            apply_pattern(model, indexers, pattern)
-            out[label] = lm_loss(model, blocks, batch_size, autocast)
-        return out
+        losses = lm.pattern_losses(lambda p: apply_pattern(model, indexers, p), lm.forward_nll(model, autocast),
+                                   blocks, patterns, batch_size)
+        return {label: result.mean for label, result in losses.items()}
     finally:
         apply_pattern(model, indexers, "F" * len(indexers))
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from sglang_indexcache import progress
+from sglang_indexcache.atomic import atomic_path, atomic_write_text
 from sglang_indexcache.errors import UsageError
 from sglang_indexcache.training import dsa_losses
 
@@ -134,10 +134,9 @@ def train_step(model, batch, stage: str, wrappers, probe, autocast: bool) -> dic
 
 
 def save_state(path: Path, model, optimizer, stage_idx: int, step: int, args: TrainArgs) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage_idx,
-                "step": step, "args": asdict(args)}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage_idx,
+                    "step": step, "args": asdict(args)}, tmp)
 
 
 def log_line(path: Path, record: dict) -> None:
@@ -260,6 +259,4 @@ def save_model(model, out_dir) -> None:
     missing = [k for k in SGLANG_CONFIG_KEYS if config.get(k) != SGLANG_CONFIG_KEYS[k]]
     if missing:  # transformers dropped undeclared keys: add them back
         config.update(SGLANG_CONFIG_KEYS)
-        from sglang_indexcache.pattern_file import atomic_write_text
-
         atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -5,7 +5,8 @@ the top-k; this computes the same softmax over the ``k`` selected keys only, in 
 form (FlashMLA's sparse prefill maths): per head ``q_lat = W_kb^T q_nope`` ``[B, S, H, r]``,
 scores against the gathered latents ``c [B, S, k, r]`` and rope keys ``[B, S, k, d_rope]`` shared by
 all heads, output ``W_vb (p @ c)``. Selected indices after the query (queries with fewer than k
-visible keys) are masked to ``-inf``, as transformers' causal mask does.
+visible keys) are masked to ``-inf``, as transformers' causal mask does. The softmax over the
+gathered rows is :func:`sglang_indexcache.kernels.reference.gathered_attention`.
 
 Reference (the specification): ``GlmMoeDsaDecoderLayer.forward`` / ``GlmMoeDsaAttention.forward``
 of transformers 5.19; equality of the LM loss is tested in tests/test_backend.py.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import torch
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
+
+from ..kernels.reference import gathered_attention
 
 
 def sparse_mla(attn, q_nope, q_rot, latent, k_rot, topk):
@@ -47,14 +50,12 @@ def _sparse_mla(attn, q_nope, q_rot, latent, k_rot, topk):
     rows = torch.cat([latent, k_rot], dim=-1).reshape(batch * keys, -1)  # [B*T, r + d_rope]
     offsets = (torch.arange(batch, device=idx.device) * keys)[:, None, None]  # [B, 1, 1]
     picked = rows.index_select(0, (idx + offsets).reshape(-1)).view(batch, seq, -1, rows.shape[-1])  # [B, S, k, r+dr]
-    c = picked[..., :rank]  # [B, S, k, r]
     q_all = torch.cat([q_lat, q_rot], dim=-1)  # [B, S, H, r + d_rope]
-    scores = torch.einsum("bshr,bskr->bshk", q_all, picked)  # [B, S, H, k]
-    scores = scores.float() * attn.scaling  # [B, S, H, k]
     positions = torch.arange(seq, device=idx.device)[None, :, None]  # [1, S, 1]
-    scores = scores.masked_fill((idx > positions)[:, :, None, :], float("-inf"))
-    probs = scores.softmax(-1).to(c.dtype)  # [B, S, H, k]
-    out_lat = torch.einsum("bshk,bskr->bshr", probs, c)  # [B, S, H, r]
+    valid = (idx <= positions).reshape(batch * seq, -1)  # [B*S, k]
+    kv = picked.reshape(batch * seq, -1, picked.shape[-1])  # [B*S, k, r + d_rope]
+    out_lat = gathered_attention(q_all.reshape(batch * seq, heads, -1), kv, valid, attn.scaling, rank)
+    out_lat = out_lat.view(batch, seq, heads, rank)  # [B, S, H, r]
     out = torch.einsum("bshr,hvr->bshv", out_lat, w_v)  # [B, S, H, d_v]
     return out.reshape(batch, seq, heads * d_v)
 

@@ -1,6 +1,6 @@
 """Lightning-indexer kernels on a GPU: launch sweep, then scores, top-k and the whole op at long contexts.
 
-``python -m sglang_indexcache.bench.indexer_variants --out FILE.json [--budget S]``:
+``python scripts/indexer_variants.py --out FILE.json [--budget S]`` (a research script, not part of the package):
 
 1. ceilings: bf16 and fp8 (e4m3, ``torch._scaled_mm``) matrix products of 8192^3, device copy;
 2. prefill score-kernel launch sweep at 32K tokens (64 and 32 index heads; bf16, then fp8 q and k),
@@ -19,10 +19,11 @@ Every row is written to ``--out`` as it is measured (an interrupted run keeps wh
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
+
+from sglang_indexcache.atomic import atomic_write_json
+from sglang_indexcache.bench.kernel_bench_ops import prefill_scores_only
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,7 @@ SWEEP = [  # rows (query tokens x padded heads), block_n, warps, stages, keys-ma
 
 
 def _save(path: str, doc: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, doc)
 
 
 def ceilings(torch, bench) -> dict:
@@ -70,22 +68,6 @@ def _prefill_inputs(torch, n: int, heads: int, dtype: str):
         q, k = q.bfloat16(), k.bfloat16()
     cu = torch.tensor([0, n], dtype=torch.int32, device=DEV)
     return q, w, k, ks, cu
-
-
-def prefill_scores_only(torch, q, w, k, ks, cu, config, budget_bytes=1 << 30):
-    """The score kernel over every chunk of query positions, as ``indexer_topk_prefill`` runs it."""
-    from ..kernels.indexer_scores import prefill_scores
-
-    n = q.shape[0]
-    chunk = max(1, min(n, budget_bytes // (4 * n)))
-    buf = torch.empty(chunk * n, dtype=torch.float32, device=q.device)
-
-    def run():
-        for p0 in range(0, n, chunk):
-            rows = min(chunk, n - p0)
-            prefill_scores(q, w, k, cu, 0.1, buf[:rows * (p0 + rows)].view(1, rows, p0 + rows), p0, rows,
-                           k_scale=ks, **config)
-    return run
 
 
 def _row(doc, path, case: dict, ms: float, flops: float, nbytes: float):
@@ -130,9 +112,9 @@ def sweep(torch, bench, doc, path, heads: int, dtype: str, n: int = 32768) -> di
 
 
 def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, contexts):
-    from ..kernels import indexer_topk_prefill
-    from ..kernels.topk import topk_rows
-    from ..kernels.topk_sampled import topk_rows_sampled
+    from sglang_indexcache.kernels import indexer_topk_prefill
+    from sglang_indexcache.kernels.topk import topk_rows
+    from sglang_indexcache.kernels.topk_sampled import topk_rows_sampled
 
     for n in contexts:
         q, w, k, ks, cu = _prefill_inputs(torch, n, heads, dtype)
@@ -159,8 +141,8 @@ def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, 
 
 
 def decode_rows(torch, bench, doc, path, heads: int, contexts, batches):
-    from ..kernels import indexer_topk_decode
-    from ..kernels.indexer_scores import decode_scores
+    from sglang_indexcache.kernels import indexer_topk_decode
+    from sglang_indexcache.kernels.indexer_scores import decode_scores
 
     for n in contexts:
         for b in batches:
@@ -194,7 +176,7 @@ def decode_rows(torch, bench, doc, path, heads: int, contexts, batches):
 def main(argv=None) -> int:
     import torch
 
-    from .kernels import Bench
+    from sglang_indexcache.bench.timing import Bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON result file")
@@ -214,7 +196,7 @@ def main(argv=None) -> int:
            "rows": [], "failed": [], "best_config": {}}
     doc["ceilings"] = ceilings(torch, bench)
     _save(args.out, doc)
-    from ..kernels.indexer_scores import PREFILL_CONFIG
+    from sglang_indexcache.kernels.indexer_scores import PREFILL_CONFIG
 
     contexts = [int(x) for x in args.contexts.split(",")]
     for heads in (64, 32):

@@ -1,7 +1,7 @@
 """Sparse MLA decode: the earlier kernel variant against the current one and launch variants (GPU).
 
-``python -m sglang_indexcache.bench.mla_variants --out FILE.json [--budget S]`` times, with CUDA-graph
-replay and the L2 flushed before every call (``bench.kernels.Bench``):
+``python scripts/mla_variants.py --out FILE.json [--budget S]`` (a research script) times, with CUDA-graph
+replay and the L2 flushed before every call (``bench.timing.Bench``):
 
 - decode shapes: 128 and 64 heads, batch 1 / 16 / 64, contexts 8K and 128K, top-k 2048;
 - the layer-stack prefill shape: ``T`` query tokens of one request, each its own "request" with the
@@ -25,10 +25,10 @@ the variant: registers, spills, shared memory and the CTAs per SM they allow
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import os
+
+from sglang_indexcache.atomic import atomic_write_json
+from sglang_indexcache.bench.kernel_bench_ops import DATA_MODES, _inputs
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ D_QK, D_V, TOPK = 576, 512, 2048
 
 
 def _variants(heads: int) -> list[tuple[str, dict]]:
-    from ..kernels.sparse_mla_decode import DEFAULT_CONFIG, LEGACY_CONFIG
+    from sglang_indexcache.kernels.sparse_mla_decode import DEFAULT_CONFIG, LEGACY_CONFIG
 
     out = [("v1 paged (earlier)", LEGACY_CONFIG), ("v2 flat (default)", DEFAULT_CONFIG),
            ("flat bn32 st3", {**DEFAULT_CONFIG, "block_n": 32, "num_stages": 3}),
@@ -59,45 +59,10 @@ DIAGNOSE_VARIANTS = (
     ("bh32 bn32 w8 st2 (2 CTAs/SM?)", {"block_h": 32, "block_n": 32, "num_warps": 8}),
     ("bh16 bn32 w4 st2", {"block_h": 16, "block_n": 32, "num_warps": 4}),
 )
-DATA_MODES = ("random", "contiguous", "l2")
-
-
-def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device, data: str = "random"):
-    """q [b, h, 576], cache [pages, 64, 576], page_table [b, pages/req], idx [b, topk], rows [b, topk].
-
-    ``data``: ``random`` top-k sets over a random page table; ``contiguous``: each request's rows
-    are consecutive cache rows (identity page table, indices 0..topk-1 of its own pages); ``l2``:
-    every request uses the same page table row and indices (one request's rows, L2-resident)."""
-    if data not in DATA_MODES:
-        raise ValueError(f"data must be one of {DATA_MODES}, got {data!r}")
-    per = math.ceil(ctx / 64)
-    if data != "random":
-        n_req = 1 if (shared_table or data == "l2") else b
-        cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
-        table = torch.arange(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
-        table = table.expand(b, -1).contiguous() if n_req == 1 else table
-        one = torch.randperm(ctx, device=device)[:TOPK] if data == "l2" else torch.arange(TOPK, device=device)
-        idx = one.int().expand(b, -1).contiguous()
-        rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
-        q = torch.randn(b, heads, D_QK, device=device).bfloat16()
-        return q, cache, table, idx, rows
-    n_req = 1 if shared_table else b
-    cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
-    table = torch.randperm(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
-    if shared_table:
-        table = table.expand(b, -1).contiguous()                    # one request's row per query
-    idx = torch.empty(b, TOPK, dtype=torch.int32, device=device)
-    for a in range(0, b, 256):                                      # bounded memory for the draw
-        idx[a:a + 256] = torch.rand(min(256, b - a), ctx, device=device).topk(TOPK, dim=1).indices.int()
-    rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
-    q = torch.randn(b, heads, D_QK, device=device).bfloat16()
-    return q, cache, table, idx, rows
-
-
 def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla, variants=None):
-    from ..kernels import sparse_mla_decode
-    from ..kernels.sparse_mla_decode import _sparse_mla_kernel
-    from . import resources
+    from sglang_indexcache.kernels import sparse_mla_decode
+    from sglang_indexcache.kernels.sparse_mla_decode import _sparse_mla_kernel
+    from sglang_indexcache.bench import resources
 
     b, ctx, heads = case["batch"], case["context"], case["heads"]
     q, cache, table, idx, rows = _inputs(torch, b, ctx, heads, shared_table, bench.device,
@@ -132,17 +97,14 @@ def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla
 
 
 def _save(path: str, doc: dict):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, doc)
 
 
 def main(argv=None) -> int:
     import torch
 
-    from . import kernel_anchors
-    from .kernels import Bench
+    from sglang_indexcache.bench import kernel_anchors
+    from sglang_indexcache.bench.timing import Bench
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="JSON result file")
@@ -157,7 +119,7 @@ def main(argv=None) -> int:
     doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flash_mla": status,
            "rows": [], "failed": []}
     if args.diagnose:
-        from ..kernels.sparse_mla_decode import DEFAULT_CONFIG
+        from sglang_indexcache.kernels.sparse_mla_decode import DEFAULT_CONFIG
 
         variants = [(name, {**DEFAULT_CONFIG, **cfg}) for name, cfg in DIAGNOSE_VARIANTS]
         for kind, b, shared in (("decode", 64, False), ("prefill", args.prefill_queries, True)):

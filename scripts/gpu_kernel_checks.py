@@ -1,6 +1,6 @@
 """Correctness of the Triton kernels on a GPU against their fp32 references, at serving sizes.
 
-``python -m sglang_indexcache.bench.kernel_checks [--out FILE]`` runs every case, prints one line per
+``python scripts/gpu_kernel_checks.py [--out FILE]`` runs every case, prints one line per
 case and exits 1 if any fails. Uses the same comparators as the CPU tests (``kernels.testing``):
 top-k as sets with gathered scores, outputs NaN-poisoned before each run, NaN in unowned cache slots.
 """
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from ..kernels import indexer_topk_decode, indexer_topk_prefill, reference as ref, sparse_mla_decode, testing
+from sglang_indexcache.kernels import indexer_topk_decode, indexer_topk_prefill, reference as ref, sparse_mla_decode, testing
 
 SENTINEL = -7
 
@@ -51,8 +51,8 @@ def check_prefill(dev, lens, h, topk, fp8=None, **kw):
 def check_topk_rows(dev, rows, n, topk, ties=False, sampled=False):
     """A top-k kernel alone on long rows (a column slice of a wider, NaN-poisoned buffer): the radix
     select, or with ``sampled`` the sampled-threshold one."""
-    from ..kernels.topk import topk_rows
-    from ..kernels.topk_sampled import topk_rows_sampled
+    from sglang_indexcache.kernels.topk import topk_rows
+    from sglang_indexcache.kernels.topk_sampled import topk_rows_sampled
 
     buf = torch.full((rows, n + 64), float("nan"), device=dev)
     vals = torch.randint(0, 50, (rows, n), device=dev).float() if ties else torch.randn(rows, n, device=dev)
