@@ -74,8 +74,6 @@ class ModelInfo:
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-# Kept for sglang_overlay/settings.py and runtime.py until they import pattern.layer_ranges.
-_ranges = layer_ranges
 
 
 def is_dsa_config(config: dict) -> bool:

@@ -16,8 +16,8 @@ import logging
 from typing import Any
 
 from .. import pattern as pat
-from ..errors import PatternError, UsageError
-from ..model_info import _ranges
+from ..validation import require_indexers
+from ..errors import UsageError
 from . import settings as settings_mod
 
 logger = logging.getLogger("sglang_indexcache.sglang")
@@ -33,7 +33,7 @@ def attention_layers(model) -> list:
     attns = [getattr(layer, "self_attn", None) for layer in layers]
     bad = [i for i, a in enumerate(attns) if a is None or getattr(a, "skip_topk", None) is None]
     if bad:
-        raise UsageError(f"layers {_ranges(bad)} of {type(model).__name__} are not DSA layers on this rank")
+        raise UsageError(f"layers {pat.layer_ranges(bad)} of {type(model).__name__} are not DSA layers on this rank")
     return attns
 
 
@@ -46,11 +46,8 @@ def check_pattern(model, pattern: str) -> str:
     """Validate ``pattern`` for the loaded model: length, layer 0 F, an indexer on every F layer."""
     attns = attention_layers(model)
     pattern = pat.validate(pattern, len(attns))
-    missing = [i for i in pat.full_layers(pattern) if attns[i].indexer is None]
-    if missing:
-        raise PatternError(
-            f"layer {missing[0]} is F but the loaded model has no indexer there (F layers without one:"
-            f" {_ranges(missing)}); start the server with --index-cache-calibration to keep every indexer")
+    require_indexers(pattern, [i for i, a in enumerate(attns) if a.indexer is not None], "the loaded model",
+                     hint="; start the server with --index-cache-calibration to keep every indexer")
     return pattern
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .. import pattern as pat
 from .. import pattern_file
 from ..errors import UsageError
-from ..model_info import ModelInfo, _ranges, load_model_info
+from ..model_info import ModelInfo, load_model_info
 from ..validation import check_against_model
 
 logger = logging.getLogger("sglang_indexcache.sglang")
@@ -173,7 +173,7 @@ def _resolve_cached(flags: Flags) -> Settings:
         if missing:
             raise IndexCacheError(
                 f"--index-cache-calibration keeps every layer's indexer, but {flags.model_path} has no indexer"
-                f" weights for layers {_ranges(missing)}")
+                f" weights for layers {pat.layer_ranges(missing)}")
     ckpt, key = _checkpoint_pattern(info.config)
     return Settings(resolved, source, flags.calibration, ckpt, key)
 
