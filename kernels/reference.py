@@ -19,7 +19,8 @@ import torch
 PAGE_SIZE = 64
 
 __all__ = [
-    "PAGE_SIZE", "paged_rows", "select_topk", "indexer_scores_prefill_ref", "indexer_topk_prefill_ref",
+    "PAGE_SIZE", "paged_rows", "select_topk", "index_scores", "indexer_scores_prefill_ref",
+    "indexer_topk_prefill_ref",
     "indexer_scores_decode_ref", "indexer_topk_decode_ref", "sparse_mla_decode_ref",
 ]
 
@@ -45,7 +46,7 @@ def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     return out
 
 
-def _index_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def index_scores(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """``scale * sum_h w[r,h] * relu(q[r,h] . k[s])`` in fp32: q [r, h, d], w [r, h], k [n, d] -> [r, n]."""
     logits = torch.einsum("rhd,nd->rhn", q.float(), k.float())  # [r, h, n]
     return torch.einsum("rhn,rh->rn", logits.relu(), weights.float()) * scale
@@ -66,7 +67,7 @@ def indexer_scores_prefill_ref(q, weights, k, cu_seqlens, scale: float, k_scale=
         n = end - start
         if n <= 0:
             continue
-        scores = _index_scores(q[start:end], weights[start:end], k[start:end], scale)  # [n, n]
+        scores = index_scores(q[start:end], weights[start:end], k[start:end], scale)  # [n, n]
         causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         out[start:end, :n] = scores.masked_fill(~causal, float("-inf"))
     return out
@@ -116,7 +117,7 @@ def indexer_scores_decode_ref(q, weights, k_cache, page_table, seq_lens, scale: 
             continue
         rows = paged_rows(page_table[i], torch.arange(n, device=q.device))
         keys = _dequant_keys(k_cache, k_scale, rows)              # [n, d]
-        out[i, :n] = _index_scores(q[i:i + 1], weights[i:i + 1], keys, scale)[0]
+        out[i, :n] = index_scores(q[i:i + 1], weights[i:i + 1], keys, scale)[0]
     return out
 
 
