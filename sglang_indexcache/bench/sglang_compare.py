@@ -21,6 +21,7 @@ from .compare_common import Case, SpreadBench, exact_recall, floor_ms, overlap_s
 D, D_QK, D_V = 128, 576, 512
 OURS_FP8 = "ours fp8 q+k"
 OURS_FP8K = "ours bf16 q + fp8 keys"
+OURS_FP8_INPLACE = "ours fp8 q+k, reading SGLang's index-K buffer in place"
 OURS_BF16 = "ours bf16"
 OURS = "ours"
 
@@ -204,9 +205,11 @@ def indexer_decode(env: Env, batch: int, n_keys: int, heads: int) -> Case:
     flops = 2.0 * batch * heads * n_keys * D
     case.floors_ms = {"fp8": env.floor(flops, batch * n_keys * (D + 4), "fp8"),
                       "bf16": env.floor(flops, batch * n_keys * 2 * D, "bf16")}
+    kv8, sv8 = so.index_k_views(buf)                               # page-strided views, no copy
     out_sgl, out8 = sgl(), ours(q8, w8, kc8, ks8)
-    out16 = ours(q, w, kc16, None)
+    out16, out_in = ours(q, w, kc16, None), ours(q8, w8, kv8, sv8)
     case.check("overlap ours fp8 vs sglang", lambda: overlap_summary(out8, out_sgl))
+    case.check("overlap ours fp8 in place vs sglang", lambda: overlap_summary(out_in, out_sgl))
     case.check("overlap ours bf16 vs sglang", lambda: overlap_summary(out16, out_sgl))
     rows = torch.arange(min(batch, 4), device=dev)
     slots = so.flat_slots(table[rows], torch.arange(n_keys, device=dev).expand(len(rows), -1)).long()
@@ -221,9 +224,10 @@ def indexer_decode(env: Env, batch: int, n_keys: int, heads: int) -> Case:
         case.check(name, lambda sel=sel, ref=ref: exact_recall(sel[rows], ref, topk))
     case.measure(env.bench, env.sgl, sgl, graph=True, floor="fp8")
     case.measure(env.bench, OURS_FP8, lambda: ours(q8, w8, kc8, ks8), graph=True, floor="fp8")
+    case.measure(env.bench, OURS_FP8_INPLACE, lambda: ours(q8, w8, kv8, sv8), graph=True, floor="fp8")
     case.measure(env.bench, OURS_FP8K, lambda: ours(q, w, kc8, ks8), graph=True, floor="fp8")
     case.measure(env.bench, OURS_BF16, lambda: ours(q, w, kc16, None), graph=True, floor="bf16")
-    for name in (OURS_FP8, OURS_FP8K, OURS_BF16):
+    for name in (OURS_FP8, OURS_FP8_INPLACE, OURS_FP8K, OURS_BF16):
         case.ratio(name, env.sgl)
     return case
 
