@@ -226,7 +226,8 @@ def decode_scores(q, weights, k_cache, page_table, seq_lens, scale: float, out, 
     kc = k_cache if k_cache.stride(2) == 1 else k_cache.contiguous()
     ks = weights
     if fp8:
-        ks = k_scale if k_scale.dtype == torch.float32 and k_scale.stride(1) == 1 else k_scale.float().contiguous()
+        in_place = k_scale.dtype == torch.float32 and k_scale.stride(1) == 1
+        ks = k_scale if in_place else k_scale.float().contiguous()
     per_prog = max(cfg["block_n"], min(cfg["keys_per_prog"], triton.cdiv(n_cols, cfg["block_n"]) * cfg["block_n"]))
     grid = (max(1, triton.cdiv(n_cols, per_prog)), b)
     _decode_kernel[grid](

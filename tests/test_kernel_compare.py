@@ -53,7 +53,8 @@ def test_index_k_buffer_is_sglangs_layout():
     assert torch.equal(buf[2, 8192:].view(torch.float32), scale[128:])
     kc, ks = so.index_k_views(buf)
     assert kc.data_ptr() == buf.data_ptr() and kc.stride() == (8448, 128, 1) and ks.stride() == (2112, 1)
-    assert torch.equal(kc.reshape(-1, 128).view(torch.uint8), k8.view(torch.uint8)) and torch.equal(ks.reshape(-1), scale)
+    assert torch.equal(kc.reshape(-1, 128).view(torch.uint8), k8.view(torch.uint8))
+    assert torch.equal(ks.reshape(-1), scale)
     err = (kc.float() * ks[..., None]).reshape(-1, 128) - k
     assert err.abs().max() <= 0.07 * k.abs().max()                   # e4m3: 3 mantissa bits
 
