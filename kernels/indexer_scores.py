@@ -117,7 +117,7 @@ def _prefill_kernel(
 def _decode_kernel(
     q_ptr, w_ptr, kc_ptr, ks_ptr, pt_ptr, len_ptr, out_ptr,
     k0, n_cols, keys_per_prog, scale, H,
-    stride_qb, stride_qh, stride_wb, stride_kc, stride_pt, stride_ob,
+    stride_qb, stride_qh, stride_wb, stride_kp, stride_kt, stride_sp, stride_pt, stride_ob,
     HAS_SCALE: tl.constexpr, CAST_K: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
     HP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -136,15 +136,16 @@ def _decode_kernel(
         for kb in range(k_lo, k_hi, BN):
             key = kb + tl.arange(0, BN)
             ok = key < k_hi
-            page = tl.load(pt_ptr + i * stride_pt + key // PAGE, mask=ok, other=0)
-            row = page.to(tl.int64) * PAGE + key % PAGE             # [BN] flat cache rows
-            kt = tl.load(kc_ptr + row[:, None] * stride_kc + d[None, :], mask=ok[:, None], other=0.0)
+            page = tl.load(pt_ptr + i * stride_pt + key // PAGE, mask=ok, other=0).to(tl.int64)
+            slot = key % PAGE                                       # [BN] token within its page
+            kt = tl.load(kc_ptr + (page * stride_kp + slot * stride_kt)[:, None] + d[None, :],
+                         mask=ok[:, None], other=0.0)               # [BN, D]
             if CAST_K:
                 kt = kt.to(q.dtype)
             s = mma(q, tl.trans(kt), UPCAST, PRECISION)            # [HP, BN]
             score = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0)
             if HAS_SCALE:
-                score = score * tl.load(ks_ptr + row, mask=ok, other=0.0)
+                score = score * tl.load(ks_ptr + page * stride_sp + slot, mask=ok, other=0.0)
             tl.store(out_ptr + i * stride_ob + (key - k0), score * scale, mask=ok)
 
 
@@ -204,6 +205,9 @@ def decode_scores(q, weights, k_cache, page_table, seq_lens, scale: float, out, 
     ``k_scale [num_pages, 64]`` fp32), ``page_table [b, max_pages]``, ``seq_lens [b]`` int32;
     ``out [b, n_cols]`` fp32 (unit column stride), column ``c`` = position ``k0 + c``; columns past a
     request's length are not written.
+    ``k_cache`` and ``k_scale`` may have any page stride (unit stride along ``d`` and within a page's
+    scales): views of SGLang's fused index-K buffer (``[num_pages, 64 * 132]`` uint8, a page's fp8
+    values then its 64 scales) are read in place, without a copy.
     ``seq_lens`` is read on the device only (no host sync: the call can be captured in a CUDA graph).
     """
     cfg = {**DECODE_CONFIG, **config}
@@ -212,13 +216,21 @@ def decode_scores(q, weights, k_cache, page_table, seq_lens, scale: float, out, 
     fp8 = _fp8_pair(q, k_cache, k_scale, "k_cache")
     if n_cols == 0 or b == 0:
         return out
-    kc = k_cache.reshape(-1, d)
-    ks = k_scale.float().reshape(-1).contiguous() if fp8 else weights
+    if k_cache.dim() != 3 or k_cache.shape[1:] != (PAGE_SIZE, d):
+        raise ValueError(f"k_cache must be [num_pages, {PAGE_SIZE}, {d}], got {list(k_cache.shape)}")
+    if fp8 and tuple(k_scale.shape) != tuple(k_cache.shape[:2]):
+        raise ValueError(f"k_scale must be [num_pages, {PAGE_SIZE}], got {list(k_scale.shape)}")
+    kc = k_cache if k_cache.stride(2) == 1 else k_cache.contiguous()
+    ks = weights
+    if fp8:
+        in_place = k_scale.dtype == torch.float32 and k_scale.stride(1) == 1
+        ks = k_scale if in_place else k_scale.float().contiguous()
     per_prog = max(cfg["block_n"], min(cfg["keys_per_prog"], triton.cdiv(n_cols, cfg["block_n"]) * cfg["block_n"]))
     grid = (max(1, triton.cdiv(n_cols, per_prog)), b)
     _decode_kernel[grid](
         q, weights, kc, ks, page_table, seq_lens, out, k0, n_cols, per_prog, scale, h,
-        q.stride(0), q.stride(1), weights.stride(0), kc.stride(0), page_table.stride(0), out.stride(0),
+        q.stride(0), q.stride(1), weights.stride(0), kc.stride(0), kc.stride(1), ks.stride(0) if fp8 else 0,
+        page_table.stride(0), out.stride(0),
         HAS_SCALE=fp8, CAST_K=fp8 and q.dtype != k_cache.dtype, D=d, PAGE=PAGE_SIZE, HP=max(16, triton.next_power_of_2(h)), BN=cfg["block_n"],
         PRECISION=dot_precision(q.dtype), UPCAST=interpreting(_decode_kernel),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -101,6 +101,9 @@ DECODE_CASES = [
      "several programs per request (64 keys each)"),
     ([120, 40], 16, 32, 16, torch.float32, {"selector": "torch", "key_chunk": 64}, "torch.topk selector"),
     ([150, 70], 32, 64, 16, torch.float8_e4m3fn, {"key_chunk": 64}, "fp8 keys with per-token scales"),
+    ([150, 70], 32, 128, 16, "fp8", {}, "fp8 queries and keys (SGLang's inputs)"),
+    ([150, 70, 3], 32, 128, 16, "fp8-sglang", {"max_seq_len": 1 << 30},
+     "fp8 queries and keys read in place from SGLang's fused index-K buffer (page-strided views)"),
     ([1, 5, 130], 16, 32, 32, torch.float32, {"max_seq_len": 1 << 30},
      "no host sync: bound from the page table (poisoned pages past it)"),
     ([200, 31, 0], 64, 32, 16, torch.bfloat16, {"max_seq_len": 200, "key_chunk": 64},
@@ -118,7 +121,7 @@ def _decode_case(seq_lens, h, d, topk, dtype, kwargs, reason):
     from sglang_indexcache.kernels import indexer_topk as ops
 
     b = len(seq_lens)
-    fp8 = dtype == torch.float8_e4m3fn
+    fp8 = dtype in (torch.float8_e4m3fn, "fp8", "fp8-sglang")
     cache, page_table = testing.make_paged_cache(seq_lens, d, torch.float32)
     q = torch.randn(b, h, d)
     _tie_free(q, cache)
@@ -126,7 +129,14 @@ def _decode_case(seq_lens, h, d, topk, dtype, kwargs, reason):
     if fp8:
         cache = cache.to(torch.float8_e4m3fn)
         k_scale = torch.rand(cache.shape[:2]) + 0.5                 # [num_pages, 64]
-        q = q.to(torch.bfloat16)
+        q = q.to(torch.bfloat16 if dtype == torch.float8_e4m3fn else torch.float8_e4m3fn)
+        if dtype == "fp8-sglang":                                   # [num_pages, 64 * (d + 4)] uint8
+            pages = cache.shape[0]
+            buf = torch.cat([cache.view(torch.uint8).reshape(pages, -1), k_scale.view(torch.uint8)], 1)
+            cache = buf[:, :64 * d].view(torch.float8_e4m3fn).view(pages, 64, d)
+            k_scale = buf[:, 64 * d:].view(torch.float32)            # page stride 64 * (d + 4) / 4
+            assert cache.data_ptr() == buf.data_ptr() and not cache.is_contiguous()
+        dtype = torch.float8_e4m3fn
     else:
         cache, q = cache.to(dtype), q.to(dtype)
     w = torch.rand(b, h) + 0.1
