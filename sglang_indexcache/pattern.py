@@ -93,14 +93,19 @@ def from_engine_freq(engine: str, num_layers: int, freq: int, offset: int | None
     )
 
 
-def sglang_config_pattern(config: dict, reads_indexer_types: bool = True) -> tuple[str | None, str | None]:
+def sglang_config_pattern(config: dict, reads_indexer_types: bool = True,
+                          reads_cli_factor: bool = False) -> tuple[str | None, str | None]:
     """What stock SGLang selects from a config.json alone, and the key it read (``(None, None)``: all F).
 
-    SGLang's ``dsa_layer_skips_topk``: ``indexer_types`` first where the release reads it (0.5.23;
-    0.5.17 does not), then ``index_topk_pattern`` (a short pattern leaves the rest F, anything but
-    ``S`` is F), then ``index_topk_freq`` with ``index_skip_topk_offset`` (:func:`from_engine_freq`).
+    SGLang 0.5.17 reads ``cli_factor`` first (layer i is F iff ``i % cli_factor == 0``); 0.5.23 does
+    not, and reads ``indexer_types`` first instead. Then ``dsa_layer_skips_topk``: ``index_topk_pattern``
+    (a short pattern leaves the rest F, anything but ``S`` is F), then ``index_topk_freq`` with
+    ``index_skip_topk_offset`` (:func:`from_engine_freq`).
     """
     n = config["num_hidden_layers"]
+    factor = config.get("cli_factor") if reads_cli_factor else None
+    if isinstance(factor, int) and not isinstance(factor, bool) and factor > 1:
+        return uniform(n, factor), "cli_factor"
     types = config.get("indexer_types") if reads_indexer_types else None
     if types is not None:
         return "".join(SHARED if i < len(types) and types[i] == "shared" else FULL for i in range(n)), \

@@ -130,6 +130,9 @@ def test_checkpoint_pattern_reads_config_like_sglang(config, expected):
     ({"indexer_types": ["full", "shared", "shared", "full"]}, (None, None)),
     ({"indexer_types": ["full", "shared", "full", "full"], "index_topk_pattern": "FFSS"}, ("FFSS", "index_topk_pattern")),
     ({"indexer_types": ["full", "shared", "full", "full"], "index_topk_freq": 2}, ("FFSF", "index_topk_freq")),
+    ({"cli_factor": 2, "index_topk_pattern": "FFFF"}, ("FSFS", "cli_factor")),  # the model class reads it first
+    ({"cli_factor": 1, "index_topk_pattern": "FFSS"}, ("FFSS", "index_topk_pattern")),
 ])
-def test_checkpoint_pattern_without_indexer_types_reads_the_pattern(config, expected):
-    assert pat.sglang_config_pattern({"num_hidden_layers": 4, **config}, reads_indexer_types=False) == expected
+def test_checkpoint_pattern_of_sglang_0_5_17(config, expected):
+    assert pat.sglang_config_pattern({"num_hidden_layers": 4, **config}, reads_indexer_types=False,
+                                     reads_cli_factor=True) == expected

@@ -83,6 +83,8 @@ BAD_CASES = [
      "--json-model-override-args sets index_topk_pattern, which conflicts"),
     ("override-types-conflict", "types",
      ["--index-cache-every", "2", "--json-model-override-args", '{"indexer_types": null}'], "sets indexer_types"),
+    ("override-cli-factor-conflict", "types",
+     ["--index-cache-every", "2", "--json-model-override-args", '{"cli_factor": 4}'], "sets cli_factor"),
     ("two-batch-overlap", "types", ["--index-cache-pattern", "FSSSFSSS", "--enable-two-batch-overlap"],
      "--enable-two-batch-overlap cannot run IndexCache"),
     ("not-dsa", "not_dsa", ["--index-cache-pattern", "FSSSFSSS"], "is not a DSA model"),
@@ -183,7 +185,8 @@ def test_flag_sets_every_layer(results, index):
         assert startup[0].startswith(f"IndexCache: pattern {pat.describe(expected)}")
     # the override line names what this release would have read from config.json alone
     config = json.loads((results["ckpts"][checkpoint] / "config.json").read_text())
-    ckpt_pattern, key = pat.sglang_config_pattern(config, reads_indexer_types=results["release"] == "0.5.23")
+    new = results["release"] == "0.5.23"
+    ckpt_pattern, key = pat.sglang_config_pattern(config, reads_indexer_types=new, reads_cli_factor=not new)
     overrode = [line for line in result["logs"] if "overrode the checkpoint's" in line]
     assert len(overrode) == (0 if key is None else 1)
     if key is not None:

@@ -25,17 +25,22 @@ N = ck.NUM_LAYERS
 GLM52_MISSING = {i for i, c in enumerate(ck.GLM52_PATTERN) if c == pat.SHARED}  # no indexer weights there
 
 
-def expected_layers(pattern: str, last_next: bool = False, unloaded=()) -> list[list]:
+def expected_layers(pattern: str, last_next: bool = False, unloaded=(), release: str = "0.5.23") -> list[list]:
     """Per layer ``[skip_topk, next_skip_topk, has_indexer, weights equal]`` for ``pattern``.
 
     ``last_next``: stock's frequency rule can mark the last layer's (absent) successor shared.
-    ``unloaded``: F layers whose indexer the checkpoint has no weights for (they stay at init values).
+    ``unloaded``: layers whose indexer the checkpoint has no weights for (they stay at init values).
+    0.5.23 builds no indexer on S layers; 0.5.17 builds one on every layer and loads it where the
+    checkpoint has weights (an S layer just does not run it).
     """
     rows = []
     for i, c in enumerate(pattern):
         nxt = pattern[i + 1] == pat.SHARED if i + 1 < len(pattern) else last_next
         full = c == pat.FULL
-        rows.append([not full, nxt, full, (i not in unloaded) if full else None])
+        if release == "0.5.17":
+            rows.append([not full, nxt, True, i not in unloaded])
+        else:
+            rows.append([not full, nxt, full, (i not in unloaded) if full else None])
     return rows
 
 
@@ -57,6 +62,7 @@ NO_FLAG_CASES = [
     ("plain-pattern", "plain_pattern", None, "FSFSSFSS", False, ()),
     ("plain-offset", "plain_offset", None, "FSSFSSFS", False, ()),
     ("plain-override-freq", "plain", {"index_topk_freq": 4}, "FFFFFFFF", False, ()),  # the trap
+    ("plain-cli4", "plain_cli4", None, "FFFFFFFF", False, ()),  # 0.5.23 does not read cli_factor; 0.5.17 does
     ("glm52", "glm52", None, ck.GLM52_PATTERN, False, ()),
     ("glm52-override-all-f", "glm52", {"indexer_types": None, "index_topk_pattern": "FFFFFFFF"},
      "FFFFFFFF", False, GLM52_MISSING),  # stock: silently uninitialised indexers
@@ -69,6 +75,7 @@ FLAG_CASES = [
     ("every-types", "types", ["--index-cache-every", "4"], "FSSSFSSS"),
     ("every-plain", "plain", ["--index-cache-every", "2"], "FSFSFSFS"),
     ("every-glm52", "glm52", ["--index-cache-every", "3"], "FSSFSSFS"),
+    ("pattern-plain-cli4", "plain_cli4", ["--index-cache-pattern", "FSFSFSFS"], "FSFSFSFS"),  # wins over cli_factor
     ("file-types", "types", ["--index-cache-pattern-file", "@types:FFSSFSSS"], "FFSSFSSS"),
     ("file-plain-pattern", "plain_pattern", ["--index-cache-pattern-file", "@plain_pattern:FSSSFSSS"], "FSSSFSSS"),
     ("file-glm52", "glm52", ["--index-cache-pattern-file", "@glm52:FSSFSSSS"], "FSSFSSSS"),
@@ -121,10 +128,14 @@ def stock_expectation(results, index):
     if results["release"] == "0.5.23":
         return expected, last_next, unloaded
     config = {**json.loads((results["ckpts"][checkpoint] / "config.json").read_text()), **(override or {})}
-    selected, _ = pat.sglang_config_pattern({**config, "num_hidden_layers": N + 1}, reads_indexer_types=False)
+    selected, _ = pat.sglang_config_pattern({**config, "num_hidden_layers": N + 1}, reads_indexer_types=False,
+                                            reads_cli_factor=True)
     selected = selected or pat.FULL * (N + 1)
-    missing = GLM52_MISSING if checkpoint == "glm52" else set()
-    return selected[:N], selected[N] == pat.SHARED, {i for i in missing if selected[i] == pat.FULL}
+    return selected[:N], selected[N] == pat.SHARED, GLM52_MISSING if checkpoint == "glm52" else set()
+
+
+def release_layers(results, pattern: str, **kwargs) -> list[list]:
+    return expected_layers(pattern, release=results["release"], **kwargs)
 
 
 @pytest.mark.parametrize("index", range(len(NO_FLAG_CASES)), ids=[c[0] for c in NO_FLAG_CASES])
@@ -132,7 +143,7 @@ def test_without_flags_model_equals_stock(results, index):
     expected, last_next, unloaded = stock_expectation(results, index)
     stock, patched = results["stock"][index], results["patched"][index]
     assert "error" not in stock, stock.get("error")
-    assert stock["layers"] == expected_layers(expected, last_next, unloaded)
+    assert stock["layers"] == release_layers(results, expected, last_next=last_next, unloaded=unloaded)
     assert patched["layers"] == stock["layers"]
     assert patched["logs"] == []
 
@@ -142,10 +153,12 @@ def test_flag_pattern_reaches_every_layer(results, index):
     _, checkpoint, _, expected = FLAG_CASES[index]
     result = results["flagged"][index]
     assert "error" not in result, result.get("error")
-    assert result["layers"] == expected_layers(expected)
+    unloaded = GLM52_MISSING if checkpoint == "glm52" else set()
+    assert result["layers"] == release_layers(results, expected, unloaded=unloaded)
     overrode = [line for line in result["logs"] if "overrode the checkpoint's" in line]
     config = json.loads((results["ckpts"][checkpoint] / "config.json").read_text())
-    _, key = pat.sglang_config_pattern(config, reads_indexer_types=results["release"] == "0.5.23")
+    new = results["release"] == "0.5.23"
+    _, key = pat.sglang_config_pattern(config, reads_indexer_types=new, reads_cli_factor=not new)
     if key is not None:  # config.json carries a pattern this release reads: the flag wins, and says so
         assert len(overrode) == 1 and key in overrode[0] and overrode[0].endswith(expected)
     else:
@@ -167,7 +180,7 @@ def test_f_layer_without_indexer_weights_is_refused_before_loading(results):
 def test_calibration_keeps_every_indexer_and_switches(results):
     result = results["calibration"]
     assert "error" not in result, result.get("error")
-    assert result["layers"] == expected_layers("F" * N)  # built all-F: every indexer and its weights
+    assert result["layers"] == release_layers(results, "F" * N)  # built all-F: every indexer and its weights
     start = expected_layers("FSSFSSSF")
     assert result["layers_after_load"] == [s[:2] + [True, True] for s in start]
     previous = result["layers_after_load"]
@@ -212,6 +225,7 @@ def test_embedded_model_loads_in_sglang(tmp_path_factory, sglang_release):
                                    work / "patched", sglang_release)
     assert plain["layers"] == layers
     if set(load_model_info(model_dir).layers_with_indexer) == set(range(layer_count)):
-        assert every4["layers"] == expected_layers(pat.uniform(layer_count, 4)), every4.get("error")
+        assert every4["layers"] == expected_layers(pat.uniform(layer_count, 4), release=sglang_release), \
+            every4.get("error")
     if gaps:
         print("embedded model needs for SGLang:", "; ".join(g[2] for g in gaps))

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .kernels import Bench
+from .timing import Bench, time_call
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,6 @@ class SpreadBench(Bench):
         self.min_reps, self.max_reps, self.warmup = min_reps, max_reps, warmup
 
     def _graph(self, fn):
-        torch = self.torch
         fn()
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
@@ -47,7 +46,7 @@ class SpreadBench(Bench):
             try:
                 call, mode = self._graph(fn), "graph"
             except Exception as exc:                                # noqa: BLE001 - not capturable
-                self.torch.cuda.synchronize()
+                torch.cuda.synchronize()
                 mode = f"eager (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
         reps = self.min_reps
         if self.warmup:
@@ -61,7 +60,7 @@ class SpreadBench(Bench):
         times = []
         for _ in range(reps):
             self.flush.zero_()
-            times.append(self._one(call))
+            times.append(1e3 * time_call(call, self.device))
         return times, mode
 
 

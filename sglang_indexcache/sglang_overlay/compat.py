@@ -6,7 +6,8 @@ Supported releases are listed in ``patches/sglang-version``. What differs:
 |---|---|---|
 | argument resolution | ``ServerArgs.__post_init__`` mutates the fields; a declaration overlay is read through ``overrides.resolved_view`` | lazy: ``overrides.resolving_view`` / ``declare_resolution`` |
 | CUDA graphs off | set ``cuda_graph_config.<phase>.backend`` on the fields | ``with_phase`` declared as a resolution |
-| config keys ``dsa_layer_skips_topk`` reads | ``index_topk_pattern``, then the frequency | ``indexer_types`` first, then the same |
+| config keys that select the pattern | ``cli_factor`` (the model class), then ``index_topk_pattern``, then the frequency | ``indexer_types`` first, then ``index_topk_pattern`` and the frequency |
+| S layers' indexer module | built (and loaded where weights exist), not run | not built |
 
 Everything else (flags, validation, endpoints, runtime switch) is the same code for both.
 """
@@ -47,9 +48,19 @@ def resolving_view(server_args):
 READS_INDEXER_TYPES = {"0.5.17": False, "0.5.23": True}
 
 
+# Whether the DeepSeek/GLM model class reads ``cli_factor`` (before ``dsa_layer_skips_topk``); read in
+# each release's srt/models/deepseek_v2.py.
+READS_CLI_FACTOR = {"0.5.17": True, "0.5.23": False}
+
+
 def reads_indexer_types() -> bool:
     """Whether this release's ``dsa_layer_skips_topk`` reads ``indexer_types`` before the pattern."""
     return READS_INDEXER_TYPES.get(release(), True)
+
+
+def reads_cli_factor() -> bool:
+    """Whether this release's model class picks S layers from ``cli_factor`` first."""
+    return READS_CLI_FACTOR.get(release(), False)
 
 
 def calibration_adjustments(server_args, cfg, source: str) -> None:

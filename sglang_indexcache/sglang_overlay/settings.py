@@ -34,7 +34,8 @@ logger = logging.getLogger("sglang_indexcache.sglang")
 
 FLAG_FIELDS = ("index_cache_pattern", "index_cache_every", "index_cache_pattern_file")
 # Keys of --json-model-override-args that would give a second, competing pattern.
-PATTERN_OVERRIDE_KEYS = ("indexer_types", "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset")
+PATTERN_OVERRIDE_KEYS = ("indexer_types", "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset",
+                         "cli_factor")
 
 
 class IndexCacheError(UsageError):
@@ -152,7 +153,7 @@ def _checkpoint_pattern(config: dict) -> tuple[str | None, str | None]:
     from . import compat
 
     try:
-        return pat.sglang_config_pattern(config, compat.reads_indexer_types())
+        return pat.sglang_config_pattern(config, compat.reads_indexer_types(), compat.reads_cli_factor())
     except UsageError:  # e.g. a non-positive offset: stock SGLang stops on it by itself
         return None, None
 
@@ -193,7 +194,8 @@ def model_override_args(cfg, is_draft_model: bool = False) -> str:
     """``json_model_override_args`` for ``ModelConfig``: SGLang's own string when IndexCache is off.
 
     With a flag set, ``indexer_types`` and ``index_topk_pattern`` of the resolved model pattern are
-    merged in (the draft model is left alone: MTP layers are not part of a pattern).
+    merged in, and ``cli_factor`` 1 where the release reads it first (the draft model is left alone:
+    MTP layers are not part of a pattern).
     """
     text = cfg.json_model_override_args
     settings = None if is_draft_model else resolve(cfg)
@@ -203,6 +205,10 @@ def model_override_args(cfg, is_draft_model: bool = False) -> str:
     _check_no_competing_pattern(overrides)
     overrides["indexer_types"] = pat.to_indexer_types(settings.model_pattern)
     overrides["index_topk_pattern"] = settings.model_pattern
+    from . import compat
+
+    if compat.reads_cli_factor():  # 0.5.17's model class would follow a cli_factor > 1 instead
+        overrides["cli_factor"] = 1
     return json.dumps(overrides)
 
 

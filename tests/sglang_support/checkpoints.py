@@ -86,6 +86,7 @@ PLAIN_VARIANTS = {
     "plain_freq4": {"index_topk_freq": 4},
     "plain_pattern": {"index_topk_pattern": "FSFSSFSS"},
     "plain_offset": {"index_topk_freq": 3, "index_skip_topk_offset": 1},
+    "plain_cli4": {"cli_factor": 4},  # SGLang 0.5.17's model class reads it before any pattern key
 }
 _SESSION: dict = {}
 

@@ -130,6 +130,10 @@ def _build(result, case):
 
     _init_dist()
     config = _model_config(result["_server_args"])
+    from sglang.srt.layers import dp_attention
+
+    if getattr(dp_attention, "_ATTN_DP_SIZE", 1) is None:  # 0.5.17: the model runner sets it up
+        dp_attention.initialize_dp_attention(result["_server_args"], config)
     with set_default_torch_dtype(config.dtype):
         model = GlmMoeDsaForCausalLM(config.hf_config, quant_config=None)
     state_dict = load_file(os.path.join(case["argv"][case["argv"].index("--model-path") + 1], "model.safetensors"))
