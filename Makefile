@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SGLANG_DIR ?=
 
-.PHONY: install demo test test-fast apply-patches revert-patches check-patches bench clean-venv
+.PHONY: install demo test test-fast apply-patches revert-patches check-patches bench gpu-bundle clean-venv
 
 install: $(STAMP)
 
@@ -43,6 +43,17 @@ revert-patches: install
 
 check-patches: install
 	$(PY) -m sglang_indexcache.sglang_overlay.patchset check "$(SGLANG_DIR)"
+
+# Offline wheel bundle for an air-gapped GPU host (docs/gpu.md). WHEELHOUSE: wheels already on disk.
+GPU_SGLANG ?= 0.5.17
+GPU_PYTHON ?= 3.12
+GPU_ARCH ?= sm_90
+PART_SIZE ?= 40MiB
+BUNDLE_OUT ?= gpu-bundle
+WHEELHOUSE ?=
+gpu-bundle: install
+	$(VENV)/bin/indexcache gpu-bundle --sglang $(GPU_SGLANG) --python $(GPU_PYTHON) --arch $(GPU_ARCH) \
+		--part-size $(PART_SIZE) --out $(BUNDLE_OUT) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE))
 
 clean-venv:
 	rm -rf $(VENV)

@@ -27,6 +27,8 @@ VERBS = {
     "bench": ("bench", "prefill/decode/kernel speed tables"),
     "serve": ("serve", "launch the patched SGLang server with a pattern"),
     "train-tiny": ("train_tiny", "train the embedded tiny GlmMoeDsa model"),
+    "make-checkpoint": ("make_checkpoint", "GLM-5-attention DSA checkpoint at real shapes, random weights"),
+    "gpu-bundle": ("gpu_bundle", "offline wheel bundle for an air-gapped GPU host"),
 }
 
 
