@@ -76,7 +76,10 @@ def env(tree: str) -> dict:
 
 
 def run(cmd, tree="patched", timeout=600, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], env=env(tree), capture_output=True, text=True, timeout=timeout, **kw)
+    # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and the checkout's own
+    # sglang_indexcache/ lacks the kernels/ and calibration/ that the laid-out package maps in
+    return subprocess.run([str(c) for c in cmd], env=env(tree), capture_output=True, text=True, timeout=timeout,
+                          cwd=str(OURS), **kw)
 
 
 def indexcache(*args, tree="patched", timeout=900):
@@ -118,7 +121,7 @@ class Server:
         self.cmd = [str(c) for c in cmd]
         self.log_file = open(self.log_path, "w")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=env(tree),
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=str(OURS))
         self.started = time.time()
 
     def wait_healthy(self, timeout: float = 420) -> bool:
@@ -250,7 +253,7 @@ def bad_flags(work: Path) -> None:
         flags = [str(glm5_file) if f == "@glm5-file" else f for f in flags]
         cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(CK / ckpt), *DSA_ARGS, *flags]
         procs.append(subprocess.Popen(cmd, env=env("patched"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
+                                      text=True, start_new_session=True, cwd=str(OURS)))
     rows = []
     for (name, _, _, expected), proc in zip(BAD_FLAGS, procs):
         try:
@@ -320,8 +323,10 @@ def switch_under_load(work: Path, seconds: float = 25.0, clients: int = 16) -> N
 
 def calibration_checks(work: Path) -> None:
     server = Server(work, "calibration", CK / "plain",
+                    # --max-total-tokens: the indexer top-k capture that calibration mode turns on keeps a
+                    # pinned host buffer of (KV tokens x layers x top-k) int32, 64 KiB per token here
                     ["--index-cache-calibration", "--admin-api-key", KEY, "--enable-metrics",
-                     "--context-length", "32768", "--mem-fraction-static", "0.6"])
+                     "--context-length", "32768", "--max-total-tokens", "65536", "--mem-fraction-static", "0.6"])
     try:
         if not server.wait_healthy():
             return
@@ -364,10 +369,8 @@ def calibration_checks(work: Path) -> None:
 
 
 def overlap(work: Path) -> None:
-    rng = random.Random(7)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randrange(2, 9)))
-             for _ in range(3000)]
-    text = " ".join(words)
+    # ~3000 tokens of the embedded model's held-out text: beyond top-k 2048, so selections are real
+    text = (REPO / "models" / "tiny-glm-dsa" / "data" / "evaluation.txt").read_text()[:12000]
     status, body = http("POST", "/index_cache/overlap", {"text": [text]}, key=KEY, timeout=900)
     (work / "overlap.json").write_text(json.dumps([status, body], indent=1))
     ok = status == 200 and isinstance(body, dict) and len(body.get("layers", [])) == LAYERS

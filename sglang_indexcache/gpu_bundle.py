@@ -27,7 +27,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from . import gpu_bundle_install, progress
@@ -115,6 +114,8 @@ def accepted_tags(python: str, platforms: list[str]) -> set:
     if not m:
         raise UsageError(f"--python must be 3.N, got {python!r}")
     version = (3, int(m.group(1)))
+    from packaging.tags import compatible_tags, cpython_tags  # only the builder needs it
+
     tags = set(cpython_tags(version, platforms=platforms))
     tags |= set(compatible_tags(version, f"cp3{version[1]}", platforms=platforms))
     return tags
