@@ -14,7 +14,7 @@ carried in ``.gpu/bundle/`` of this checkout. One command per call, phases chose
   pattern switches every second under 16 concurrent clients (none lost, every reply well-formed),
   an invalid pattern refused, ``/index_cache/overlap`` (shape, range, 1.0 on F layers), and
   ``indexcache calibrate --url`` writing a pattern file that validates against the checkpoint.
-- ``bench-stock``, ``bench-patched``: servers for the paper's table, each measured by
+- ``bench``: servers for the paper's table, each measured by
   ``indexcache bench serve`` (TTFT at 32K-200K, batch 1; 8 concurrent 200K decodes, CUDA graphs on):
   stock all-F, stock with ``index_topk_pattern`` FSSSFSSS, patched without flags, patched
   ``--index-cache-every 4`` on a checkpoint whose config.json carries another pattern (the flag must
@@ -54,7 +54,9 @@ BENCH_ARGS = ["--context-length", "202752", "--mem-fraction-static", "0.8", "--c
               "--cuda-graph-max-bs-decode", "16", "--max-running-requests", "16", "--skip-tokenizer-init"]
 RESULTS: dict = {"checks": [], "servers": {}}
 DEADLINE = {"at": float("inf")}
-PACK: dict = {}  # the packing function of this call, run after each bench server  # stop starting servers this close to the call's limit
+PACK: dict = {}  # the packing function of this call, run after each bench server
+SELECTED: dict = {"checkpoints": set()}  # which CHECKPOINTS setup writes (--checkpoints)
+CALIBRATED_KEPT = REPO / "docs" / "results" / "live-h200-2026-12-02" / "calibrated.json"  # from `checks`  # stop starting servers this close to the call's limit
 
 
 def log(message: str) -> None:
@@ -212,6 +214,8 @@ CHECKPOINTS = {
 
 def _checkpoints(work: Path) -> None:
     for name, args in CHECKPOINTS.items():
+        if name not in SELECTED["checkpoints"]:
+            continue
         path = CK / name
         if (path / "config.json").is_file():
             continue
@@ -403,12 +407,13 @@ def calibrate(work: Path) -> None:
 
 # ------------------------------------------------------------------ bench ---------------------------
 
-def bench_server(work: Path, tag: str, model: Path, args, tree: str, via_serve=None, extra_checks=None) -> None:
+def bench_server(work: Path, tag: str, model: Path, args, tree: str, via_serve=None, extra_checks=None,
+                 decode: bool = True) -> None:
     if (work / f"bench_{tag}.done").is_file():  # measured in an earlier call on this machine
         log(f"{tag}: measured already")
         return
     left = DEADLINE["at"] - time.time()
-    if left < 150:
+    if left < 100:
         check(f"{tag}: not started, {left:.0f} s left in this call", False, "run this phase again")
         return
     server = Server(work, tag, model, [*BENCH_ARGS, *args], tree=tree, via_serve=via_serve)
@@ -419,7 +424,7 @@ def bench_server(work: Path, tag: str, model: Path, args, tree: str, via_serve=N
             extra_checks(server)
         t = time.time()
         proc = indexcache("bench", "serve", "--url", URL, "--tag", tag, "--lengths", "32k,64k,128k,200000",
-                          "--prefill-repeats", "2", "--decode-batch", "8", "--decode-length", "200000",
+                          "--prefill-repeats", "2", "--decode-batch", "8" if decode else "0", "--decode-length", "200000",
                           "--decode-tokens", "256", "--server-log", server.log_path, "--out", work / "bench",
                           tree=tree, timeout=900)
         (work / f"bench_{tag}.log").write_text(proc.stdout + proc.stderr)
@@ -447,34 +452,35 @@ def _observability(expected: str, source: str):
     return checks
 
 
-def bench_stock(work: Path) -> None:
+def _no_index_cache(server: Server) -> None:
+    _, info = http("GET", "/server_info")
+    check("patched without flags: no IndexCache log line, no server_info entry",
+          "IndexCache" not in server.log_text() and isinstance(info, dict) and "index_cache" not in info)
+
+
+def _flag_wins(server: Server) -> None:
+    check("the flag overrides the checkpoint's own index_topk_pattern, logged",
+          "overrode the checkpoint's index_topk_pattern (FSFSFSFS) with FSSSFSSS" in server.log_text())
+    _observability("FSSSFSSS", "--index-cache-every 4")(server)
+
+
+def bench(work: Path) -> None:
+    """The table's servers, most needed first (the call's deadline skips the rest)."""
+    calibrated = work / "calibrated.json"
+    if not calibrated.is_file() and CALIBRATED_KEPT.is_file():  # made by `checks` in an earlier call
+        calibrated.write_text(CALIBRATED_KEPT.read_text())
     bench_server(work, "stock-all-F", CK / "plain", [], "stock")
+    bench_server(work, "patched-every-4", CK / "own", ["--index-cache-every", "4", "--enable-metrics"], "patched",
+                 extra_checks=_flag_wins)
     bench_server(work, "stock-FSSSFSSS", CK / "plain",
                  ["--json-model-override-args", json.dumps({"index_topk_pattern": "FSSSFSSS"})], "stock")
-
-
-def bench_patched(work: Path) -> None:
-    def no_index_cache(server: Server) -> None:
-        _, info = http("GET", "/server_info")
-        check("patched without flags: no IndexCache log line, no server_info entry",
-              "IndexCache" not in server.log_text() and isinstance(info, dict) and "index_cache" not in info)
-
-    bench_server(work, "patched-no-flags", CK / "plain", [], "patched", extra_checks=no_index_cache)
-
-    def flag_wins(server: Server) -> None:
-        check("the flag overrides the checkpoint's own index_topk_pattern, logged",
-              "overrode the checkpoint's index_topk_pattern (FSFSFSFS) with FSSSFSSS" in server.log_text())
-        _observability("FSSSFSSS", "--index-cache-every 4")(server)
-
-    bench_server(work, "patched-every-4", CK / "own", ["--index-cache-every", "4", "--enable-metrics"], "patched",
-                 extra_checks=flag_wins)
-    calibrated = work / "calibrated.json"
     if calibrated.is_file():
         pattern = json.loads(calibrated.read_text())["pattern"]
         bench_server(work, f"patched-calibrated-{pattern}", CK / "plain", ["--enable-metrics"], "patched",
                      via_serve=calibrated, extra_checks=_observability(pattern, "--index-cache-pattern-file"))
     else:
         check("calibrated pattern file from the checks phase", False, "run --phases checks first")
+    bench_server(work, "patched-no-flags", CK / "plain", [], "patched", extra_checks=_no_index_cache, decode=False)
 
 
 def report(work: Path) -> None:
@@ -489,7 +495,7 @@ def report(work: Path) -> None:
 # ------------------------------------------------------------------ main ----------------------------
 
 PHASES = {"setup": setup, "checks": lambda w: (bad_flags(w), calibration_checks(w)),
-          "bench-stock": bench_stock, "bench-patched": bench_patched, "report": report}
+          "bench": bench, "report": report}
 
 
 def pack(out: Path, work: Path, phase_names) -> None:
@@ -505,8 +511,10 @@ def main() -> int:
     parser.add_argument("--phases", default="setup,checks", help=f"comma-separated, of {', '.join(PHASES)}")
     parser.add_argument("--out", required=True, help="results folder ($OUT on the device machine)")
     parser.add_argument("--work", default="/tmp/ic-work", help="logs and JSON (kept between calls)")
+    parser.add_argument("--checkpoints", default=",".join(CHECKPOINTS),
+                        help=f"which checkpoints setup writes, of {', '.join(CHECKPOINTS)}")
     parser.add_argument("--budget", type=float, default=560, help="seconds this call may take (servers are not"
-                        " started when less than 150 s are left)")
+                        " started when less than 100 s are left)")
     args = parser.parse_args()
     names = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = [p for p in names if p not in PHASES]
@@ -518,6 +526,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     RESULTS.update(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), phases=names)
     DEADLINE["at"] = time.time() + args.budget
+    SELECTED["checkpoints"] = {c.strip() for c in args.checkpoints.split(",") if c.strip()}
     PACK["fn"] = lambda: pack(out, work, names)
     try:
         for name in names:
