@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from sglang_indexcache.commands.options import positive_int
 from sglang_indexcache.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -16,12 +17,12 @@ def add_data_arguments(parser, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> N
     parser.add_argument("--data", required=True, metavar="SRC",
                         help="local .txt/.jsonl/.parquet file or folder (read with datasets), or a hub dataset")
     parser.add_argument("--text-field", default="text", metavar="F", help="column holding the text (default: text)")
-    parser.add_argument("--seq-len", type=int, default=None, metavar="N",
+    parser.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
                         help=f"tokens per block (default: {DEFAULT_SEQ_LEN}, at most the model's max positions)")
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+    parser.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
                         help=f"use at most N tokens of the data (default: {max_tokens or 'all'})")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="blocks per forward (default: 4)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="blocks per forward (default: 4)")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
 
 
