@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 from sglang_indexcache import pattern as pat
 from sglang_indexcache import pattern_file, progress
@@ -95,9 +96,15 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     candidates_bar = progress.bar(total=ticks, desc="candidates x batches", unit="fwd", position=1)
     evaluator = greedy.make_evaluator(backend, batches, tick=lambda: candidates_bar.update(1))
     steps_bar = progress.bar(total=steps_total, initial=len(state["steps"]), desc=f"greedy keep {keep:g}",
-                             unit="step", position=0)
+                             unit="step", position=0, log_lines=False)
+
+    def postfix(text):  # the step and candidate on both bars: in a log only the evaluations' bar reports
+        steps_bar.set_postfix_str(text)
+        candidates_bar.set_postfix_str(f"{text} of {state['start_pattern'].count(pat.FULL) - target}")
+
+    steps = SimpleNamespace(set_postfix_str=postfix, update=steps_bar.update)
     try:
-        greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=steps_bar,
+        greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=steps,
                           screen_batches=screen_batches, screen_top=screen_top)
     except KeyboardInterrupt:
         if state["steps"]:

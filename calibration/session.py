@@ -9,10 +9,9 @@ from sglang_indexcache.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 DEFAULT_SEQ_LEN = 1024
-DEFAULT_MAX_TOKENS = 32768
 
 
-def add_data_arguments(parser, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> None:
+def add_data_arguments(parser, max_tokens: int | None) -> None:
     """``--data --text-field --seq-len --max-tokens --batch-size`` (shared by eval/overlap/calibrate)."""
     parser.add_argument("--data", required=True, metavar="SRC",
                         help="local .txt/.jsonl/.parquet file or folder (read with datasets), or a hub dataset")

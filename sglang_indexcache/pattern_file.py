@@ -22,6 +22,13 @@ METHODS = ("greedy", "uniform", "distilled", "manual")
 EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask); ``mkstemp`` alone gives 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never half."""
     path = Path(path)
@@ -32,6 +39,7 @@ def atomic_write_text(path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

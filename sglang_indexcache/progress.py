@@ -23,10 +23,13 @@ def enabled() -> bool:
     return not QUIET and sys.stderr.isatty()
 
 
-def bar(iterable=None, **kwargs):
-    """A tqdm-like bar: tqdm on a terminal, :class:`LogBar` in a log, silent with ``QUIET``."""
+def bar(iterable=None, log_lines: bool = True, **kwargs):
+    """A tqdm-like bar: tqdm on a terminal, :class:`LogBar` in a log, silent with ``QUIET``.
+
+    ``log_lines=False``: no lines of its own in a log (an inner bar already reports the same work).
+    """
     if not QUIET and not sys.stderr.isatty():
-        return LogBar(iterable, **kwargs)
+        return LogBar(iterable, interval=None if log_lines else 0, **kwargs)
     from tqdm.auto import tqdm
 
     kwargs.setdefault("disable", QUIET)
@@ -57,8 +60,8 @@ class LogBar:
         self.started = time.monotonic()
         self.lines = 0
         self._stop = threading.Event()
-        self._timer = threading.Thread(target=self._tick, args=(interval or LOG_INTERVAL,), daemon=True)
-        self._timer.start()
+        if interval != 0:  # 0: silent (its work is reported by another bar)
+            threading.Thread(target=self._tick, args=(interval or LOG_INTERVAL,), daemon=True).start()
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
@@ -94,8 +97,8 @@ class LogBar:
         if self._stop.is_set():
             return
         self._stop.set()
-        if self.lines:  # a run long enough to have reported also reports its end
-            log.info("%s (%s)", self.line(), "done" if self.total and self.n >= self.total else "stopped")
+        if self.lines and self.total and self.n >= self.total:  # a long run reports its end (not a stop)
+            log.info("%s (done)", self.line())
 
     def __iter__(self):
         try:

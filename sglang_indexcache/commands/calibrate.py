@@ -13,10 +13,11 @@ model with the defaults on 2 idle CPU cores (docs/cli.md).
 
 from __future__ import annotations
 
-from ..calibration.session import DEFAULT_MAX_TOKENS, add_data_arguments
+from ..calibration.session import add_data_arguments
 from .options import add_force, check_output, positive_int
 
 SCREEN_TOP = 3
+DEFAULT_CALIBRATION_TOKENS = 8192  # the demo's: minutes on 2 CPU cores (the cost grows with N^2 candidates)
 
 
 def add_arguments(parser):
@@ -24,7 +25,7 @@ def add_arguments(parser):
     parser.add_argument("--url", metavar="URL", help="patched SGLang server in calibration mode")
     parser.add_argument("--api-key", metavar="KEY", default=None,
                         help="the server's API/admin key (default: $INDEXCACHE_API_KEY)")
-    add_data_arguments(parser, DEFAULT_MAX_TOKENS)
+    add_data_arguments(parser, DEFAULT_CALIBRATION_TOKENS)
     parser.add_argument("--keep", required=True, type=_keep, metavar="RATIO",
                         help="share of indexers to keep, e.g. 0.25 (round(keep * N) F layers, at least 1)")
     parser.add_argument("--out", required=True, metavar="FILE",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .options import add_force, check_output, positive_float, positive_int
 
-DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_EVAL_TOKENS = 200, 4, 32768
+DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_EVAL_TOKENS = 60, 4, 32768
 DISTILL_STATE = ("distill", "state.pt")  # under --out (training/distill_run.py)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..calibration.session import add_data_arguments
 from .options import add_force, check_output
 
-DEFAULT_OVERLAP_TOKENS = 16384
+DEFAULT_OVERLAP_TOKENS = 8192
 
 
 def add_arguments(parser):

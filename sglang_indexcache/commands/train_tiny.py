@@ -137,10 +137,10 @@ def evaluate_saved(out_dir, stream, device: str, batch_size: int, seq_len: int) 
 def run(args) -> int:
     import time
 
+    targs = parse_args(args)
     from sglang_indexcache.pattern_file import atomic_write_text
     from sglang_indexcache.training import tiny
 
-    targs = parse_args(args)
     _check_device(targs.device)
     t0 = time.perf_counter()
     tokenizer, stream = _corpus(targs, args.rebuild_corpus)

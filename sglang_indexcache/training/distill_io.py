@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelDirError
+from ..pattern_file import new_file_mode
 
 STATE_FORMAT = "indexcache-distill-state/v1"
 
@@ -29,9 +30,7 @@ def _atomic_path(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600; a new file's usual mode
+        os.chmod(tmp, new_file_mode())  # mkstemp (and safetensors) make 0600; a new file's usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
