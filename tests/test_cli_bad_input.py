@@ -204,3 +204,24 @@ def test_outputs_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_busy_machine_gets_one_thread(monkeypatch):
+    import torch
+
+    from sglang_indexcache.calibration import session
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(session.os, "cpu_count", lambda: 2)
+    try:
+        monkeypatch.setattr(session.os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+        assert not session.busy_cpu()
+        monkeypatch.setattr(session.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+        assert session.busy_cpu()
+        if not torch.cuda.is_available():
+            session.set_threads(None)
+            assert torch.get_num_threads() == 1
+        session.set_threads(2)  # an explicit --threads always wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

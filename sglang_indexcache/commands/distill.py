@@ -43,7 +43,8 @@ def add_arguments(parser):
     parser.add_argument("--save-every", type=positive_int, default=20, help="checkpoint the state every N steps")
     parser.add_argument("--seed", type=int, default=0, help="batch order seed")
     parser.add_argument("--threads", type=positive_int, default=None,
-                        help="torch CPU threads (default: torch's; 1 is faster on a busy machine)")
+                        help="torch CPU threads (default: 1 when the machine is busy, i.e. load average"
+                             " >= cores - 1, else torch's)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     add_force(parser)
 
@@ -74,13 +75,11 @@ def run(args) -> int:
     import json
 
     check_arguments(args)
-    import torch
-
+    from ..calibration.session import set_threads
     from ..training.distill_run import DistillConfig
     from ..training.distill_run import run as run_distill
 
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
+    set_threads(args.threads)
     config = DistillConfig(
         model=args.model, pattern=args.pattern, data=args.data, out=args.out, steps=args.steps, lr=args.lr,
         batch_size=args.batch_size, seq_len=args.seq_len, form=args.form, single_layer=args.single_layer,
