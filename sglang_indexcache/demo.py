@@ -7,8 +7,8 @@
 3. LM loss on the held-out evaluation text: all-F, uniform every-4 and the calibrated pattern.
 4. The cross-layer overlap heatmap (``out/demo/overlap.png``) and the SGLang launch flags.
 
-Token budgets are chosen so the whole demo stays under 3 minutes on 2 idle CPU cores (more on a
-busy machine). Ctrl-C prints one line; the next run resumes the search from its last step, and a
+Token budgets are chosen so the whole demo stays under 3 minutes on 2 idle CPU cores (94 s on
+2026-12-02; on a busy machine torch gets one thread, which is faster there). Ctrl-C prints one line; the next run resumes the search from its last step, and a
 finished search (same model, data and keep ratio) is reused rather than run again.
 """
 
