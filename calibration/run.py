@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 from sglang_indexcache import pattern as pat
 from sglang_indexcache import pattern_file, progress
@@ -17,13 +18,21 @@ from sglang_indexcache.atomic import atomic_write_text
 from sglang_indexcache.errors import UsageError
 
 from . import greedy
+from .paths import plot_path, state_path  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 
-def state_path(out) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + ".state.json")
+def expected_ticks(num_full: int, target: int, num_batches: int, screen_batches=None, screen_top=3) -> int:
+    """Candidate x batch evaluations left: the (re)start forward, then every step's candidates."""
+    ticks = num_batches
+    for full in range(num_full, target, -1):
+        candidates = full - 1  # every F layer but layer 0
+        if screen_batches and screen_batches < num_batches and candidates > screen_top:
+            ticks += candidates * screen_batches + screen_top * (num_batches - screen_batches)
+        else:
+            ticks += candidates * num_batches
+    return ticks
 
 
 def _identity(info, blocks, batch_size, start_pattern) -> dict:
@@ -63,7 +72,7 @@ def uniform_at(num_layers: int, keep: float) -> str:
 
 def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=4, screen_batches=None,
               screen_top=3, plot=True, on_step=None) -> dict:
-    """Run the greedy search and write the pattern file ``out`` (+ ``calibration.png`` beside it).
+    """Run the greedy search and write the pattern file ``out`` (+ :func:`plot_path` beside it).
 
     ``backend``: TransformersBackend (prefix reuse) or a server backend (whole forwards);
     ``blocks``: TokenBlocks; ``info``: ModelInfo. Returns the pattern-file document.
@@ -84,12 +93,19 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
         if on_step is not None:
             on_step(current)
 
-    candidates_bar = progress.bar(total=None, desc="candidates x batches", unit="fwd", position=1)
+    ticks = expected_ticks(state["pattern"].count(pat.FULL), target, len(batches), screen_batches, screen_top)
+    candidates_bar = progress.bar(total=ticks, desc="candidates x batches", unit="fwd", position=1)
     evaluator = greedy.make_evaluator(backend, batches, tick=lambda: candidates_bar.update(1))
     steps_bar = progress.bar(total=steps_total, initial=len(state["steps"]), desc=f"greedy keep {keep:g}",
-                             unit="step", position=0)
+                             unit="step", position=0, log_lines=False)
+
+    def postfix(text):  # the step and candidate on both bars: in a log only the evaluations' bar reports
+        steps_bar.set_postfix_str(text)
+        candidates_bar.set_postfix_str(f"{text} of {state['start_pattern'].count(pat.FULL) - target}")
+
+    steps = SimpleNamespace(set_postfix_str=postfix, update=steps_bar.update)
     try:
-        greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=steps_bar,
+        greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=steps,
                           screen_batches=screen_batches, screen_top=screen_top)
     except KeyboardInterrupt:
         if state["steps"]:
@@ -115,7 +131,7 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     if plot:
         from .plots import plot_calibration
 
-        plot_calibration(document, Path(out).with_name("calibration.png"))
+        plot_calibration(document, plot_path(out))
     return document
 
 

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import logging
+import os
 
+from sglang_indexcache.commands.options import positive_int
 from sglang_indexcache.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 DEFAULT_SEQ_LEN = 1024
-DEFAULT_MAX_TOKENS = 32768
 
 
-def add_data_arguments(parser, max_tokens: int | None = DEFAULT_MAX_TOKENS) -> None:
+def add_data_arguments(parser, max_tokens: int | None) -> None:
     """``--data --text-field --seq-len --max-tokens --batch-size`` (shared by eval/overlap/calibrate)."""
     parser.add_argument("--data", required=True, metavar="SRC",
                         help="local .txt/.jsonl/.parquet file or folder (read with datasets), or a hub dataset")
     parser.add_argument("--text-field", default="text", metavar="F", help="column holding the text (default: text)")
-    parser.add_argument("--seq-len", type=int, default=None, metavar="N",
+    parser.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
                         help=f"tokens per block (default: {DEFAULT_SEQ_LEN}, at most the model's max positions)")
-    parser.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+    parser.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
                         help=f"use at most N tokens of the data (default: {max_tokens or 'all'})")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="blocks per forward (default: 4)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: torch's; 1 is faster on a busy machine)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="blocks per forward (default: 4)")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch (default: 1 when the machine is busy, i.e. load average"
+                             " >= cores - 1, else torch's)")
 
 
 def check_positive(name: str, value) -> None:
@@ -40,10 +42,29 @@ def seq_len_for(config, seq_len: int | None) -> int:
     return seq_len
 
 
+def busy_cpu() -> bool:
+    """True when other work already holds all but one core (1-minute load average >= cores - 1).
+
+    torch's OpenMP threads then spin while descheduled: ``calibrate`` on the embedded model at load
+    5 on 2 cores took 803 s with torch's 2 threads and 195 s with 1 (2026-12-02).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return False
+    cores = os.cpu_count() or 1
+    return cores > 1 and load >= cores - 1
+
+
 def set_threads(threads: int | None) -> None:
+    """torch's CPU threads: ``threads``, or by default 1 on a busy CPU-only machine, else torch's own."""
     import torch
 
     check_positive("--threads", threads)
+    if threads is None and not torch.cuda.is_available() and busy_cpu():
+        threads = 1
+        log.info("the CPU is busy (load average %.1f on %d cores): 1 torch thread (--threads N to choose)",
+                 os.getloadavg()[0], os.cpu_count())
     if threads:
         torch.set_num_threads(threads)
 

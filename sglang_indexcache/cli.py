@@ -37,11 +37,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+def _global_flags(parser, default=False) -> None:
+    """``--quiet`` and ``--verbose``, accepted before the verb and after it (at every level)."""
+    parser.add_argument("--quiet", action="store_true", default=default,
+                        help="no progress bars or progress lines")
+    parser.add_argument("--verbose", action="store_true", default=default, help="debug logging")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _global_flags(sub, argparse.SUPPRESS)  # the verb's copy keeps the top level's value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="indexcache", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"sglang-indexcache {__version__}")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
     for verb, (module_name, help_text) in VERBS.items():
@@ -52,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(verb, help=help_text, description=module.__doc__)
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
+    _global_flags(parser)
     return parser
 
 

@@ -107,38 +107,60 @@ def read_config(model_dir) -> dict:
 
 
 def safetensors_header(path: Path) -> dict:
-    """The JSON header of one safetensors file: ``{name: {"dtype", "shape", "data_offsets"}}``."""
+    """The JSON header of one safetensors file: ``{name: {"dtype", "shape", "data_offsets"}}``.
+
+    Also checks that the file is as long as its header says (a truncated download or copy keeps a
+    valid header but loses tensor bytes).
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
                 raise ModelDirError(f"{path} is truncated: no safetensors header")
             (length,) = struct.unpack("<Q", raw)
-            if length > 100_000_000:
-                raise ModelDirError(f"{path}: safetensors header of {length} bytes is not plausible")
+            if length > 100_000_000 or 8 + length > size:
+                raise ModelDirError(f"{path} is truncated or not safetensors: a header of {length} bytes"
+                                    f" in a file of {size}")
             header = json.loads(f.read(length))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelDirError(f"cannot read the safetensors header of {path}: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelDirError(f"{path}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
+    try:
+        end = max((int(meta["data_offsets"][1]) for meta in header.values()), default=0)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ModelDirError(f"{path}: a safetensors header entry has no valid data_offsets ({exc})") from exc
+    if 8 + length + end > size:
+        raise ModelDirError(f"{path} is truncated: {size} bytes, but its header places tensor data up to byte"
+                            f" {8 + length + end} (re-download or re-copy the checkpoint)")
     return header
 
 
-def weight_shapes(model_dir, select=lambda name: True) -> dict[str, list[int]]:
-    """Names and shapes of the checkpoint's tensors for which ``select(name)`` holds."""
-    path = Path(model_dir)
+def _shards(path: Path) -> list[str]:
+    """Every weight file of the checkpoint (from the index, or the single model.safetensors)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (KeyError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ModelDirError(f"{index} is not a valid safetensors index: {exc}") from exc
-        shards = sorted({shard for name, shard in weight_map.items() if select(name)})
-    elif (path / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
-        raise ModelDirError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        return sorted(set(weight_map.values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise ModelDirError(f"{path} has no model.safetensors or model.safetensors.index.json")
+
+
+def weight_shapes(model_dir, select=lambda name: True) -> dict[str, list[int]]:
+    """Names and shapes of the checkpoint's tensors for which ``select(name)`` holds.
+
+    Reads (and checks the length of) every shard's header, so a truncated or missing shard is
+    refused here, before any weights load.
+    """
+    path = Path(model_dir)
     shapes = {}
-    for shard in shards:
+    for shard in _shards(path):
         shard_path = path / shard
         if not shard_path.is_file():
             raise ModelDirError(f"{path}: shard {shard} named in the index is missing")

@@ -143,7 +143,7 @@ def test_gather_attention_matches_reference():
     (["prefill", "--patterns", "SFFF", "--config", "{cfg}", "--layers", "4"], "layer 0 must be F"),
     (["prefill", "--contexts", "0", "--config", "{cfg}"], "--contexts must be positive"),
     (["prefill", "--contexts", "4k,x", "--config", "{cfg}"], "not an integer"),
-    (["prefill", "--layers", "0", "--config", "{cfg}"], "--layers must be positive"),
+    (["prefill", "--layers", "0", "--config", "{cfg}"], "--layers: must be a positive integer"),
     (["decode", "--batch", "-1", "--config", "{cfg}"], "--batch must be positive"),
     (["decode", "--device", "cuda", "--config", "{cfg}"], "cuda"),
 ])

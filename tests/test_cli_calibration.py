@@ -41,7 +41,7 @@ def test_calibrate_then_eval_the_file(workspace, capsys):
     assert doc["pattern"].count("F") == 2 and len(cal["steps"]) == 3
     assert {"baseline_loss", "loss", "layer_forwards", "naive_layer_forwards", "data", "keep_ratio"} <= set(cal)
     assert cal["data"]["tokens"] == 512 and cal["layer_forwards"] < cal["naive_layer_forwards"]
-    assert (out.parent / "calibration.png").stat().st_size > 1000
+    assert (out.parent / "pattern.calibration.png").stat().st_size > 1000
     assert not (out.parent / "pattern.json.state.json").exists()
     assert cli.main(["eval", "--model", str(model), "--data", str(data), "--pattern", str(out), "--json", *SMALL]) == 0
     result = json.loads(capsys.readouterr().out)["results"][0]

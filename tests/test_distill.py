@@ -280,8 +280,10 @@ def test_cli_resume_continues_exactly(checkpoint, tmp_path, monkeypatch, capsys)
 
 @pytest.mark.parametrize("pattern,extra,message", [
     ("FSF", [], "3 layers but the model has 4"),
-    ("FSFS", ["--steps", "0"], "--steps must be a positive integer"),
-    ("FSFS", ["--resume", "--seq-len", "4000"], "fewer than one block"),
+    ("FSFS", ["--steps", "0"], "--steps: must be a positive integer"),
+    ("FSFS", ["--seq-len", "4000"], "fewer than one block"),
+    ("FSFS", ["--resume"], "no interrupted run to continue"),
+    ("all-F", [], "nothing to distill"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(checkpoint, tmp_path, capsys, pattern, extra, message):
     model_dir, data = checkpoint

@@ -97,7 +97,7 @@ def test_resume_after_interrupt_reaches_the_same_pattern(backend, blocks, info, 
     assert resumed["pattern"] == full["pattern"]
     assert [s["loss"] for s in resumed["calibration"]["steps"]] == pytest.approx(
         [s["loss"] for s in full["calibration"]["steps"]], rel=1e-9)
-    assert not state_path(out).exists() and (tmp_path / "calibration.png").stat().st_size > 0
+    assert not state_path(out).exists() and (tmp_path / "p.calibration.png").stat().st_size > 0
     cal = resumed["calibration"]
     assert cal["method"] == "greedy" and cal["data"]["tokens"] == blocks.tokens
     assert cal["uniform"]["pattern"] == pat.uniform(LAYERS, 3)

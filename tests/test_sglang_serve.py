@@ -29,12 +29,23 @@ def model_and_file(make_checkpoint, tmp_path):
     return model, path
 
 
-def test_dry_run_prints_the_launch_command(model_and_file):
+@pytest.mark.sglang
+def test_dry_run_prints_the_launch_command(model_and_file, tmp_path_factory):
     model, path = model_and_file
-    proc = serve("--model", model, "--pattern-file", path, "--dry-run", "--", "--port", "31000")
+    patched = sgl.trees(tmp_path_factory).patched
+    proc = serve("--model", model, "--pattern-file", path, "--dry-run", "--", "--port", "31000", pythonpath=patched)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith(
         f"-m sglang.launch_server --model-path {model} --index-cache-pattern-file {path} --port 31000")
+    proc = serve("--model", model, "--calibration", "--dry-run", pythonpath=patched)
+    assert proc.stdout.strip().endswith("--index-cache-calibration")
+
+
+@pytest.mark.sglang
+def test_dry_run_checks_the_installed_sglang(model_and_file, tmp_path_factory):
+    model, path = model_and_file
+    proc = serve("--model", model, "--pattern-file", path, "--dry-run", pythonpath=sgl.trees(tmp_path_factory).stock)
+    assert proc.returncode == 2 and "is not patched: make apply-patches" in proc.stderr and proc.stdout == ""
 
 
 def test_pattern_file_of_another_model_is_refused(model_and_file, make_checkpoint):
@@ -48,7 +59,6 @@ def test_needs_a_pattern_file_or_calibration(model_and_file):
     model, _ = model_and_file
     proc = serve("--model", model, "--dry-run")
     assert proc.returncode == 2 and "--pattern-file" in proc.stderr
-    assert serve("--model", model, "--calibration", "--dry-run").stdout.strip().endswith("--index-cache-calibration")
 
 
 @pytest.mark.sglang

@@ -5,19 +5,36 @@ named config and times prefill at several contexts under all-F, every-2, every-4
 ``bench decode`` times decode steps at cached lengths with batch 1 and a larger batch;
 ``bench kernels`` times the kernels alone. Each row gives the median seconds, the speedup over
 all-F, the indexer share of all-F, the Amdahl ``limit`` of all-F's measured profile and the
-FLOP/byte model's ``floor_limit``.
+FLOP/byte model's ``floor_limit``. ``make bench`` (= ``bench prefill --config tiny``) takes about a
+minute on 2 idle CPU cores; wide configs at long contexts take minutes per row on a CPU (use
+``--topk``, ``--layers``, ``--contexts`` to size them). ``--save``/``--plot`` refuse an existing
+file unless ``--force``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from ..bench import kernels as kernel_bench
-from ..errors import UsageError
+from ..errors import PatternError, UsageError
 from . import bench_serve
+from .options import add_force, check_output, non_negative_int, positive_int
 
 CONFIG_NAMES = ("tiny", "glm-5", "deepseek-v3.2", "glm-30b-a3b")
 DEFAULT_PATTERNS = "all-F,every-2,every-4,every-8"
+LAYER_CAP = 8  # default stack depth at most this (a deeper model is cut to its first LAYER_CAP layers)
+MODES = {
+    "prefill": ("prefill of one request at each context",
+                "Times the prefill of one request per context through a stack of DSA layers with random"
+                " weights, under all-F and each pattern (docs/cli.md, 'bench')."),
+    "decode": ("decode steps at each cached length",
+               "Times single decode steps of the whole stack for --batch requests that each hold the"
+               " context in paged caches, under all-F and each pattern (docs/cli.md, 'bench')."),
+    "kernels": ("the DSA kernels alone (sglang_indexcache.bench.kernels)",
+                "Times the sparse MLA decode and indexer kernels against the device's measured ceilings"
+                " (a CUDA GPU; --device cpu smoke-tests it under TRITON_INTERPRET=1 at tiny sizes)."),
+}
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -38,38 +55,40 @@ def _ints(text: str, what: str) -> list[int]:
 def _common(p, mode: str):
     p.add_argument("--config", default="tiny", metavar="NAME|FILE",
                    help=f"named config ({', '.join(CONFIG_NAMES)}) or a config.json path (default tiny)")
-    p.add_argument("--layers", type=int, help="DSA layers in the stack (default: the model's, at most 8)")
+    p.add_argument("--layers", type=positive_int,
+                   help=f"DSA layers in the stack (default: the model's, capped at {LAYER_CAP} by this bench)")
     p.add_argument("--contexts", help="comma-separated token counts, '4k' = 4096 (default: 4k,8k,16k on"
                    " the CPU, 8k,32k,64k,128k on a GPU)" + ("; cached tokens per request" if mode == "decode" else ""))
     p.add_argument("--patterns", default=DEFAULT_PATTERNS,
                    help=f"comma-separated pattern specs; all-F is always measured first (default {DEFAULT_PATTERNS})")
     p.add_argument("--pattern-file", action="append", default=[], metavar="FILE",
                    help="also measure the pattern of this indexcache-pattern/v1 file (repeatable)")
-    p.add_argument("--repeats", type=int, default=3 if mode == "prefill" else 10, help="timed runs per row (median)")
-    p.add_argument("--warmup", type=int, default=1 if mode == "prefill" else 3, help="untimed runs (of the pattern with the fewest F layers) before timing")
+    p.add_argument("--repeats", type=positive_int, default=3 if mode == "prefill" else 10, help="timed runs per row (median)")
+    p.add_argument("--warmup", type=non_negative_int, default=1 if mode == "prefill" else 3, help="untimed runs (of the pattern with the fewest F layers) before timing")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--kernels", choices=("auto", "triton", "torch", "ref"), default="auto",
                    help="indexer/attention implementation (auto: Triton on a GPU, the references' math on the CPU)")
-    p.add_argument("--topk", type=int, help="override the config's index_topk")
-    p.add_argument("--chunk", type=int, default=None, help="prefill token chunk (default 1024 CPU, 16384 GPU)")
+    p.add_argument("--topk", type=positive_int, help="override the config's index_topk")
+    p.add_argument("--chunk", type=positive_int, default=None, help="prefill token chunk (default 1024 CPU, 16384 GPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own; 1 is steadier"
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: torch's own; 1 is steadier"
                    " on a busy machine)")
     p.add_argument("--json", action="store_true", help="print the result document as JSON instead of a table")
     p.add_argument("--save", metavar="FILE", help="write the JSON document here after every context (atomic)")
     p.add_argument("--plot", metavar="FILE", help="write a speedup-versus-context plot (PNG)")
+    add_force(p)
 
 
 def add_arguments(parser):
     modes = parser.add_subparsers(dest="mode", metavar="MODE", parser_class=type(parser))
     modes.required = True
-    _common(modes.add_parser("prefill", help="prefill of one request at each context"), "prefill")
-    dec = modes.add_parser("decode", help="decode steps at each cached length")
-    _common(dec, "decode")
-    dec.add_argument("--batch", default="1,8", help="comma-separated decode batch sizes (default 1,8)")
-    kern = modes.add_parser("kernels", help="the DSA kernels alone (sglang_indexcache.bench.kernels)")
-    kernel_bench.add_kernel_arguments(kern)
+    parsers = {mode: modes.add_parser(mode, help=short, description=long) for mode, (short, long) in MODES.items()}
+    _common(parsers["prefill"], "prefill")
+    _common(parsers["decode"], "decode")
+    parsers["decode"].add_argument("--batch", default="1,8", help="comma-separated decode batch sizes (default 1,8)")
+    kernel_bench.add_kernel_arguments(parsers["kernels"])
+    add_force(parsers["kernels"])
     bench_serve.add_arguments(modes)
 
 
@@ -89,35 +108,55 @@ def _config(name: str) -> dict:
     return named_config(name)
 
 
-def _patterns(args, layers: int) -> list[tuple[str, str]]:
+def _patterns(args, layers: int, model_layers: int) -> list[tuple[str, str]]:
     from .. import pattern_file
 
     specs = [s for s in args.patterns.split(",") if s.strip()] + list(args.pattern_file)
     out, seen = [("all-F", "F" * layers)], {"F" * layers}
     for spec in specs:
-        pattern = pattern_file.resolve(spec, layers)
+        try:
+            pattern = pattern_file.resolve(spec, layers)
+        except PatternError as exc:
+            if args.layers is not None:
+                whose = f"set by --layers {layers}"
+            elif model_layers > layers:
+                whose = (f"this bench's default cap of {LAYER_CAP}; the config has {model_layers}:"
+                         f" give --layers {model_layers} to bench them all")
+            else:
+                whose = f"the config's {model_layers}"
+            raise PatternError(f"pattern {spec}: {exc} (here the model is the bench stack of {layers}"
+                               f" layers, {whose})") from None
         if pattern not in seen:
             seen.add(pattern)
             out.append((pattern_file.spec_label(spec), pattern))
     return out
 
 
+def _check(args) -> None:
+    """Checks before torch is imported: outputs, contexts, batches, config, patterns."""
+    for flag in ("save", "plot"):
+        if getattr(args, flag, None):
+            check_output(f"--{flag}", getattr(args, flag), "file", force=args.force)
+    if args.mode == "kernels":
+        if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UsageError("bench kernels --device cpu runs the Triton kernels in Triton's interpreter:"
+                             " set TRITON_INTERPRET=1 (TRITON_INTERPRET=1 indexcache bench kernels --device cpu)")
+        return
+    _ints(args.contexts or "1", "--contexts")
+    if args.mode == "decode":
+        _ints(args.batch, "--batch")
+
+
 def _spec(args):
+    config = _config(args.config)
+    model_layers = int(config.get("num_hidden_layers", LAYER_CAP))
+    layers = args.layers if args.layers is not None else min(model_layers, LAYER_CAP)
+    patterns = _patterns(args, layers, model_layers)  # refused before torch loads
     import torch
 
     from ..bench.runner import BenchSpec
     from ..bench.stack import DTYPES
 
-    config = _config(args.config)
-    layers = args.layers if args.layers is not None else min(int(config.get("num_hidden_layers", 8)), 8)
-    if layers <= 0:
-        raise UsageError(f"--layers must be positive, got {layers}")
-    for flag in ("repeats", "chunk", "topk", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{flag} must be positive, got {value}")
-    if args.warmup < 0:
-        raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -128,7 +167,7 @@ def _spec(args):
     return BenchSpec(
         mode=args.mode, config_name=args.config, config=config, layers=layers,
         contexts=_ints(args.contexts or default_contexts, "--contexts"),
-        patterns=_patterns(args, layers), device=device, dtype=DTYPES[args.dtype], kernels=args.kernels,
+        patterns=patterns, device=device, dtype=DTYPES[args.dtype], kernels=args.kernels,
         batches=_ints(args.batch, "--batch") if args.mode == "decode" else [1],
         repeats=args.repeats, warmup=args.warmup,
         chunk=args.chunk or (1024 if device.type == "cpu" else 16384), topk=args.topk, seed=args.seed,
@@ -140,14 +179,15 @@ def _run_kernels(args) -> int:
 
 
 def run(args) -> int:
-    if args.mode == "kernels":
-        return _run_kernels(args)
     if args.mode in bench_serve.MODES:
         return bench_serve.run(args)
+    _check(args)
+    if args.mode == "kernels":
+        return _run_kernels(args)
+    spec = _spec(args)
     from ..bench import report, runner
     from ..pattern_file import atomic_write_text
 
-    spec = _spec(args)
     save = (lambda doc: atomic_write_text(args.save, json.dumps(doc, indent=1) + "\n")) if args.save else None
     doc = (runner.run_prefill if spec.mode == "prefill" else runner.run_decode)(spec, on_rows=save)
     if args.plot:

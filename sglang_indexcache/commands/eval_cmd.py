@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 
-from ..calibration.session import DEFAULT_MAX_TOKENS, add_data_arguments
+from ..calibration.session import add_data_arguments
+
+DEFAULT_EVAL_TOKENS = 16384  # one whole forward per pattern and batch
 
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, metavar="DIR", help="HF-format DSA checkpoint directory")
-    add_data_arguments(parser, DEFAULT_MAX_TOKENS)
+    add_data_arguments(parser, DEFAULT_EVAL_TOKENS)
     parser.add_argument("--pattern", action="append", required=True, metavar="P",
                         help="all-F, every-N, a pattern string or a pattern file; repeat to compare")
     parser.add_argument("--json", action="store_true", help='print {"results": [{"pattern", "loss", "tokens"}]}')
@@ -35,13 +37,17 @@ def evaluate(backend, blocks, specs, model_info, batch_size=4):
 
 
 def format_table(results) -> str:
-    base = next((r["loss"] for r in results if set(r["pattern"]) == {"F"}), results[0]["loss"])
+    """One row per pattern; the change column is against all-F when it was scored, else the first row
+    (the header names which)."""
+    baseline = next((r for r in results if set(r["pattern"]) == {"F"}), results[0])
+    base = baseline["loss"]
     width = max(len(r["label"]) for r in results)
-    lines = [f"{'pattern':<{width}}  {'F':>5}  {'loss':>8}  {'vs all-F':>8}  tokens"]
+    column = f"vs {baseline['label']}"
+    lines = [f"{'pattern':<{width}}  {'F':>5}  {'loss':>8}  {column:>{max(8, len(column))}}  tokens"]
     for r in results:
         kept = f"{r['pattern'].count('F')}/{len(r['pattern'])}"
-        delta = 100.0 * (r["loss"] - base) / base
-        lines.append(f"{r['label']:<{width}}  {kept:>5}  {r['loss']:8.4f}  {delta:+7.2f}%  {r['tokens']}")
+        delta = f"{100.0 * (r['loss'] - base) / base:+.2f}%"
+        lines.append(f"{r['label']:<{width}}  {kept:>5}  {r['loss']:8.4f}  {delta:>{max(8, len(column))}}  {r['tokens']}")
         if r["label"] != r["pattern"]:
             lines.append(f"{'':<{width}}  {r['pattern']}")
     return "\n".join(lines)

@@ -2,44 +2,48 @@
 
 Runs every layer's own indexer (as if all F) on the data and reports, for every pair of layers,
 the mean share of layer i's top-k that layer j also selects, over query tokens that have more
-candidate keys than k.
+candidate keys than k. --out must be a new or empty folder unless --force.
 """
 
 from __future__ import annotations
 
 from ..calibration.session import add_data_arguments
+from .options import add_force, check_output
 
-DEFAULT_OVERLAP_TOKENS = 16384
+DEFAULT_OVERLAP_TOKENS = 8192
 
 
 def add_arguments(parser):
     parser.add_argument("--model", required=True, metavar="DIR", help="HF-format DSA checkpoint directory")
     add_data_arguments(parser, DEFAULT_OVERLAP_TOKENS)
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for overlap.json and overlap.png")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for overlap.json and overlap.png (new or empty unless --force)")
+    add_force(parser)
 
 
 def run(args) -> int:
     import json
-    from pathlib import Path
 
-    from .. import pattern_file, progress
-    from ..analysis.overlap import adjacent_mean, overlap_matrix
-    from ..calibration.plots import plot_overlap
-    from ..calibration.session import load_backend, load_data
+    from types import SimpleNamespace
+
+    from ..calibration.session import seq_len_for
     from ..errors import UsageError
     from ..model_info import load_model_info
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
+    out = check_output("--out", args.out, "dir", force=args.force, inputs=(args.model, args.data))
     info = load_model_info(args.model)
     missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
     if missing:
         raise UsageError(f"{args.model} lacks indexer weights for layers {missing}: overlap needs every layer's")
+    topk, seq_len = int(info.config["index_topk"]), seq_len_for(SimpleNamespace(**info.config), args.seq_len)
+    if seq_len <= topk:
+        raise UsageError(f"--seq-len {seq_len} must exceed the model's index_topk {topk}")
+    from .. import pattern_file, progress
+    from ..analysis.overlap import adjacent_mean, overlap_matrix
+    from ..calibration.plots import plot_overlap
+    from ..calibration.session import load_backend, load_data
+
     backend = load_backend(args.model, threads=args.threads)
     blocks = load_data(args, backend.tokenizer, backend.config)
-    if blocks.input_ids.shape[1] <= backend.config.index_topk:
-        raise UsageError(f"--seq-len {blocks.input_ids.shape[1]} must exceed index_topk {backend.config.index_topk}")
     batches = list(blocks.batches(args.batch_size))
     result = overlap_matrix(backend, batches, lambda it: progress.bar(it, total=len(it), desc="overlap", unit="batch"))
     result["adjacent_mean"] = adjacent_mean(result["matrix"])

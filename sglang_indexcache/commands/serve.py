@@ -3,7 +3,7 @@
 indexcache serve --model DIR --pattern-file FILE [--calibration] [--dry-run] [-- SGLANG ARGS]
 
 Checks the pattern file against the checkpoint and that the SGLang found by this Python carries our
-patch set, prints the command, then replaces this process with
+patch set, prints the command, then (unless --dry-run, which runs every check) replaces this process with
 ``python -m sglang.launch_server --model-path DIR --index-cache-pattern-file FILE ... SGLANG ARGS``.
 """
 
@@ -24,7 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pattern-file", help="indexcache-pattern/v1 file (see `indexcache calibrate`)")
     parser.add_argument("--calibration", action="store_true",
                         help="calibration mode: every indexer loaded, /index_cache endpoints, no CUDA graphs")
-    parser.add_argument("--dry-run", action="store_true", help="print the command and exit")
+    parser.add_argument("--dry-run", action="store_true", help="run every check (checkpoint, pattern file, SGLang installed and patched),"
+                             " print the command and exit")
     parser.add_argument("sglang_args", nargs=argparse.REMAINDER, help="after --: passed to sglang.launch_server")
 
 
@@ -64,8 +65,7 @@ def build_command(args) -> list[str]:
 
 def run(args) -> int:
     command = build_command(args)
-    if not args.dry_run:
-        patched_sglang_dir()
+    patched_sglang_dir()
     print(shlex.join(command), flush=True)
     if args.dry_run:
         return 0

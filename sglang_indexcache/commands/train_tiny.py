@@ -1,9 +1,11 @@
 """Train the embedded tiny GlmMoeDsa model from scratch (dense LM, indexer warm-up, sparse stage).
 
 Builds the corpus (CPython standard-library sources + pydoc topics; held-out split), trains a
-byte-level BPE tokenizer, trains the model with the DSA recipe, saves it in bf16 to --out, then
-reports held-out losses on --out/data/evaluation.txt under all-F / every-2 / every-4 and the
-unigram baseline. Interrupted runs continue with --resume.
+byte-level BPE tokenizer, trains the model with the DSA recipe, saves it in bf16 to --out (default
+runs/tiny-glm-dsa; the shipped models/tiny-glm-dsa is written only with --out models/tiny-glm-dsa
+--force), then reports held-out losses on --out/data/evaluation.txt under all-F / every-2 / every-4
+and the unigram baseline. A non-empty --out is refused unless --force or --resume. Interrupted runs
+continue with --resume. The full recipe takes hours on a CPU (docs/train-tiny.md).
 """
 
 from __future__ import annotations
@@ -11,27 +13,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sglang_indexcache.commands.options import add_force, check_output, positive_int
 from sglang_indexcache.configs import TINY_MODEL_DIR
 from sglang_indexcache.errors import UsageError
+
+DEFAULT_OUT = "runs/tiny-glm-dsa"
 
 DEFAULT_STEPS = "2000,300,1000"
 DEFAULT_LR = "1e-3,1e-3,5e-4"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default=str(TINY_MODEL_DIR), help="model directory to write (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help="model directory to write (default: %(default)s; must be new or empty unless"
+                             " --resume or --force)")
     parser.add_argument("--work-dir", default=".cache/train-tiny",
                         help="training stream, resumable state and logs (default: %(default)s)")
     parser.add_argument("--steps", default=DEFAULT_STEPS,
                         help="steps of the dense, warm-up and sparse stages (default: %(default)s)")
     parser.add_argument("--lr", default=DEFAULT_LR, help="peak learning rate per stage (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--seq-len", type=positive_int, default=1024, help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=int, default=250, help="steps between saved states")
-    parser.add_argument("--log-every", type=int, default=25, help="steps between log lines")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default: %(default)s)")
+    parser.add_argument("--save-every", type=positive_int, default=250, help="steps between saved states")
+    parser.add_argument("--log-every", type=positive_int, default=25, help="steps between log lines")
+    parser.add_argument("--vocab-size", type=positive_int, default=4096, help="BPE vocabulary size (default: %(default)s)")
     parser.add_argument("--model-json", default="{}",
                         help="JSON overrides of the model shape, e.g. '{\"num_hidden_layers\": 2}'")
     parser.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on CUDA")
@@ -40,7 +47,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--corpus-only", action="store_true",
                         help="only build the tokenizer, held-out files and training stream, then stop")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation at the end")
-    parser.add_argument("--eval-batch-size", type=int, default=4)
+    parser.add_argument("--eval-batch-size", type=positive_int, default=4)
+    add_force(parser)
 
 
 def _triple(text: str, kind, name: str) -> list:
@@ -56,21 +64,20 @@ def _triple(text: str, kind, name: str) -> list:
 
 def parse_args(args):
     """``TrainArgs`` from the parsed command line; every bad value is a UsageError."""
-    from sglang_indexcache.training.tiny import MODEL_DEFAULTS, STAGES, TrainArgs
-
     steps = _triple(args.steps, int, "steps")
     lrs = _triple(args.lr, float, "lr")
     try:
         overrides = json.loads(args.model_json)
     except json.JSONDecodeError as exc:
         raise UsageError(f"--model-json is not valid JSON: {exc}") from exc
-    if not isinstance(overrides, dict) or set(overrides) - set(MODEL_DEFAULTS):
-        raise UsageError(f"--model-json takes an object with keys among {', '.join(MODEL_DEFAULTS)}")
-    for name in ("batch_size", "seq_len", "save_every", "log_every", "vocab_size", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if args.vocab_size < 260 or args.vocab_size > 65535:
         raise UsageError("--vocab-size must lie in 260..65535 (byte alphabet plus merges; uint16 ids)")
+    check_output("--out", args.out, "dir", force=args.force, resume=args.resume, inputs=(TINY_MODEL_DIR,))
+    check_output("--work-dir", args.work_dir, "dir", force=True)
+    from sglang_indexcache.training.tiny import MODEL_DEFAULTS, STAGES, TrainArgs
+
+    if not isinstance(overrides, dict) or set(overrides) - set(MODEL_DEFAULTS):
+        raise UsageError(f"--model-json takes an object with keys among {', '.join(MODEL_DEFAULTS)}")
     return TrainArgs(
         out_dir=args.out, work_dir=args.work_dir, steps=dict(zip(STAGES, steps)), lr=dict(zip(STAGES, lrs)),
         batch_size=args.batch_size, seq_len=args.seq_len, device=args.device, seed=args.seed,
@@ -130,10 +137,10 @@ def evaluate_saved(out_dir, stream, device: str, batch_size: int, seq_len: int) 
 def run(args) -> int:
     import time
 
+    targs = parse_args(args)
     from sglang_indexcache.pattern_file import atomic_write_text
     from sglang_indexcache.training import tiny
 
-    targs = parse_args(args)
     _check_device(targs.device)
     t0 = time.perf_counter()
     tokenizer, stream = _corpus(targs, args.rebuild_corpus)

@@ -57,6 +57,7 @@ class DistillConfig:
     text_field: str = "text"
     seed: int = 0
     save_every: int = 20
+    force: bool = False  # write into a non-empty --out (the CLI checked it is no input)
 
 
 def _check(cfg: DistillConfig) -> None:
@@ -115,7 +116,7 @@ def _prepare_out(cfg: DistillConfig) -> dict | None:
     out, state_path = Path(cfg.out), Path(cfg.out) / "distill" / "state.pt"
     if cfg.resume and state_path.is_file():
         return distill_io.load_state(state_path)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(out.iterdir()) and not cfg.force:
         if cfg.resume:
             raise UsageError(f"--resume: {out} is not empty but has no distillation state ({state_path})")
         raise UsageError(f"--out {out} exists and is not empty; pass --resume to continue a run there,"
