@@ -110,6 +110,12 @@ def http(method: str, path: str, body=None, key: str | None = None, timeout: flo
         return status, raw.decode(errors="replace")
 
 
+def _gauge() -> list[str]:
+    """The ``sglang:index_cache_kept_indexers`` lines of ``/metrics``."""
+    _, metrics = http("GET", "/metrics")
+    return [line for line in str(metrics).splitlines() if line.startswith("sglang:index_cache_kept_indexers")]
+
+
 class Server:
     """One SGLang server in its own process session (killed as a group), logging to WORK/server_TAG.log."""
 
@@ -345,8 +351,7 @@ def calibration_checks(work: Path) -> None:
         status, info = http("GET", "/server_info")
         entry = info.get("index_cache") if isinstance(info, dict) else None
         check("/server_info has index_cache", bool(entry) and entry.get("kept_indexers") == LAYERS, entry)
-        status, metrics = http("GET", "/metrics")
-        gauge = [line for line in str(metrics).splitlines() if line.startswith("sglang:index_cache_kept_indexers")]
+        gauge = _gauge()
         check("gauge sglang:index_cache_kept_indexers", bool(gauge) and gauge[0].rstrip().endswith(f"{LAYERS}.0"),
               gauge)
         status, body = http("POST", "/index_cache/pattern", {"pattern": "FSSSFSSS"}, key=KEY)
@@ -355,8 +360,7 @@ def calibration_checks(work: Path) -> None:
         _, state = http("GET", "/index_cache", key=KEY)
         check("invalid pattern refused (400), state unchanged", status == 400 and state.get("pattern") == "FSSSFSSS",
               [status, body, state.get("pattern")])
-        _, metrics = http("GET", "/metrics")
-        gauge = [line for line in str(metrics).splitlines() if line.startswith("sglang:index_cache_kept_indexers")]
+        gauge = _gauge()
         check("gauge follows the switch (2 kept)", bool(gauge) and gauge[0].rstrip().endswith("2.0"), gauge)
         overlap(work)
         calibrate(work)
@@ -446,8 +450,7 @@ def _observability(expected: str, source: str):
         _, info = http("GET", "/server_info")
         entry = info.get("index_cache") if isinstance(info, dict) else None
         check(f"/server_info index_cache = {expected}", bool(entry) and entry.get("pattern") == expected, entry)
-        _, metrics = http("GET", "/metrics")
-        gauge = [line for line in str(metrics).splitlines() if line.startswith("sglang:index_cache_kept_indexers")]
+        gauge = _gauge()
         check(f"gauge = {kept}", bool(gauge) and gauge[0].rstrip().endswith(f"{kept}.0"), gauge)
     return checks
 
