@@ -62,7 +62,8 @@ def _sample_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, cu_ptr, out_ptr, p0, n_rows, sca
             sc = _head_sum(q, w, kt, BN, BT, HP, PRECISION, UPCAST)
             if HAS_SCALE:
                 sc = sc * tl.load(ks_ptr + start + key)[:, None]
-            tl.store(out_ptr + i * stride_ob + t_loc[None, :] * stride_or + j[:, None], sc * scale,
+            o_row = out_ptr + i.to(tl.int64) * stride_ob + t_loc.to(tl.int64) * stride_or    # [BT]
+            tl.store(o_row[None, :] + j[:, None], sc * scale,
                      mask=(t_loc < n_rows)[None, :])
 
 

@@ -78,6 +78,8 @@ def _prefill_kernel(
     length = tl.load(cu_ptr + i + 1) - start
     t_loc = pid_m * BT + tl.arange(0, BT)                          # [BT] rows of the chunk
     pos = p0 + t_loc
+    # 64-bit tile offsets: a chunk of 16384 rows x 200K keys has 3.3e9 elements (> 2**31)
+    o_row = out_ptr + i.to(tl.int64) * stride_ob + t_loc.to(tl.int64) * stride_or   # [BT] row starts
     last = tl.minimum(p0 + pid_m * BT + BT, length) - 1            # last key any row here sees
     k_lo = k0 + pid_k * keys_per_prog
     k_hi = tl.minimum(tl.minimum(k_lo + keys_per_prog, last + 1), k0 + n_cols)
@@ -98,7 +100,7 @@ def _prefill_kernel(
                 if HAS_SCALE:
                     sc = sc * tl.load(ks_ptr + start + key, mask=k_ok, other=0.0)[:, None]
                 ok = row_ok[None, :] & (key[:, None] <= pos[None, :])
-                tl.store(out_ptr + i * stride_ob + t_loc[None, :] * stride_or + (key - k0)[:, None],
+                tl.store(o_row[None, :] + (key - k0)[:, None],
                          tl.where(ok, sc * scale, float("-inf")),
                          mask=(t_loc < n_rows)[None, :] & k_ok[:, None])
             else:
@@ -108,7 +110,7 @@ def _prefill_kernel(
                 if HAS_SCALE:
                     sc = sc * tl.load(ks_ptr + start + key, mask=k_ok, other=0.0)[None, :]
                 ok = row_ok[:, None] & (key[None, :] <= pos[:, None])
-                tl.store(out_ptr + i * stride_ob + t_loc[:, None] * stride_or + (key - k0)[None, :],
+                tl.store(o_row[:, None] + (key - k0)[None, :],
                          tl.where(ok, sc * scale, float("-inf")),
                          mask=(t_loc < n_rows)[:, None] & k_ok[None, :])
 
@@ -124,19 +126,20 @@ def _decode_kernel(
     """out[i, c] = score of request i's query against its cached position k0+c, for k0+c < seq_len."""
     pid_k = tl.program_id(0)
     i = tl.program_id(1)
+    i64 = i.to(tl.int64)                                            # 64-bit row offsets (any batch x keys)
     length = tl.minimum(tl.load(len_ptr + i), k0 + n_cols)
     k_lo = k0 + pid_k * keys_per_prog
     k_hi = tl.minimum(k_lo + keys_per_prog, length)
     if k_lo < k_hi:
         hs = tl.arange(0, HP)
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + i * stride_qb + hs[:, None] * stride_qh + d[None, :],
+        q = tl.load(q_ptr + i64 * stride_qb + hs[:, None] * stride_qh + d[None, :],
                     mask=(hs < H)[:, None], other=0.0)             # [HP, D]
-        w = tl.load(w_ptr + i * stride_wb + hs, mask=hs < H, other=0.0)  # [HP]
+        w = tl.load(w_ptr + i64 * stride_wb + hs, mask=hs < H, other=0.0)  # [HP]
         for kb in range(k_lo, k_hi, BN):
             key = kb + tl.arange(0, BN)
             ok = key < k_hi
-            page = tl.load(pt_ptr + i * stride_pt + key // PAGE, mask=ok, other=0).to(tl.int64)
+            page = tl.load(pt_ptr + i64 * stride_pt + key // PAGE, mask=ok, other=0).to(tl.int64)
             slot = key % PAGE                                       # [BN] token within its page
             kt = tl.load(kc_ptr + (page * stride_kp + slot * stride_kt)[:, None] + d[None, :],
                          mask=ok[:, None], other=0.0)               # [BN, D]
@@ -146,7 +149,7 @@ def _decode_kernel(
             score = tl.sum(tl.maximum(s, 0.0) * w[:, None], axis=0)
             if HAS_SCALE:
                 score = score * tl.load(ks_ptr + page * stride_sp + slot, mask=ok, other=0.0)
-            tl.store(out_ptr + i * stride_ob + (key - k0), score * scale, mask=ok)
+            tl.store(out_ptr + i64 * stride_ob + (key - k0), score * scale, mask=ok)
 
 
 def _fp8_pair(q, k, k_scale, what: str) -> bool:
@@ -172,8 +175,9 @@ def prefill_scores(q, weights, k, cu_seqlens, scale: float, out, p0: int, n_rows
     ``q [t, h, d]``, ``weights [t, h]`` fp32, ``k [t, d]`` (bf16/fp32, or fp8 e4m3 with ``k_scale [t]``
     fp32 and then ``q`` bf16 or fp8), ``cu_seqlens [b+1]`` int32; ``out [b, n_rows, >= p0+n_rows]``
     fp32 (unit column stride): column ``c`` of row ``r`` of request ``i`` is key ``k0 + c``, written
-    for ``k0 + c <= p0 + r`` (only those: columns past the position are left as they are) and for
-    ``c < out.shape[2]``. ``config``: ``PREFILL_CONFIG`` keys.
+    for ``k0 + c <= p0 + r`` and for ``c < out.shape[2]``; a column past the position is left as it
+    is or set to -inf (up to the last position of the row's query block), never to a score.
+    Offsets into ``out`` are 64-bit (any ``b x n_rows x columns``). ``config``: ``PREFILL_CONFIG`` keys.
     """
     t, h, d = q.shape
     b = cu_seqlens.numel() - 1

@@ -35,7 +35,7 @@ LEGACY_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, 
 def _rows_kernel(idx_ptr, pt_ptr, rows_ptr, TOPK, stride_ib, stride_pt, stride_rb,
                  PAGE: tl.constexpr, BLOCK: tl.constexpr):
     """rows[i, j] = page_table[i, idx[i, j] // PAGE] * PAGE + idx[i, j] % PAGE, or -1 where idx < 0."""
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)                               # 64-bit row offsets
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     tok = tl.load(idx_ptr + i * stride_ib + cols, mask=cols < TOPK, other=-1)
     ok = tok >= 0
@@ -56,8 +56,8 @@ def _sparse_mla_kernel(
 
     ``FLAT``: ``idx_ptr`` holds flat cache rows (``_rows_kernel``) and ``pt_ptr`` is unused."""
     hb = tl.program_id(0)                                           # fastest: head blocks share KV in L2
-    i = tl.program_id(1)
-    sp = tl.program_id(2)
+    i = tl.program_id(1).to(tl.int64)                               # 64-bit offsets: b * h * 576 > 2**31
+    sp = tl.program_id(2)                                           # at 29K queries of 128 heads
     hs = hb * BLOCK_H + tl.arange(0, BLOCK_H)                       # [BLOCK_H]
     hm = hs < H
     dv = tl.arange(0, D_V)
@@ -105,7 +105,7 @@ def _combine_kernel(
     D_V: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Merge the per-split outputs and LSEs of one (request, head) into the final output and LSE."""
-    i = tl.program_id(0)
+    i = tl.program_id(0).to(tl.int64)                               # 64-bit row offsets
     h = tl.program_id(1)
     ss = tl.arange(0, BLOCK_S)
     plse = tl.load(plse_ptr + i * stride_lb + h * stride_lh + ss, mask=ss < SPLITS, other=float("-inf"))
@@ -134,8 +134,14 @@ def _num_splits(b: int, head_blocks: int, topk: int, block_n: int, device) -> in
     return max(1, min(1 << (fill.bit_length() - 1), 32, triton.cdiv(topk, block_n)))
 
 
-def _check_args(q, kv_cache, page_table, indices, d_v):
+def _check_args(q, kv_cache, page_table, indices, d_v, out=None, lse=None):
     b, h, d_qk = q.shape
+    if out is not None and (tuple(out.shape) != (b, h, d_v) or out.dtype != q.dtype or out.stride(-1) != 1):
+        raise ValueError(f"out must be [{b}, {h}, {d_v}] {q.dtype} with unit last stride, got "
+                         f"{out.dtype} {list(out.shape)} strides {tuple(out.stride())}")
+    if lse is not None and (tuple(lse.shape) != (b, h) or lse.dtype != torch.float32 or lse.stride(-1) != 1):
+        raise ValueError(f"lse must be [{b}, {h}] float32 with unit last stride, got "
+                         f"{lse.dtype} {list(lse.shape)} strides {tuple(lse.stride())}")
     if kv_cache.shape[1] != PAGE_SIZE or kv_cache.shape[2] != d_qk:
         raise ValueError(f"kv_cache must be [num_pages, {PAGE_SIZE}, {d_qk}], got {list(kv_cache.shape)}")
     if indices.shape[0] != b or page_table.shape[0] != b:
@@ -157,7 +163,7 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     ``config`` overrides ``DEFAULT_CONFIG`` (``LEGACY_CONFIG``: the first version, page-table lookup in
     the loop); ``out``/``lse`` receive the results when given.
     """
-    _check_args(q, kv_cache, page_table, indices, d_v)
+    _check_args(q, kv_cache, page_table, indices, d_v, out, lse)
     b, h, d_qk = q.shape
     topk = indices.shape[1]
     cfg = {**DEFAULT_CONFIG, **(config or {})}
@@ -170,7 +176,8 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     splits = max(1, triton.cdiv(topk, per_split))
     out = torch.empty(b, h, d_v, dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty(b, h, dtype=torch.float32, device=q.device) if lse is None else lse
-    q, kv = q.contiguous(), kv_cache.reshape(-1, d_qk)
+    q = q if q.stride(-1) == 1 else q.contiguous()                  # any row / head stride is read in place
+    kv = kv_cache.reshape(-1, d_qk)
     pt, idx = page_table.int().contiguous(), indices.int().contiguous()
     if cfg["rows"] not in ("flat", "paged"):
         raise ValueError(f"config rows must be 'flat' or 'paged', got {cfg['rows']!r}")

@@ -3,8 +3,10 @@
 - ``assert_close``: one comparator that explains a mismatch (how many elements differ, where, the
   largest error, NaN/inf disagreements). NaN in ``actual`` never passes.
 - ``check_topk``: top-k indices compared as sets against dense reference scores.
+- ``set_overlap``: per-row share of one top-k index set found in another (the one definition).
 - ``interpreter_worker``: a worker process that runs the kernels in Triton's CPU interpreter.
 - ``make_paged_cache``: a shuffled paged cache whose unowned slots hold NaN.
+- ``far_view``: a small view whose elements lie past 2**31 in a sparse file mapping (offset tests).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import os
+import tempfile
 
 import torch
 
@@ -108,6 +111,17 @@ def check_topk(indices: torch.Tensor, scores: torch.Tensor, topk: int, tol: floa
                                  f"missing {sorted(set(ref_set[r].tolist()) - set(idx[r].tolist()))}")
 
 
+def set_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row, the share of ``a``'s valid indices (>= 0) that ``b`` holds: ``[rows]`` fp32.
+
+    ``a, b [rows, k]`` integer index sets without repeats, -1 padded (rows with no valid index of
+    ``a`` count 1.0). With ``a`` the exact top-k, this is the recall of ``b``."""
+    merged = torch.cat([a.long(), b.long()], 1).sort(1).values      # [rows, 2k]
+    both = ((merged[:, 1:] == merged[:, :-1]) & (merged[:, 1:] >= 0)).sum(1).float()
+    valid = (a >= 0).sum(1).float()
+    return torch.where(valid > 0, both / valid.clamp(min=1), torch.ones_like(valid))
+
+
 @contextlib.contextmanager
 def interpreter_worker():
     """Yield a one-process pool whose worker runs Triton kernels in the CPU interpreter.
@@ -165,3 +179,33 @@ def make_paged_cache(seq_lens, width: int, dtype=torch.float32, spare_pages: int
     for p in order:                                                 # spare pages nobody owns
         cache[p] = float("nan")
     return cache, page_table
+
+
+FAR_OFFSET = 1 << 31            # elements: where far views start in their mapping
+FAR_STRIDE = (1 << 30) + 64     # elements: a row stride whose row 2 starts past 2**31
+
+
+def far_view(shape, dtype=torch.float32, strides=None, fill=float("nan")) -> torch.Tensor:
+    """``shape`` tensor whose elements sit at 64-bit distances: the leading dim has stride
+    ``FAR_STRIDE`` (row 2 starts 2**31 + 128 elements in), the other dims are contiguous, unless
+    ``strides`` is given. It lives at element ``FAR_OFFSET`` of a file mapping (``torch.from_file``)
+    of a sparse temporary file: only the pages of its own elements ever take memory or disk, so a
+    test of offset arithmetic past 2**31 needs a few pages, not gigabytes. A kernel that wraps an
+    int32 offset writes into (or reads from) the mapping's first 2**31 elements, which exist:
+    a wrong value, not a crash. Filled with ``fill`` (the file is unlinked at once; the mapping
+    lives as long as the tensor).
+    """
+    if strides is None:
+        inner = [1] * len(shape)
+        for j in range(len(shape) - 2, 0, -1):
+            inner[j] = inner[j + 1] * shape[j + 1]
+        strides = [FAR_STRIDE] + inner[1:]
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, strides) if n > 0)
+    numel = FAR_OFFSET + span
+    elem = torch.empty((), dtype=dtype).element_size()
+    with tempfile.NamedTemporaryFile(prefix="far-view-", suffix=".bin") as f:
+        f.truncate(numel * elem)                                    # sparse: no block allocated
+        base = torch.from_file(f.name, shared=True, size=numel * elem, dtype=torch.uint8)
+    view = base.view(dtype).as_strided(tuple(shape), tuple(strides), FAR_OFFSET)
+    view.fill_(fill)
+    return view

@@ -52,6 +52,7 @@ ELEMENTS_PER_THREAD = 8                # default block = 32 * num_warps * this
 DEFAULT_RADIX_BITS = 8
 DEFAULT_CAPACITY = 4096
 RADIX_CHOICES = (5, 6, 7, 8, 9, 10, 11)
+MAX_COLUMNS = 1 << 31               # columns are int32 within a row; row offsets are int64 (any R x N)
 
 
 @triton.jit
@@ -217,6 +218,8 @@ def _check_args(scores, topk, lengths, out, radix_bits, capacity):
         got = f"{scores.dtype} {list(scores.shape)}" if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"scores must be a 2-D float32 tensor, got {got}")
     rows, n = scores.shape
+    if n >= MAX_COLUMNS:
+        raise ValueError(f"scores must have fewer than 2**31 columns (int32 column indices), got {n}")
     if n > 1 and scores.stride(1) != 1:
         raise ValueError(f"scores must have unit column stride, got strides {tuple(scores.stride())}")
     if isinstance(topk, bool) or not isinstance(topk, int) or topk <= 0:

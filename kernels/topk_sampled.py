@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .topk import topk_rows
+from .topk import MAX_COLUMNS, topk_rows
 
 __all__ = ["topk_rows_sampled"]
 
@@ -136,6 +136,8 @@ def topk_rows_sampled(scores, topk: int, *, lengths=None, out=None, capacity: in
     """
     if not isinstance(topk, int) or isinstance(topk, bool) or topk <= 0:
         raise ValueError(f"topk must be a positive int, got {topk!r}")
+    if scores.dim() == 2 and scores.shape[1] >= MAX_COLUMNS:
+        raise ValueError(f"scores must have fewer than 2**31 columns (int32 column indices), got {scores.shape[1]}")
     if scores.dim() != 2 or scores.dtype != torch.float32 or (scores.shape[1] > 1 and scores.stride(1) != 1):
         raise ValueError(f"scores must be 2-D float32 with unit column stride, got {scores.dtype} "
                          f"{list(scores.shape)} strides {tuple(scores.stride())}")
@@ -148,6 +150,8 @@ def topk_rows_sampled(scores, topk: int, *, lengths=None, out=None, capacity: in
         raise ValueError(f"capacity must be >= topk and target >= 1, got {capacity}, {target}")
     if sample < 16 or sample & (sample - 1):
         raise ValueError(f"sample must be a power of two >= 16, got {sample}")
+    if target * sample >= MAX_COLUMNS:
+        raise ValueError(f"target x sample must be below 2**31 (the sampled rank is int32), got {target} x {sample}")
     if out is None:
         out = torch.empty(rows, topk, dtype=torch.int32, device=scores.device)
     if rows == 0:

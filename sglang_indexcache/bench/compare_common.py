@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ..kernels.testing import set_overlap
 from .timing import Bench, time_call
 
 log = logging.getLogger(__name__)
@@ -73,17 +74,6 @@ def spread(times_ms) -> dict:
     else:
         p10 = p90 = ts[0]
     return {"ms": round(statistics.median(ts), 4), "p10": round(p10, 4), "p90": round(p90, 4), "n": len(ts)}
-
-
-def set_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per row, the share of ``a``'s valid indices (>= 0) that ``b`` holds: ``[rows]`` fp32.
-
-    ``a, b [rows, k]`` int32 index sets without repeats, -1 padded (rows with no valid index of ``a``
-    count 1.0)."""
-    merged = torch.cat([a, b], 1).sort(1).values                    # [rows, 2k]
-    both = ((merged[:, 1:] == merged[:, :-1]) & (merged[:, 1:] >= 0)).sum(1).float()
-    valid = (a >= 0).sum(1).float()
-    return torch.where(valid > 0, both / valid.clamp(min=1), torch.ones_like(valid))
 
 
 def overlap_summary(a, b) -> dict:
