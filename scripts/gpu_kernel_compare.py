@@ -32,6 +32,7 @@ import logging
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,43 +97,55 @@ def _import_package():
         sglang_indexcache.kernels = mod
 
 
-def _environment(args):
+def imports():
+    """Every module a run uses, smoke or GPU, imported here and nowhere else in this script: the CPU
+    smoke test (tests/test_kernel_compare.py) runs this same block, so an import that breaks shows
+    in CI and not on the GPU. (SGLang's own kernels are the exception by design: they load only on
+    a GPU host, in ``sglang_ops.load_sglang_ops``; the smoke test substitutes PyTorch references.)"""
     import torch
+    import triton
 
-    from sglang_indexcache.bench import sglang_ops
-    from sglang_indexcache.bench.compare_common import SpreadBench
-    from sglang_indexcache.bench.sglang_compare import Env
+    import sglang_indexcache.kernels as kernels
+    from sglang_indexcache.bench import compare_common, sglang_compare, sglang_ops, timing
 
+    return types.SimpleNamespace(torch=torch, triton=triton, kernels=kernels, common=compare_common,
+                                 cases=sglang_compare, ops=sglang_ops, timing=timing)
+
+
+def ceilings(mods, device) -> dict:
+    """bf16 and fp8 matmul TFLOP/s and copy GB/s measured now (``timing.measure_ceilings``)."""
+    c = mods.timing.measure_ceilings(device, mods.torch.bfloat16, fp8=True)
+    out = {"bf16_tflops": round(c["matmul_flops"] / 1e12, 3), "copy_gbps": round(c["copy_bytes"] / 1e9, 2)}
+    if "fp8_matmul_flops" in c:
+        out["fp8_tflops"] = round(c["fp8_matmul_flops"] / 1e12, 3)
+    else:                                                           # fp8 matmul did not run: say so
+        out["fp8_tflops"], out["fp8_note"] = 2 * out["bf16_tflops"], f"not measured ({c['fp8_error']}): 2 x bf16"
+    return out
+
+
+def _environment(args, mods):
+    torch = mods.torch
     if args.smoke:
         dev = torch.device("cpu")
-        ops = sglang_ops.reference_ops()
-        ceil = {"bf16_tflops": 1.0, "fp8_tflops": 2.0, "copy_gbps": 10.0, "placeholder": "smoke: not measured"}
-        bench = SpreadBench(dev, 0.01, min_reps=1, max_reps=1, warmup=False)
-        return Env(dev, ops, bench, ceil, topk=32, chunk=32, exact_rows=4)
+        bench = mods.common.SpreadBench(dev, 0.01, min_reps=1, max_reps=1, warmup=False)
+        ceil = {**ceilings(mods, dev), "placeholder": "smoke: CPU rates, not a GPU's"}
+        return mods.cases.Env(dev, mods.ops.reference_ops(), bench, ceil, topk=32, chunk=32, exact_rows=4)
     if not torch.cuda.is_available():
         print("error: no CUDA GPU (use --smoke on a CPU)", file=sys.stderr)
         raise SystemExit(2)
     try:
-        ops = sglang_ops.load_sglang_ops()
+        ops = mods.ops.load_sglang_ops()
     except Exception as exc:                                        # noqa: BLE001 - report why, exit 2
         print(f"error: SGLang 0.5.17's kernels do not load ({type(exc).__name__}: {exc}); "
-              "is /tmp/site on PYTHONPATH?", file=sys.stderr)
+              "is the bundle's site folder on PYTHONPATH?", file=sys.stderr)
         raise SystemExit(2)
-    from sglang_indexcache.bench import indexer_variants
-
     dev = torch.device("cuda")
-    bench = SpreadBench(dev, args.budget)
-    ceil = indexer_variants.ceilings(torch, bench)                  # bf16 / fp8 8192^3, device copy
-    if "fp8_tflops" not in ceil:                                    # fp8 matmul did not run: say so
-        ceil["fp8_tflops"], ceil["fp8_note"] = 2 * ceil["bf16_tflops"], "not measured: 2 x bf16 assumed"
-    return Env(dev, ops, bench, ceil, chunk=args.chunk)
+    return mods.cases.Env(dev, ops, mods.common.SpreadBench(dev, args.budget), ceilings(mods, dev), chunk=args.chunk)
 
 
-def _versions(env) -> dict:
-    import torch
-    import triton
-
-    out = {"torch": torch.__version__, "triton": triton.__version__}
+def _versions(mods, env) -> dict:
+    torch = mods.torch
+    out = {"torch": torch.__version__, "triton": mods.triton.__version__}
     for name in ("deep_gemm", "sgl_kernel"):
         mod = sys.modules.get(name)
         if mod is not None:
@@ -143,9 +156,8 @@ def _versions(env) -> dict:
     return out
 
 
-def _run_case(env, kind, params):
-    from sglang_indexcache.bench import sglang_compare as sc
-
+def _run_case(mods, env, kind, params):
+    sc = mods.cases
     fn = {"indexer_prefill": sc.indexer_prefill, "indexer_decode": sc.indexer_decode,
           "mla_decode": sc.sparse_mla, "mla_prefill": sc.sparse_mla, "whole_prefill": sc.whole_prefill}[kind]
     return fn(env, *params)
@@ -158,14 +170,14 @@ def _save(path: Path, doc: dict):
 
 
 def run(args) -> dict:
-    import torch
-
-    env = _environment(args)
+    mods = imports()
+    torch = mods.torch
+    env = _environment(args, mods)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "kernel_compare.json"
     doc = {"command": "scripts/gpu_kernel_compare.py " + " ".join(sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": _versions(env),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "versions": _versions(mods, env),
            "sglang_side": env.ops.name, "sglang_side_real": env.ops.real, "ceilings": env.ceil,
            "settings": {"topk": env.topk, "prefill_chunk": env.chunk, "budget_s": args.budget},
            "cases": [], "skipped": []}
@@ -179,7 +191,7 @@ def run(args) -> dict:
         t0 = time.monotonic()
         torch.manual_seed(0)
         try:
-            case = _run_case(env, kind, params).as_dict()
+            case = _run_case(mods, env, kind, params).as_dict()
             case["status"] = "ok"
         except Exception as exc:                                    # noqa: BLE001 - keep the other cases
             logging.exception("%s %s failed", kind, params)

@@ -91,6 +91,22 @@ def test_smoke_failures_catch_a_disagreement():
     assert gkc.smoke_failures({"cases": [case]}) == []
 
 
+def test_one_import_block():
+    """Every import the run makes (smoke or GPU) is in ``imports()``, which the smoke run executes:
+    no function of the script imports anything else (issue 24: the GPU path imported a moved module
+    the smoke run never reached)."""
+    import ast
+
+    tree = ast.parse(SCRIPT.read_text())
+    allowed = {"imports", "_import_package"}
+    stray = [f"{fn.name}:{node.lineno}" for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+             and fn.name not in allowed for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not stray, f"imports outside imports(): {stray}"
+    top = {a.name.split(".")[0] for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+           for a in n.names} | {n.module.split(".")[0] for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+    assert not top & {"torch", "triton", "sglang_indexcache", "kernel_research"}, top
+
+
 def test_smoke_run(tmp_path):
     """The whole script on the CPU interpreter at tiny shapes, SGLang's side replaced by the PyTorch
     references: every case runs, the JSON is written, ours agrees with the references (~60 s)."""

@@ -45,19 +45,31 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 1) -> f
     return statistics.median(time_call(fn, device) for _ in range(repeats))
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
-    """``{"matmul_flops": FLOP/s, "copy_bytes": B/s, "matmul_n": n, "copy_mib": m}`` on ``device``."""
+def measure_ceilings(device: torch.device, dtype: torch.dtype, fp8: bool = False) -> dict:
+    """``{"matmul_flops": FLOP/s, "copy_bytes": B/s, "matmul_n": n, "copy_mib": m}`` on ``device``.
+
+    ``fp8``: also ``"fp8_matmul_flops"`` (e4m3 ``torch._scaled_mm``, the same n), or ``"fp8_error"``
+    where the device has no fp8 matrix product."""
     cuda = device.type == "cuda"
     n = 8192 if cuda else 2048
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     mm = median_seconds(lambda: a @ b, device, 10 if cuda else 3)
+    out = {"matmul_n": n, "dtype": str(dtype).replace("torch.", "")}
+    if fp8:
+        try:
+            a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()      # b column-major
+            one = torch.ones((), device=device)
+            fn = lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+            out["fp8_matmul_flops"] = 2 * n ** 3 / median_seconds(fn, device, 10 if cuda else 3)
+        except Exception as exc:                                # noqa: BLE001 - no fp8 product here
+            out["fp8_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    del a, b
     numel = (1 << 28) if cuda else (1 << 25)                 # 1 GiB / 128 MiB of fp32
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     cp = median_seconds(lambda: dst.copy_(src), device, 10 if cuda else 3)
-    return {"matmul_flops": 2 * n ** 3 / mm, "copy_bytes": 2 * numel * 4 / cp,
-            "matmul_n": n, "copy_mib": numel * 4 >> 20, "dtype": str(dtype).replace("torch.", "")}
+    return {"matmul_flops": 2 * n ** 3 / mm, "copy_bytes": 2 * numel * 4 / cp, "copy_mib": numel * 4 >> 20, **out}
 
 
 class Bench:
