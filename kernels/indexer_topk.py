@@ -10,23 +10,21 @@ top-k reading only the row's causal / cached length, about once (a sampled thres
 radix select among the few candidates). With ``key_chunk`` smaller than the keys, tiles of
 ``key_chunk`` keys are selected one by one and merged into a running ``[rows, topk]``.
 ``selector`` (comparison points for benchmarks): ``"radix"`` runs ``topk.topk_rows`` on whole rows
-(2-5 reads of each), ``"torch"`` ``torch.topk``.
+(2-5 reads of each), ``"torch"`` ``torch.topk``. Variants that replace a prefill chunk's score tile
+(the fused prefill of ``scripts/kernel_research/indexer_fused.py``) plug in through ``chunk_topk``;
+this module never imports them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .indexer_fused import fused_prefill_chunk
 from .indexer_scores import decode_scores, prefill_scores
 from .reference import PAGE_SIZE, select_topk
 
 __all__ = ["indexer_topk_prefill", "indexer_topk_decode", "SELECTORS"]
 
 DEFAULT_BUDGET_BYTES = 1 << 30
-# Fused chunks (indexer_fused.py) are off by default: slower than the score tile + sampled top-k
-# (docs/kernels.md, History and measurements).
-FUSED_FROM = None
 SELECTORS = ("triton", "radix", "torch")
 NEG_INF = float("-inf")
 
@@ -98,8 +96,7 @@ def _check(topk: int, d: int, selector: str):
 
 def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_scale=None, *,
                          key_chunk: int | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                         out=None, selector: str = "triton", fused_from: int | None = FUSED_FROM,
-                         sample: int = 4096, **config):
+                         out=None, selector: str = "triton", chunk_topk=None, **config):
     """Triton version of ``reference.indexer_topk_prefill_ref`` (same arguments and result).
 
     ``q [t, h, d]``, ``weights [t, h]`` fp32, ``k [t, d]`` (bf16/fp32, or fp8 e4m3 with ``k_scale
@@ -108,9 +105,11 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
     Query positions are scored in chunks whose ``[rows, keys]`` fp32 tile fits ``budget_bytes``;
     ``key_chunk`` (default: all keys) splits the keys too, merging a running top-k. ``out`` [t, topk]
     int32 receives the result when given (every element is written). ``config``: launch settings of
-    ``indexer_scores.PREFILL_CONFIG``. ``fused_from``: with the default selector, chunks whose first
-    position is at least this (and ``sample``) go through ``indexer_fused`` (no score tile written;
-    off by default, ``FUSED_FROM``).
+    ``indexer_scores.PREFILL_CONFIG``. ``chunk_topk``: a hook for comparison variants, called for each
+    chunk whose keys fit one tile as ``chunk_topk(q, weights, k, cu_seqlens, scale, p0, n_rows, topk,
+    k_scale, **config)`` (contiguous inputs, fp32 weights, int32 ``cu_seqlens``); it returns the
+    chunk's ``[b * n_rows, topk]`` (row ``i * n_rows + r`` = request i's position ``p0 + r``) or None
+    to let the score tile and the selector run.
     """
     t, h, d = q.shape
     _check(topk, d, selector)
@@ -127,9 +126,9 @@ def indexer_topk_prefill(q, weights, k, cu_seqlens, topk: int, scale: float, k_s
     for p0 in range(0, max_len, chunk_q):
         n_rows = min(chunk_q, max_len - p0)
         n_keys = p0 + n_rows
-        if (selector == "triton" and fused_from is not None and p0 >= max(fused_from, sample)
-                and key_chunk >= n_keys):
-            best = fused_prefill_chunk(q, w, k, cu, scale, p0, n_rows, topk, k_scale, sample=sample, **config)
+        best = chunk_topk(q, w, k, cu, scale, p0, n_rows, topk, k_scale, **config) \
+            if chunk_topk is not None and key_chunk >= n_keys else None
+        if best is not None:
             _write_rows(out, best, bounds, host_lens, p0, n_rows)
             continue
         buf = torch.empty(b * n_rows * min(key_chunk, n_keys), dtype=torch.float32, device=q.device)

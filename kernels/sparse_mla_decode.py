@@ -8,8 +8,9 @@ split) or a partial output + log-sum-exp per split, which a combine kernel merge
 
 Two variants of the gather (``config["rows"]``): ``"flat"`` (default) first translates every index
 to its flat cache row in a small kernel (``[b, topk]`` int32, -1 kept), so the attention loop has one
-level of indirection (row -> latent), as FlashMLA's and SGLang's kernels take it; ``"paged"``
-(``LEGACY_CONFIG``) looks the page table up inside the loop (index -> page -> latent).
+level of indirection (row -> latent), as FlashMLA's and SGLang's kernels take it; ``"paged"`` (the
+first version, timed against it by ``scripts/mla_variants.py``; also the way to a cache of 2**31 rows
+or more) looks the page table up inside the loop (index -> page -> latent).
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ import triton.language as tl
 from ._triton_common import dot_precision, interpreting, mma
 from .reference import PAGE_SIZE
 
-__all__ = ["sparse_mla_decode", "DEFAULT_CONFIG", "LEGACY_CONFIG", "flat_rows"]
+__all__ = ["sparse_mla_decode", "DEFAULT_CONFIG", "flat_rows"]
 
 LOG2E = 1.4426950408889634
 # Launch parameters from the GPU sweep (docs/kernels.md); num_warps None = 8 for 64-head blocks,
 # 4 for blocks of <= 32 heads.
 DEFAULT_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": None, "num_stages": 2, "rows": "flat"}
-# Page-table lookup inside the attention loop; timed by scripts/mla_variants.py and tested.
-LEGACY_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, "rows": "paged"}
 
 
 @triton.jit
@@ -160,7 +159,7 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     int32, ``indices [b, topk]`` int32 (-1 skipped) -> ``out [b, h, d_v]`` in q's dtype and, with
     ``return_lse``, ``lse [b, h]`` fp32 (natural log; -inf and out = 0 for a request with no index).
     ``num_splits`` overrides the split-K factor (default: from the SM count; 1 off the GPU);
-    ``config`` overrides ``DEFAULT_CONFIG`` (``LEGACY_CONFIG``: the first version, page-table lookup in
+    ``config`` overrides ``DEFAULT_CONFIG`` (``rows="paged"``: the first version, page-table lookup in
     the loop); ``out``/``lse`` receive the results when given.
     """
     _check_args(q, kv_cache, page_table, indices, d_v, out, lse)

@@ -3,8 +3,8 @@
 
 import torch
 import triton
+from kernel_research import indexer_fused as f
 
-from sglang_indexcache.kernels import indexer_fused as f
 from sglang_indexcache.kernels import indexer_topk_prefill
 from sglang_indexcache.kernels.indexer_scores import prefill_scores
 
@@ -38,7 +38,8 @@ def main():
         qq, kk, ww = q[:n], k[:n], w[:n]
         c = torch.tensor([0, n], dtype=torch.int32, device="cuda")
         for fused in (None, 16384):
-            ms = triton.testing.do_bench(lambda: indexer_topk_prefill(qq, ww, kk, c, K, 0.1, fused_from=fused),
+            hook = f.fused_chunks(fused) if fused else None
+            ms = triton.testing.do_bench(lambda: indexer_topk_prefill(qq, ww, kk, c, K, 0.1, chunk_topk=hook),
                                          rep=200)
             print("prefill", n, "fused_from", fused, "ms", ms)
 

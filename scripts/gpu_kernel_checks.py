@@ -13,6 +13,7 @@ import sys
 import time
 
 import torch
+from kernel_research.indexer_fused import fused_chunks
 
 from sglang_indexcache.kernels import indexer_topk_decode, indexer_topk_prefill, reference as ref, sparse_mla_decode, testing
 
@@ -25,8 +26,11 @@ def _tie_free(q, k):
     k[..., 0] = k[..., 0].abs() + 0.25
 
 
-def check_prefill(dev, lens, h, topk, fp8=None, **kw):
-    """``fp8``: None (bf16), "keys" (e4m3 keys + per-token scales, bf16 queries) or "both"."""
+def check_prefill(dev, lens, h, topk, fp8=None, fused=None, **kw):
+    """``fp8``: None (bf16), "keys" (e4m3 keys + per-token scales, bf16 queries) or "both";
+    ``fused``: keywords of ``kernel_research.indexer_fused.fused_chunks`` (the fused variant)."""
+    if fused:
+        kw["chunk_topk"] = fused_chunks(**fused)
     t, d = sum(lens), 128
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     q, k = torch.randn(t, h, d, device=dev), torch.randn(t, d, device=dev)
@@ -140,12 +144,12 @@ CASES = [
     ("prefill torch.topk selector", check_prefill, dict(lens=[2300], h=32, topk=2048, selector="torch")),
     ("prefill radix selector, 9000 tokens", check_prefill, dict(lens=[9000], h=32, topk=2048, selector="radix")),
     ("prefill 12000 tokens (sampled top-k path)", check_prefill, dict(lens=[12000, 300], h=64, topk=2048)),
-    ("prefill fused chunks, 64 heads", check_prefill, dict(lens=[6000], h=64, topk=2048, fused_from=4096,
+    ("prefill fused chunks, 64 heads", check_prefill, dict(lens=[6000], h=64, topk=2048, fused=dict(fused_from=4096),
                                                            budget_bytes=4 * 6000 * 1024)),
     ("prefill fused chunks, fp8 q+k, 32 heads, 2 requests", check_prefill,
-     dict(lens=[5000, 4500], h=32, topk=2048, fp8="both", fused_from=4096, budget_bytes=4 * 2 * 5000 * 512)),
+     dict(lens=[5000, 4500], h=32, topk=2048, fp8="both", fused=dict(fused_from=4096), budget_bytes=4 * 2 * 5000 * 512)),
     ("prefill fused chunks, 20 heads, fallback forced", check_prefill,
-     dict(lens=[5200], h=20, topk=2048, fused_from=4096, budget_bytes=4 * 5200 * 512, capacity=2100)),
+     dict(lens=[5200], h=20, topk=2048, fused=dict(fused_from=4096, capacity=2100), budget_bytes=4 * 5200 * 512)),
     ("sampled top-k, 64 rows of 200K", check_topk_rows, dict(rows=64, n=200000, topk=2048, sampled=True)),
     ("sampled top-k, ties (fallback rows)", check_topk_rows, dict(rows=8, n=100000, topk=2048, ties=True,
                                                                    sampled=True)),

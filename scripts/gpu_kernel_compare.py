@@ -12,8 +12,8 @@ Cases, in this order (a time limit skips the rest, recorded as skipped):
    128K request);
 4. indexer prefill at 200K, 64K, 32K keys; 5. whole prefills of 200K (32 heads) and 128K (64 heads).
 
-SGLang's side is the functions its DSA backend calls, with its layouts (``sglang_indexcache/bench/
-sglang_ops.py``): DeepGEMM ``fp8_mqa_logits`` / ``fp8_paged_mqa_logits`` + sgl-kernel's top-k, and
+SGLang's side is the functions its DSA backend calls, with its layouts (``scripts/kernel_research/
+sglang_ops.py``; the cases are ``kernel_research/sglang_compare.py``): DeepGEMM ``fp8_mqa_logits`` / ``fp8_paged_mqa_logits`` + sgl-kernel's top-k, and
 sgl-kernel's FlashMLA ``flash_mla_sparse_fwd``. Ours: the same fp8 inputs, and bf16. Every case
 records medians with p10/p90 of CUDA-event timings (L2 flushed), the FLOP/byte floors on ceilings
 measured in the same run, top-k set overlaps (ours vs SGLang, both vs the exact fp32 top-k of a few
@@ -106,7 +106,8 @@ def imports():
     import triton
 
     import sglang_indexcache.kernels as kernels
-    from sglang_indexcache.bench import compare_common, sglang_compare, sglang_ops, timing
+    from kernel_research import compare_common, sglang_compare, sglang_ops
+    from sglang_indexcache.bench import timing
 
     return types.SimpleNamespace(torch=torch, triton=triton, kernels=kernels, common=compare_common,
                                  cases=sglang_compare, ops=sglang_ops, timing=timing)
@@ -127,7 +128,7 @@ def _environment(args, mods):
     torch = mods.torch
     if args.smoke:
         dev = torch.device("cpu")
-        bench = mods.common.SpreadBench(dev, 0.01, min_reps=1, max_reps=1, warmup=False)
+        bench = mods.timing.Bench(dev, 0.01, min_reps=1, max_reps=1, warmup=False)
         ceil = {**ceilings(mods, dev), "placeholder": "smoke: CPU rates, not a GPU's"}
         return mods.cases.Env(dev, mods.ops.reference_ops(), bench, ceil, topk=32, chunk=32, exact_rows=4)
     if not torch.cuda.is_available():
@@ -140,7 +141,8 @@ def _environment(args, mods):
               "is the bundle's site folder on PYTHONPATH?", file=sys.stderr)
         raise SystemExit(2)
     dev = torch.device("cuda")
-    return mods.cases.Env(dev, ops, mods.common.SpreadBench(dev, args.budget), ceilings(mods, dev), chunk=args.chunk)
+    bench = mods.timing.Bench(dev, args.budget, min_reps=5, max_reps=30)
+    return mods.cases.Env(dev, ops, bench, ceilings(mods, dev), chunk=args.chunk)
 
 
 def _versions(mods, env) -> dict:

@@ -23,7 +23,9 @@ import logging
 import math
 
 from sglang_indexcache.atomic import atomic_write_json
+from sglang_indexcache.bench.floor import roofline_seconds
 from sglang_indexcache.bench.kernel_bench_ops import prefill_scores_only
+from sglang_indexcache.bench.timing import measure_ceilings
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +41,15 @@ def _save(path: str, doc: dict):
     atomic_write_json(path, doc)
 
 
-def ceilings(torch, bench) -> dict:
-    n = 8192 if DEV == "cuda" else 256
-    a, b = torch.randn(n, n, device=DEV).bfloat16(), torch.randn(n, n, device=DEV).bfloat16()
-    out = {"bf16_tflops": 2 * n ** 3 / bench.ms(lambda: a @ b) / 1e9}
-    try:
-        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()   # b column-major
-        one = torch.ones((), device=DEV)
-        fn = lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
-        out["fp8_tflops"] = 2 * n ** 3 / bench.ms(fn) / 1e9
-    except Exception as exc:                                        # noqa: BLE001 - no fp8 on this device
-        out["fp8_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    src = torch.randn(1 << 28 if DEV == "cuda" else 1 << 20, device=DEV)
-    dst = torch.empty_like(src)
-    out["copy_gbps"] = 2 * src.numel() * 4 / bench.ms(lambda: dst.copy_(src)) / 1e6
-    del a, b, src, dst
-    return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in out.items()}
+def ceilings(torch) -> dict:
+    """bf16 / fp8 matmul TFLOP/s and copy GB/s of this device (``timing.measure_ceilings``)."""
+    c = measure_ceilings(torch.device(DEV), torch.bfloat16, fp8=True)
+    out = {"bf16_tflops": round(c["matmul_flops"] / 1e12, 1), "copy_gbps": round(c["copy_bytes"] / 1e9, 1)}
+    if "fp8_matmul_flops" in c:
+        out["fp8_tflops"] = round(c["fp8_matmul_flops"] / 1e12, 1)
+    else:
+        out["fp8_error"] = c["fp8_error"]
+    return out
 
 
 def _prefill_inputs(torch, n: int, heads: int, dtype: str):
@@ -75,7 +70,7 @@ def _row(doc, path, case: dict, ms: float, flops: float, nbytes: float):
     peak = c.get("fp8_tflops") or c["bf16_tflops"] if case.get("dtype") == "fp8" else c["bf16_tflops"]
     peak = max(peak, 1e-9)
     row = {**case, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "gbps": round(nbytes / ms / 1e6, 1)}
-    floor = max(flops / (peak * 1e9), nbytes / (c["copy_gbps"] * 1e6))  # ms
+    floor = 1e3 * roofline_seconds(flops, nbytes, peak * 1e12, c["copy_gbps"] * 1e9)  # ms
     row["floor_ms"], row["of_floor"] = round(floor, 4), round(floor / ms, 3)
     if case.get("dtype") == "fp8" and flops / (peak * 1e9) >= nbytes / (c["copy_gbps"] * 1e6):
         row["of_bf16_floor"] = round(flops / (c["bf16_tflops"] * 1e9) / ms, 3)
@@ -112,6 +107,8 @@ def sweep(torch, bench, doc, path, heads: int, dtype: str, n: int = 32768) -> di
 
 
 def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, contexts):
+    from kernel_research.indexer_fused import fused_chunks
+
     from sglang_indexcache.kernels import indexer_topk_prefill
     from sglang_indexcache.kernels.topk import topk_rows
     from sglang_indexcache.kernels.topk_sampled import topk_rows_sampled
@@ -125,7 +122,8 @@ def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, 
         for sel in ("triton", "radix", "torch"):
             fn = lambda sel=sel: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, selector=sel, **config)  # noqa: E731
             _try(doc, path, {**base, "impl": f"scores + {sel} top-k"}, fn, bench, flops, 0)
-        fn = lambda: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, fused_from=16384, **config)  # noqa: E731
+        fused = fused_chunks(16384)
+        fn = lambda: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, chunk_topk=fused, **config)  # noqa: E731
         _try(doc, path, {**base, "impl": "fused chunks from 16K + sampled top-k"}, fn, bench, flops, 0)
         chunk = max(1, min(n, (1 << 30) // (4 * n)))
         p0 = n - chunk                                              # the last (longest) chunk
@@ -194,7 +192,7 @@ def main(argv=None) -> int:
     bench = Bench(torch.device(DEV), args.budget)
     doc = {"device": torch.cuda.get_device_name() if DEV == "cuda" else DEV, "torch": torch.__version__,
            "rows": [], "failed": [], "best_config": {}}
-    doc["ceilings"] = ceilings(torch, bench)
+    doc["ceilings"] = ceilings(torch)
     _save(args.out, doc)
     from sglang_indexcache.kernels.indexer_scores import PREFILL_CONFIG
 

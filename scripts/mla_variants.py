@@ -19,7 +19,7 @@ Results are written to ``--out`` after every row (an interrupted run keeps what 
 the scattered gather) and ``l2`` (every request reads the same 2048 rows, so after the first they
 come from L2: the time left is compute and latency). Each row also records what the compiler gave
 the variant: registers, spills, shared memory and the CTAs per SM they allow
-(``bench.resources``). Launch variants include ones sized for two CTAs per SM.
+(``kernel_research.resources``). Launch variants include ones sized for two CTAs per SM.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ from sglang_indexcache.bench.kernel_bench_ops import DATA_MODES, _inputs
 log = logging.getLogger(__name__)
 
 D_QK, D_V, TOPK = 576, 512, 2048
+# The first version of the sparse MLA kernel: the page table looked up inside the attention loop.
+LEGACY_CONFIG = {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, "rows": "paged"}
 
 
 def _variants(heads: int) -> list[tuple[str, dict]]:
-    from sglang_indexcache.kernels.sparse_mla_decode import DEFAULT_CONFIG, LEGACY_CONFIG
+    from sglang_indexcache.kernels.sparse_mla_decode import DEFAULT_CONFIG
 
     out = [("v1 paged (earlier)", LEGACY_CONFIG), ("v2 flat (default)", DEFAULT_CONFIG),
            ("flat bn32 st3", {**DEFAULT_CONFIG, "block_n": 32, "num_stages": 3}),
@@ -60,9 +62,10 @@ DIAGNOSE_VARIANTS = (
     ("bh16 bn32 w4 st2", {"block_h": 16, "block_n": 32, "num_warps": 4}),
 )
 def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla, variants=None):
+    from kernel_research import resources
+
     from sglang_indexcache.kernels import sparse_mla_decode
     from sglang_indexcache.kernels.sparse_mla_decode import _sparse_mla_kernel
-    from sglang_indexcache.bench import resources
 
     b, ctx, heads = case["batch"], case["context"], case["heads"]
     q, cache, table, idx, rows = _inputs(torch, b, ctx, heads, shared_table, bench.device,

@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_indexcache.bench import sglang_ops as so
-from sglang_indexcache.bench.compare_common import exact_recall, set_overlap, spread
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_kernel_compare.py"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from kernel_research import sglang_ops as so  # noqa: E402
+from kernel_research.compare_common import exact_recall  # noqa: E402
+from sglang_indexcache.bench.timing import spread  # noqa: E402
+from sglang_indexcache.kernels.testing import set_overlap  # noqa: E402
 
 
 def test_set_overlap_ignores_padding_and_order():
@@ -80,7 +83,6 @@ def test_bad_arguments_exit_2_with_one_line():
 
 
 def test_smoke_failures_catch_a_disagreement():
-    sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_kernel_compare as gkc
 
     case = {"id": "c", "kind": "indexer_prefill", "status": "ok", "impls": {"ours": {"ms": 1.0}},

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -31,7 +34,8 @@ def test_without_gpu_exit_2(capsys):
 
 
 def test_occupancy_bounds():
-    from sglang_indexcache.bench.resources import occupancy
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from kernel_research.resources import occupancy
 
     # The current sparse MLA tile on an H100: ~230 registers x 8 warps, 216 KB of shared memory.
     one = occupancy(232, 8, 216 * 1024)

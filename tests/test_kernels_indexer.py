@@ -48,13 +48,6 @@ PREFILL_CASES = [
     ([80, 30], 16, 32, 16, "fp8-keys", {"block_n": 16, "key_chunk": 32},
      "fp8 keys with per-token scales, bf16 queries, merged chunks"),
     ([60], 32, 32, 8, "fp8", {"rows": 64, "block_n": 16}, "fp8 queries and keys"),
-    ([300, 170], 16, 32, 16, torch.float32, {"fused_from": 64, "sample": 64, "budget_bytes": 4 * 2 * 300 * 64},
-     "fused chunks (no score tile): sampled keys, score-and-append, exact select"),
-    ([260], 20, 32, 16, torch.bfloat16, {"fused_from": 64, "sample": 64, "budget_bytes": 4 * 260 * 100,
-                                          "capacity": 20, "block_n": 16},
-     "fused chunks, lists too short for most rows: the whole-chunk fallback"),
-    ([200], 16, 32, 8, "fp8", {"fused_from": 64, "sample": 64, "budget_bytes": 4 * 200 * 64},
-     "fused chunks with fp8 queries and keys"),
 ]
 
 

@@ -9,7 +9,11 @@ with the indexer counted only in F layers.
 
 from __future__ import annotations
 
-from .shapes import floor_seconds
+
+def roofline_seconds(flops: float, nbytes: float, flops_per_s: float, bytes_per_s: float) -> float:
+    """The floor of one piece of work: ``max(FLOPs / matmul rate, bytes / copy rate)`` (the one
+    definition; every benchmark's floor and ``of_floor`` share come from it)."""
+    return max(flops / flops_per_s, nbytes / bytes_per_s)
 
 
 def pattern_floor(per_layer: dict[str, float], pattern: str) -> float:
@@ -20,3 +24,17 @@ def pattern_floor(per_layer: dict[str, float], pattern: str) -> float:
 
 def layer_floor(counts: dict, ceilings: dict) -> dict[str, float]:
     return floor_seconds(counts, ceilings["matmul_flops"], ceilings["copy_bytes"])
+
+
+def floor_seconds(counts: dict, flops_per_s: float, bytes_per_s: float) -> dict[str, float]:
+    """Per component: max(FLOPs / matmul rate, bytes / copy rate), the time no version beats much.
+
+    A component with ``gather_bytes`` (prefill attention) also gets ``<name>_gather``: the same with
+    the bytes a kernel reads when every query gathers its own top-k rows (no row shared between
+    queries: FlashMLA's and SGLang's sparse kernels, and ours). With few heads that traffic, not the
+    FLOPs, bounds such kernels, and no kernel shares rows between random top-k sets."""
+    out = {name: roofline_seconds(c["flops"], c["bytes"], flops_per_s, bytes_per_s) for name, c in counts.items()}
+    for name, c in counts.items():
+        if "gather_bytes" in c:
+            out[f"{name}_gather"] = roofline_seconds(c["flops"], c["gather_bytes"], flops_per_s, bytes_per_s)
+    return out

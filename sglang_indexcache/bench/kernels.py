@@ -15,6 +15,7 @@ import json
 import logging
 import time
 
+from .floor import roofline_seconds
 from .shapes import KERNEL_SHAPES as SHAPES
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _row(kind, shape, impl, ms, flops, nbytes, ceil, **extra):
     tflops, gbps = flops / ms / 1e9, nbytes / ms / 1e6
     pct_peak = 100 * flops / (ms * 1e-3) / ceil["matmul_flops"]
     pct_hbm = 100 * nbytes / (ms * 1e-3) / ceil["copy_bytes"]
-    floor_ms = 1e3 * max(flops / ceil["matmul_flops"], nbytes / ceil["copy_bytes"])
+    floor_ms = 1e3 * roofline_seconds(flops, nbytes, ceil["matmul_flops"], ceil["copy_bytes"])
     row = {"kernel": kind, "shape": shape, "impl": impl, "ms": round(ms, 4), "tflops": round(tflops, 1),
            "gbps": round(gbps, 1), "pct_peak": round(pct_peak, 1), "pct_hbm": round(pct_hbm, 1),
            "floor_ms": round(floor_ms, 4), "of_floor": round(floor_ms / ms, 3),

@@ -100,7 +100,7 @@ def _row(label, pattern, result, all_f, floors_layer, layers) -> dict:
 
 
 def _gather_floor(floors_layer: dict, layers: int, comps: dict) -> dict:
-    """Attention's floor with per-query row gathers (``shapes.floor_seconds``), when counted."""
+    """Attention's floor with per-query row gathers (``floor.floor_seconds``), when counted."""
     if "attention_gather" not in floors_layer:
         return {}
     floor = layers * floors_layer["attention_gather"]

@@ -180,17 +180,3 @@ def decode_counts(s: LayerShapes, batch: int, cached: int, elt: int = 2) -> dict
     return {"indexer": {"flops": idx_flops, "bytes": idx_bytes},
             "attention": {"flops": att_flops, "bytes": att_bytes},
             "dense": {"flops": dense_flops, "bytes": dense_bytes}}
-
-
-def floor_seconds(counts: dict, flops_per_s: float, bytes_per_s: float) -> dict[str, float]:
-    """Per component: max(FLOPs / matmul rate, bytes / copy rate), the time no version beats much.
-
-    A component with ``gather_bytes`` (prefill attention) also gets ``<name>_gather``: the same with
-    the bytes a kernel reads when every query gathers its own top-k rows (no row shared between
-    queries: FlashMLA's and SGLang's sparse kernels, and ours). With few heads that traffic, not the
-    FLOPs, bounds such kernels, and no kernel shares rows between random top-k sets."""
-    out = {name: max(c["flops"] / flops_per_s, c["bytes"] / bytes_per_s) for name, c in counts.items()}
-    for name, c in counts.items():
-        if "gather_bytes" in c:
-            out[f"{name}_gather"] = max(c["flops"] / flops_per_s, c["gather_bytes"] / bytes_per_s)
-    return out

@@ -1,8 +1,9 @@
 """The benchmarks' one measuring module: host clock on the CPU, CUDA events on a GPU.
 
 - :func:`time_call` / :func:`median_seconds`: one call, or the median of ``repeats`` after warm-up;
-- :class:`Bench`: per-op kernel timing (median milliseconds, L2 flushed before every call, inputs
-  rotating, optional CUDA-graph replay), used by ``bench kernels`` and the research scripts;
+- :class:`Bench`: per-op kernel timing (every call's milliseconds, their median, L2 flushed before
+  every call, inputs rotating, optional CUDA-graph replay), used by ``bench kernels`` and the
+  research scripts, and :func:`spread` (median, p10, p90) of its times;
 - :func:`measure_ceilings`: the device's matmul and copy rates, the denominators of every floor;
 - :class:`Timer` / :func:`median_result`: per-component timing of one stack forward and medians
   (with their spread) over repeats, used by ``bench prefill`` / ``bench decode``. Sections never
@@ -73,10 +74,16 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype, fp8: bool = False
 
 
 class Bench:
-    """Per-op timing with the L2 flushed between calls; ``fns`` rotate so inputs differ call to call."""
+    """Per-op timing with the L2 flushed between calls; ``fns`` rotate so inputs differ call to call.
 
-    def __init__(self, device, budget_s: float):
+    ``times`` keeps every timed call (milliseconds), ``ms`` / ``ms_graph`` give their median, and
+    ``spread`` summarises them. Calls per measurement: as many as fit in ``budget_s`` after one
+    warm-up call and one probe call, between ``min_reps`` and ``max_reps``; ``warmup=False`` (CPU smoke
+    runs only) times ``min_reps`` calls straight away."""
+
+    def __init__(self, device, budget_s: float, min_reps: int = 3, max_reps: int = 50, warmup: bool = True):
         self.device, self.budget = device, budget_s
+        self.min_reps, self.max_reps, self.warmup = min_reps, max_reps, warmup
         flush = L2_FLUSH_BYTES if device.type == "cuda" else 1 << 20
         self.flush = torch.empty(flush // 4, dtype=torch.float32, device=device)
 
@@ -88,29 +95,35 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def ms(self, fns) -> float:
-        """Median milliseconds of calls cycling through ``fns`` (one warm-up call first); as many
-        calls as fit in the budget (3 to 50)."""
+    def times(self, fns) -> list[float]:
+        """Milliseconds of each timed call, cycling through ``fns``."""
         fns = fns if isinstance(fns, (list, tuple)) else [fns]
-        fns[0]()                                                   # warm-up (and compile)
-        self.sync()
-        t0 = time.perf_counter()
-        fns[-1]()
-        self.sync()
-        reps = int(min(50, max(3, self.budget / max(time.perf_counter() - t0, 1e-6))))
+        reps = self.min_reps
+        if self.warmup:
+            fns[0]()                                               # warm-up (and compile)
+            self.sync()
+            t0 = time.perf_counter()
+            fns[-1]()
+            self.sync()
+            reps = int(min(self.max_reps, max(self.min_reps, self.budget / max(time.perf_counter() - t0, 1e-6))))
         times = []
         for r in range(reps):
             self.flush.zero_()
             times.append(1e3 * time_call(fns[r % len(fns)], self.device))
-        return statistics.median(times)
+        return times
 
-    def ms_graph(self, fns):
-        """``(ms, "graph")``: each call captured once in a CUDA graph and replayed, so the time is the
-        GPU's alone (no host launch overhead, as in a CUDA-graph decode step); ``(ms, "eager")``
-        when a call cannot be captured."""
+    def ms(self, fns) -> float:
+        """Median milliseconds of calls cycling through ``fns``."""
+        return statistics.median(self.times(fns))
+
+    def timed(self, fns, graph: bool = False) -> tuple[list[float], str]:
+        """``(times, mode)``: with ``graph`` on a GPU each call is captured once in a CUDA graph and
+        replayed, so the time is the GPU's alone (no host launch overhead, as in a CUDA-graph decode
+        step): mode ``"graph"``; ``"eager (graph capture failed: ...)"`` when a call cannot be
+        captured; ``"eager"`` otherwise."""
         fns = fns if isinstance(fns, (list, tuple)) else [fns]
-        if self.device.type != "cuda":
-            return self.ms(fns), "eager"
+        if not graph or self.device.type != "cuda":
+            return self.times(fns), "eager"
         try:
             graphs = []
             for fn in fns:
@@ -123,8 +136,24 @@ class Bench:
         except Exception as exc:                                   # noqa: BLE001 - not capturable
             log.info("graph capture failed (%s); timing eagerly", exc)
             torch.cuda.synchronize()
-            return self.ms(fns), "eager"
-        return self.ms([g.replay for g in graphs]), "graph"
+            return self.times(fns), f"eager (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
+        return self.times([g.replay for g in graphs]), "graph"
+
+    def ms_graph(self, fns):
+        """``(median ms, "graph" | "eager")``: ``timed(fns, graph=True)``'s median."""
+        times, mode = self.timed(fns, graph=True)
+        return statistics.median(times), mode if mode == "graph" else "eager"
+
+
+def spread(times_ms) -> dict:
+    """``{"ms": median, "p10", "p90", "n"}`` of timings in milliseconds."""
+    ts = sorted(times_ms)
+    if len(ts) >= 2:
+        q = statistics.quantiles(ts, n=10, method="inclusive")
+        p10, p90 = q[0], q[-1]
+    else:
+        p10 = p90 = ts[0]
+    return {"ms": round(statistics.median(ts), 4), "p10": round(p10, 4), "p90": round(p90, 4), "n": len(ts)}
 
 
 class Timer:

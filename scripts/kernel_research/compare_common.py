@@ -1,8 +1,9 @@
-"""Measurement and checks shared by the cases of ``scripts/gpu_kernel_compare.py``.
+"""Checks and records shared by the cases of ``scripts/gpu_kernel_compare.py``. Timing is
+``bench.timing`` (``Bench.timed``: every call's CUDA-event time, L2 flushed, eager or replayed from
+a CUDA graph; ``spread``: median, p10, p90), floors ``bench.floor.roofline_seconds``, set overlap
+``kernels.testing.set_overlap``.
 
-- ``SpreadBench``: CUDA-event timings (L2 flushed before each call) as a list, eager or replayed
-  from a CUDA graph, summarised by ``spread`` (median, p10, p90).
-- ``set_overlap``: per-row share of one top-k index set found in another (-1 padding ignored).
+- ``overlap_summary``: mean / min per-row overlap of two top-k index sets (-1 padding ignored).
 - ``exact_recall``: selected sets against the exact top-k of fp32 reference scores, plainly and with a
   tolerance at the k-th score (near-ties swapped by rounding are not errors).
 - ``Case``: one comparison's record (implementations, floors, checks) in the JSON document.
@@ -12,68 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
-import time
 
 import torch
 
-from ..kernels.testing import set_overlap
-from .timing import Bench, time_call
+from sglang_indexcache.bench.floor import roofline_seconds
+from sglang_indexcache.bench.timing import Bench, spread
+from sglang_indexcache.kernels.testing import set_overlap
 
 log = logging.getLogger(__name__)
-
-
-class SpreadBench(Bench):
-    """``Bench`` that keeps every timed call: ``samples(fn, graph)`` -> ``(ms list, mode)``.
-
-    ``warmup=False`` (the CPU smoke test only) times the first call, without the warm-up and the
-    probe call that sizes the repeats."""
-
-    def __init__(self, device, budget_s: float, min_reps: int = 5, max_reps: int = 30, warmup: bool = True):
-        super().__init__(device, budget_s)
-        self.min_reps, self.max_reps, self.warmup = min_reps, max_reps, warmup
-
-    def _graph(self, fn):
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return g.replay
-
-    def samples(self, fn, graph: bool = False):
-        mode, call = "eager", fn
-        if graph and self.device.type == "cuda":
-            try:
-                call, mode = self._graph(fn), "graph"
-            except Exception as exc:                                # noqa: BLE001 - not capturable
-                torch.cuda.synchronize()
-                mode = f"eager (graph capture failed: {type(exc).__name__}: {str(exc)[:120]})"
-        reps = self.min_reps
-        if self.warmup:
-            call()                                                  # warm-up (and compile)
-            self.sync()
-            t0 = time.perf_counter()
-            call()
-            self.sync()
-            one = time.perf_counter() - t0
-            reps = int(min(self.max_reps, max(self.min_reps, self.budget / max(one, 1e-6))))
-        times = []
-        for _ in range(reps):
-            self.flush.zero_()
-            times.append(1e3 * time_call(call, self.device))
-        return times, mode
-
-
-def spread(times_ms) -> dict:
-    """``{"ms": median, "p10", "p90", "n"}`` of timings in milliseconds."""
-    ts = sorted(times_ms)
-    if len(ts) >= 2:
-        q = statistics.quantiles(ts, n=10, method="inclusive")
-        p10, p90 = q[0], q[-1]
-    else:
-        p10 = p90 = ts[0]
-    return {"ms": round(statistics.median(ts), 4), "p10": round(p10, 4), "p90": round(p90, 4), "n": len(ts)}
 
 
 def overlap_summary(a, b) -> dict:
@@ -105,8 +52,8 @@ def exact_recall(selected: torch.Tensor, scores: torch.Tensor, topk: int, rel_to
 
 
 def floor_ms(flops: float, nbytes: float, peak_tflops: float, copy_gbps: float) -> float:
-    """``max(FLOPs / peak, bytes / copy rate)`` in ms (the measured ceilings of this run)."""
-    return 1e3 * max(flops / (peak_tflops * 1e12), nbytes / (copy_gbps * 1e9))
+    """``floor.roofline_seconds`` in ms, on this run's ceilings in TFLOP/s and GB/s."""
+    return 1e3 * roofline_seconds(flops, nbytes, peak_tflops * 1e12, copy_gbps * 1e9)
 
 
 @dataclasses.dataclass
@@ -124,10 +71,10 @@ class Case:
     error: str | None = None
     seconds: float = 0.0
 
-    def measure(self, bench: SpreadBench, name: str, fn, graph: bool = False, floor: str | None = None):
+    def measure(self, bench: Bench, name: str, fn, graph: bool = False, floor: str | None = None):
         """Time ``fn`` under ``name``; a failure is recorded, not raised (the other impls still run)."""
         try:
-            times, mode = bench.samples(fn, graph)
+            times, mode = bench.timed(fn, graph)
         except Exception as exc:                                    # noqa: BLE001 - one impl may not run
             self.impls[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             log.warning("%s / %s failed: %s", self.id, name, exc)

@@ -19,8 +19,9 @@ This removes the ``[rows, keys]`` fp32 score tile (written once, read about once
 and the selection's read of it. Same contract as ``indexer_topk.indexer_topk_prefill``; ties at the
 threshold may be taken in any order.
 
-Off by default (``indexer_topk.FUSED_FROM``); why, with its measurements: docs/kernels.md, *History
-and measurements*.
+Kept for comparison only (slower than the score tile + sampled top-k; docs/kernels.md, *History and
+measurements*): ``indexer_topk_prefill(..., chunk_topk=fused_chunks(N))`` runs it on the chunks
+from position N on.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import dot_precision, interpreting
-from .indexer_scores import PREFILL_CONFIG, _head_sum, _load_queries, prefill_scores
-from .topk import topk_rows
-from .topk_sampled import _threshold_kernel, topk_rows_sampled
+from sglang_indexcache.kernels._triton_common import dot_precision, interpreting
+from sglang_indexcache.kernels.indexer_scores import PREFILL_CONFIG, _head_sum, _load_queries, prefill_scores
+from sglang_indexcache.kernels.topk import topk_rows
+from sglang_indexcache.kernels.topk_sampled import _threshold_kernel, topk_rows_sampled
 
-__all__ = ["fused_prefill_chunk"]
+__all__ = ["fused_prefill_chunk", "fused_chunks"]
 
 
 @triton.jit
@@ -170,3 +171,17 @@ def fused_prefill_chunk(q, weights, k, cu_seqlens, scale: float, p0: int, n_rows
         again = topk_rows_sampled(full.view(rows, -1), topk, lengths=torch.where(ok, 0, row_len))
         out = torch.where(ok[:, None], out, again)
     return out
+
+
+def fused_chunks(fused_from: int, sample: int = 4096, **fused):
+    """``chunk_topk`` hook for ``indexer_topk_prefill``: chunks whose first position is at least
+    ``fused_from`` (and ``sample``) go through ``fused_prefill_chunk`` (``sample`` and ``fused``:
+    its keywords, e.g. ``capacity``, ``target``, ``atomic``); earlier chunks keep the score tile."""
+
+    def hook(q, weights, k, cu_seqlens, scale, p0, n_rows, topk, k_scale, **config):
+        if p0 < max(fused_from, sample):
+            return None
+        return fused_prefill_chunk(q, weights, k, cu_seqlens, scale, p0, n_rows, topk, k_scale,
+                                   sample=sample, **{**config, **fused})
+
+    return hook

@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from sglang_indexcache.kernels.reference import index_scores, sparse_mla_decode_ref
+
 PAGE = 64
 D_INDEX = 128
 FP8_MAX = 448.0
@@ -164,8 +166,7 @@ def _ref_topk(logits, lengths, k, row_starts=None):
 
 def _ref_mqa_logits(q_fp8, k_fp8, k_scale, weights, ks, ke):
     keys = k_fp8.float() * k_scale.float()[:, None]                 # [n, d]
-    logits = torch.einsum("thd,nd->thn", q_fp8.float(), keys).relu()
-    out = torch.einsum("thn,th->tn", logits, weights.float())       # [t, n]
+    out = index_scores(q_fp8.float(), weights.float(), keys, 1.0)  # [t, n]
     cols = torch.arange(keys.shape[0], device=out.device)[None, :]
     return out.masked_fill((cols < ks[:, None]) | (cols >= ke[:, None]), float("nan"))  # unwritten
 
@@ -176,14 +177,11 @@ def _ref_paged_logits(q_fp8, buf, weights, seq_lens, page_table, meta):
     width = page_table.shape[1] * PAGE
     pos = torch.arange(width, device=buf.device)
     slots = flat_slots(page_table, pos.expand(page_table.shape[0], -1)).long()  # [b, width]
-    logits = torch.einsum("bhd,bnd->bhn", q_fp8.float(), keys[slots]).relu()
-    out = torch.einsum("bhn,bh->bn", logits, weights.float())
+    out = index_scores(q_fp8.float()[:, None], weights.float()[:, None], keys[slots], 1.0)[:, 0]  # [b, width]
     return out.masked_fill(pos[None, :] >= seq_lens[:, None], float("nan"))
 
 
 def _ref_sparse_mla(q, kv_flat, slots, sm_scale, topk_length=None):
-    from ..kernels.reference import sparse_mla_decode_ref
-
     s = q.shape[0]
     ident = torch.arange(kv_flat.shape[0] // PAGE, dtype=torch.int32, device=q.device).expand(s, -1)
     return sparse_mla_decode_ref(q, kv_flat.view(-1, PAGE, kv_flat.shape[-1]), ident, slots, sm_scale)

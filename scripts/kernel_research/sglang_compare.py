@@ -15,8 +15,16 @@ import math
 
 import torch
 
+from sglang_indexcache.bench.timing import Bench
+from sglang_indexcache.kernels import indexer_topk_decode, indexer_topk_prefill, sparse_mla_decode
+from sglang_indexcache.kernels.indexer_scores import prefill_scores
+from sglang_indexcache.kernels.reference import index_scores, sparse_mla_decode_ref
+from sglang_indexcache.kernels.sparse_mla_decode import mla_bytes, mla_flops
+from sglang_indexcache.kernels.testing import assert_close
+from sglang_indexcache.kernels.topk_sampled import topk_rows_sampled
+
 from . import sglang_ops as so
-from .compare_common import Case, SpreadBench, exact_recall, floor_ms, overlap_summary
+from .compare_common import Case, exact_recall, floor_ms, overlap_summary
 
 D, D_QK, D_V = 128, 576, 512
 OURS_FP8 = "ours fp8 q+k"
@@ -30,7 +38,7 @@ OURS = "ours"
 class Env:
     device: torch.device
     ops: so.SglangOps
-    bench: SpreadBench
+    bench: Bench
     ceil: dict                  # bf16_tflops, fp8_tflops, copy_gbps (measured in this run)
     topk: int = 2048
     chunk: int = 16384          # query tokens per prefill chunk (SGLang's --chunked-prefill-size)
@@ -47,8 +55,6 @@ class Env:
 
 def _exact_prefill(q_rows, w_rows, keys, lengths):
     """fp32 scores ``[r, n]`` of query rows against ``keys [n, d]``, -inf at columns >= ``lengths``."""
-    from ..kernels.reference import index_scores
-
     out = torch.stack([index_scores(q_rows[i:i + 1].float(), w_rows[i:i + 1].float(), keys.float(), 1.0)[0]
                        for i in range(q_rows.shape[0])])
     cols = torch.arange(keys.shape[0], device=keys.device)[None, :]
@@ -73,9 +79,6 @@ def _prefill_inputs(env: Env, n_keys: int, heads: int, p0: int):
 def indexer_prefill(env: Env, n_keys: int, heads: int) -> Case:
     """The last chunk of a prefill: ``chunk`` queries at positions ``n_keys - chunk ..`` against keys
     ``0 .. position`` (what SGLang's indexer does per chunk of a chunked prefill)."""
-    from ..kernels.indexer_scores import prefill_scores
-    from ..kernels.topk_sampled import topk_rows_sampled
-
     n_q = min(env.chunk, n_keys)
     p0, dev, topk = n_keys - n_q, env.device, env.topk
     case = Case(f"indexer-prefill h={heads} keys={n_keys}", "indexer_prefill",
@@ -136,8 +139,6 @@ def indexer_prefill(env: Env, n_keys: int, heads: int) -> Case:
 def whole_prefill(env: Env, n_keys: int, heads: int) -> Case:
     """A whole prefill of one request: ours as ``indexer_topk_prefill`` runs it (its own score tiles of
     at most 1 GiB) against SGLang's indexer once per chunk of ``chunk`` queries."""
-    from ..kernels import indexer_topk_prefill
-
     dev, topk, chunk = env.device, env.topk, env.chunk
     case = Case(f"whole-prefill h={heads} tokens={n_keys}", "whole_prefill",
                 {"heads": heads, "tokens": n_keys, "sglang_chunk": chunk, "topk": topk})
@@ -177,8 +178,6 @@ def whole_prefill(env: Env, n_keys: int, heads: int) -> Case:
 
 def indexer_decode(env: Env, batch: int, n_keys: int, heads: int) -> Case:
     """One decode step: each of ``batch`` requests has ``n_keys`` cached index keys (CUDA graphs)."""
-    from ..kernels import indexer_topk_decode
-
     dev, topk = env.device, env.topk
     per = math.ceil(n_keys / so.PAGE)
     case = Case(f"indexer-decode h={heads} b={batch} keys={n_keys}", "indexer_decode",
@@ -233,8 +232,6 @@ def indexer_decode(env: Env, batch: int, n_keys: int, heads: int) -> Case:
 
 
 def _mla_check(case: Case, ours_out, sgl_out, ref_out, n_ref: int):
-    from ..kernels.testing import assert_close
-
     def close(a, b):
         diff = (a.float() - b.float()).abs()
         try:
@@ -252,10 +249,6 @@ def _mla_check(case: Case, ours_out, sgl_out, ref_out, n_ref: int):
 def sparse_mla(env: Env, rows: int, n_keys: int, heads: int, prefill: bool) -> Case:
     """Sparse MLA over ``topk`` random distinct positions of a paged latent cache: decode (``rows``
     requests of ``n_keys`` tokens each) or prefill (``rows`` queries of one ``n_keys``-token request)."""
-    from ..kernels import sparse_mla_decode
-    from ..kernels.reference import sparse_mla_decode_ref
-    from ..kernels.sparse_mla_decode import mla_bytes, mla_flops
-
     dev, topk = env.device, env.topk
     per = math.ceil(n_keys / so.PAGE)
     kind = "mla_prefill" if prefill else "mla_decode"
