@@ -15,6 +15,8 @@ or more) looks the page table up inside the loop (index -> page -> latent).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -22,7 +24,7 @@ import triton.language as tl
 from ._triton_common import dot_precision, interpreting, mma
 from .reference import PAGE_SIZE
 
-__all__ = ["sparse_mla_decode", "DEFAULT_CONFIG", "flat_rows"]
+__all__ = ["sparse_mla_decode", "plan_sparse_mla", "run_sparse_mla", "MlaPlan", "DEFAULT_CONFIG", "flat_rows"]
 
 LOG2E = 1.4426950408889634
 # Launch parameters from the GPU sweep (docs/kernels.md); num_warps None = 8 for 64-head blocks,
@@ -150,6 +152,100 @@ def _check_args(q, kv_cache, page_table, indices, d_v, out=None, lse=None):
         raise ValueError(f"d_v ({d_v}) and d_qk - d_v ({rope}) must be powers of two")
 
 
+@dataclasses.dataclass
+class MlaPlan:
+    """What ``sparse_mla_decode`` computes before its attention kernel, for one batch and one top-k:
+    the launch configuration, the split-K scratch and the index rows (flat cache rows through the
+    page table, or the positions themselves for ``rows="paged"``). An F layer's plan serves that
+    layer and every S layer that reuses its top-k (same batch, page table and indices; each layer
+    its own ``q`` and ``kv_cache``): ``run_sparse_mla(plan, q, kv_cache, ...)`` then launches only
+    the attention kernel (and the combine kernel when split)."""
+
+    b: int
+    h: int
+    d_qk: int
+    d_v: int
+    topk: int
+    dtype: torch.dtype
+    cache_rows: int             # num_pages * 64 of the caches it was planned for
+    block_h: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    splits: int
+    per_split: int
+    flat: bool
+    page_table: torch.Tensor    # [b, max_pages] int32, contiguous
+    idx: torch.Tensor           # [b, topk] int32: flat rows (flat) or positions (paged), -1 kept
+    o_part: torch.Tensor | None  # [b, h, splits, d_v] fp32 scratch when splits > 1
+    l_part: torch.Tensor | None  # [b, h, splits] fp32
+
+
+def plan_sparse_mla(q, kv_cache, page_table, indices, d_v: int = 512, *, num_splits: int | None = None,
+                    config=None) -> MlaPlan:
+    """Plan ``sparse_mla_decode`` for this batch and top-k (arguments as there; ``q`` and ``kv_cache``
+    give shapes, dtype and device only). Launches ``flat_rows`` once (``rows="flat"``)."""
+    _check_args(q, kv_cache, page_table, indices, d_v)
+    b, h, d_qk = q.shape
+    topk = indices.shape[1]
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    if cfg["rows"] not in ("flat", "paged"):
+        raise ValueError(f"config rows must be 'flat' or 'paged', got {cfg['rows']!r}")
+    block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(h)))
+    block_n = cfg["block_n"]
+    head_blocks = triton.cdiv(h, block_h)
+    splits = num_splits or _num_splits(b, head_blocks, topk, block_n, q.device)
+    per_split = triton.cdiv(triton.cdiv(max(topk, 1), splits), block_n) * block_n
+    splits = max(1, triton.cdiv(topk, per_split))
+    cache_rows = kv_cache.shape[0] * kv_cache.shape[1]
+    flat = cfg["rows"] == "flat"
+    if flat and cache_rows >= 2 ** 31:
+        raise ValueError("rows 'flat' needs fewer than 2**31 cache rows; use config rows='paged'")
+    pt, idx = page_table.int().contiguous(), indices.int().contiguous()
+    if flat and b > 0:
+        idx = flat_rows(idx, pt)                                    # [b, topk] flat rows, -1 kept
+    o_part = l_part = None
+    if splits > 1:
+        o_part = torch.empty(b, h, splits, d_v, dtype=torch.float32, device=q.device)
+        l_part = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
+    return MlaPlan(b, h, d_qk, d_v, topk, q.dtype, cache_rows, block_h, block_n,
+                   cfg["num_warps"] or (8 if block_h >= 64 else 4), cfg["num_stages"], splits, per_split, flat,
+                   pt, idx, o_part, l_part)
+
+
+def run_sparse_mla(plan: MlaPlan, q, kv_cache, sm_scale: float, return_lse: bool = False, *, out=None, lse=None):
+    """``sparse_mla_decode`` of one layer on a plan: ``q [b, h, d_qk]`` and ``kv_cache`` of the shapes
+    planned (this layer's own tensors), results as ``sparse_mla_decode``'s."""
+    b, h, d_qk, d_v = plan.b, plan.h, plan.d_qk, plan.d_v
+    if tuple(q.shape) != (b, h, d_qk) or q.dtype != plan.dtype:
+        raise ValueError(f"q must be [{b}, {h}, {d_qk}] {plan.dtype} as planned, got {q.dtype} {list(q.shape)}")
+    if kv_cache.dim() != 3 or kv_cache.shape[1] != PAGE_SIZE or kv_cache.shape[2] != d_qk \
+            or kv_cache.shape[0] * PAGE_SIZE != plan.cache_rows:
+        raise ValueError(f"kv_cache must be [{plan.cache_rows // PAGE_SIZE}, {PAGE_SIZE}, {d_qk}] as planned, "
+                         f"got {list(kv_cache.shape)}")
+    _check_args(q, kv_cache, plan.page_table, plan.idx, d_v, out, lse)
+    out = torch.empty(b, h, d_v, dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty(b, h, dtype=torch.float32, device=q.device) if lse is None else lse
+    q = q if q.stride(-1) == 1 else q.contiguous()                  # any row / head stride is read in place
+    kv, pt, idx = kv_cache.reshape(-1, d_qk), plan.page_table, plan.idx
+    o_part, l_part = (out.view(b, h, 1, d_v), lse.view(b, h, 1)) if plan.splits == 1 else (plan.o_part, plan.l_part)
+    if b > 0 and h > 0:
+        _sparse_mla_kernel[(triton.cdiv(h, plan.block_h), b, plan.splits)](
+            q, kv, pt, idx, o_part, l_part, h, plan.topk, plan.per_split, sm_scale * LOG2E,
+            q.stride(0), q.stride(1), kv.stride(0), pt.stride(0), idx.stride(0),
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+            D_V=d_v, D_R=d_qk - d_v, PAGE=PAGE_SIZE, BLOCK_H=plan.block_h, BLOCK_N=plan.block_n,
+            PRECISION=dot_precision(q.dtype), UPCAST=interpreting(_sparse_mla_kernel), FLAT=plan.flat,
+            num_warps=plan.num_warps, num_stages=plan.num_stages)
+        if plan.splits > 1:
+            _combine_kernel[(b, h)](
+                o_part, l_part, out, lse, plan.splits,
+                o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0),
+                D_V=d_v, BLOCK_S=max(2, triton.next_power_of_2(plan.splits)))
+    return (out, lse) if return_lse else out
+
+
 def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: int = 512,
                       return_lse: bool = False, *, num_splits: int | None = None, config=None,
                       out=None, lse=None):
@@ -160,51 +256,11 @@ def sparse_mla_decode(q, kv_cache, page_table, indices, sm_scale: float, d_v: in
     ``return_lse``, ``lse [b, h]`` fp32 (natural log; -inf and out = 0 for a request with no index).
     ``num_splits`` overrides the split-K factor (default: from the SM count; 1 off the GPU);
     ``config`` overrides ``DEFAULT_CONFIG`` (``rows="paged"``: the first version, page-table lookup in
-    the loop); ``out``/``lse`` receive the results when given.
+    the loop); ``out``/``lse`` receive the results when given. Layers that share a top-k (an F layer
+    and its S layers): ``plan_sparse_mla`` once, ``run_sparse_mla`` per layer.
     """
-    _check_args(q, kv_cache, page_table, indices, d_v, out, lse)
-    b, h, d_qk = q.shape
-    topk = indices.shape[1]
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
-    block_h = min(cfg["block_h"], max(16, triton.next_power_of_2(h)))
-    num_warps = cfg["num_warps"] or (8 if block_h >= 64 else 4)
-    block_n = cfg["block_n"]
-    head_blocks = triton.cdiv(h, block_h)
-    splits = num_splits or _num_splits(b, head_blocks, topk, block_n, q.device)
-    per_split = triton.cdiv(triton.cdiv(max(topk, 1), splits), block_n) * block_n
-    splits = max(1, triton.cdiv(topk, per_split))
-    out = torch.empty(b, h, d_v, dtype=q.dtype, device=q.device) if out is None else out
-    lse = torch.empty(b, h, dtype=torch.float32, device=q.device) if lse is None else lse
-    q = q if q.stride(-1) == 1 else q.contiguous()                  # any row / head stride is read in place
-    kv = kv_cache.reshape(-1, d_qk)
-    pt, idx = page_table.int().contiguous(), indices.int().contiguous()
-    if cfg["rows"] not in ("flat", "paged"):
-        raise ValueError(f"config rows must be 'flat' or 'paged', got {cfg['rows']!r}")
-    flat = cfg["rows"] == "flat"
-    if flat and kv.shape[0] >= 2 ** 31:
-        raise ValueError("rows 'flat' needs fewer than 2**31 cache rows; use config rows='paged'")
-    if flat and b > 0:
-        idx = flat_rows(idx, pt)                                    # [b, topk] flat rows, -1 kept
-    if splits == 1:
-        o_part, l_part = out.view(b, h, 1, d_v), lse.view(b, h, 1)
-    else:
-        o_part = torch.empty(b, h, splits, d_v, dtype=torch.float32, device=q.device)
-        l_part = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)
-    if b > 0 and h > 0:
-        _sparse_mla_kernel[(head_blocks, b, splits)](
-            q, kv, pt, idx, o_part, l_part, h, topk, per_split, sm_scale * LOG2E,
-            q.stride(0), q.stride(1), kv.stride(0), pt.stride(0), idx.stride(0),
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
-            D_V=d_v, D_R=d_qk - d_v, PAGE=PAGE_SIZE, BLOCK_H=block_h, BLOCK_N=block_n,
-            PRECISION=dot_precision(q.dtype), UPCAST=interpreting(_sparse_mla_kernel), FLAT=flat,
-            num_warps=num_warps, num_stages=cfg["num_stages"])
-        if splits > 1:
-            _combine_kernel[(b, h)](
-                o_part, l_part, out, lse, splits,
-                o_part.stride(0), o_part.stride(1), o_part.stride(2), l_part.stride(0), l_part.stride(1),
-                out.stride(0), out.stride(1), lse.stride(0),
-                D_V=d_v, BLOCK_S=max(2, triton.next_power_of_2(splits)))
-    return (out, lse) if return_lse else out
+    plan = plan_sparse_mla(q, kv_cache, page_table, indices, d_v, num_splits=num_splits, config=config)
+    return run_sparse_mla(plan, q, kv_cache, sm_scale, return_lse, out=out, lse=lse)
 
 
 def flat_rows(indices, page_table, block: int = 1024):

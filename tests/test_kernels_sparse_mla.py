@@ -104,3 +104,47 @@ def test_assert_close_explains_mismatches():
         testing.assert_close(torch.tensor([1.0, 2.0, 0.0]), e, 1e-6, 1e-6)
     with pytest.raises(AssertionError, match=r"1/3 elements off .* max abs error 0\.5"):
         testing.assert_close(torch.tensor([1.0, 2.5, float("-inf")]), e, 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("splits,rows", [(1, "flat"), (3, "flat"), (2, "paged")])
+def test_plan_once_run_per_layer(worker, splits, rows):
+    """One plan (launch config, split-K scratch, index rows) for an F layer's top-k, then one run per
+    layer that reuses it (the F layer and its S layers: each its own q and cache over the same pages):
+    every layer matches the reference, and the plan's remap ran once."""
+    worker.submit(_plan_case, splits, rows).result()
+
+
+def _plan_case(splits, rows):
+    import importlib
+
+    ops = importlib.import_module("sglang_indexcache.kernels.sparse_mla_decode")
+    seq_lens, h, d_v, d_qk, topk = [130, 70, 90], 20, 32, 48, 48
+    cache0, page_table = testing.make_paged_cache(seq_lens, d_qk)
+    idx = _indices(seq_lens, topk)
+    q0 = torch.randn(3, h, d_qk)
+    calls = {"n": 0}
+    remap = ops.flat_rows
+
+    def counted(*a, **kw):
+        calls["n"] += 1
+        return remap(*a, **kw)
+
+    ops.flat_rows = counted
+    try:
+        plan = ops.plan_sparse_mla(q0, cache0, page_table, idx, d_v=d_v, num_splits=splits,
+                                   config={"block_n": 16, "rows": rows})
+        for layer in range(3):                                      # F layer, then two S layers
+            cache = cache0 if layer == 0 else torch.where(cache0.isnan(), cache0, torch.randn_like(cache0))
+            q = q0 if layer == 0 else torch.randn(3, h, d_qk)
+            out, lse = ops.run_sparse_mla(plan, q, cache, 0.2, return_lse=True)
+            exp_out, exp_lse = ref.sparse_mla_decode_ref(q, cache, page_table, idx, 0.2, d_v=d_v, return_lse=True)
+            testing.assert_close(out, exp_out, 1e-5, 1e-5, name=f"layer {layer}: out")
+            testing.assert_close(lse, exp_lse, 1e-5, 1e-5, name=f"layer {layer}: lse")
+    finally:
+        ops.flat_rows = remap
+    assert calls["n"] == (1 if rows == "flat" else 0), calls
+    assert (plan.o_part is not None) == (splits > 1)
+    with pytest.raises(ValueError, match="as planned"):
+        ops.run_sparse_mla(plan, torch.randn(2, h, d_qk), cache0, 0.2)
+    with pytest.raises(ValueError, match="as planned"):
+        ops.run_sparse_mla(plan, q0, cache0[:-1], 0.2)
