@@ -35,17 +35,19 @@ def _select_torch(scores, topk: int, lengths):
     return select_topk(scores.masked_fill_(cols[None, :] >= lengths[:, None], NEG_INF), topk)
 
 
-def _select(scores, topk: int, lengths, selector: str, check_fallback: bool = False):
-    """Indices ``[rows, topk]`` int32 (-1 padded) of the largest of ``scores[r, :lengths[r]]``."""
+def _select(scores, topk: int, lengths, selector: str, check_fallback: bool = False, out=None):
+    """Indices ``[rows, topk]`` int32 (-1 padded) of the largest of ``scores[r, :lengths[r]]``
+    (``lengths`` int32, clamped to the columns), written into ``out`` when given."""
     if selector == "torch":
-        return _select_torch(scores, topk, lengths)
+        idx = _select_torch(scores, topk, lengths)
+        return idx if out is None else out.copy_(idx)
     if selector == "radix":
         from .topk import topk_rows
 
-        return topk_rows(scores, topk, lengths=lengths)
+        return topk_rows(scores, topk, lengths=lengths, out=out)
     from .topk_sampled import topk_rows_sampled
 
-    return topk_rows_sampled(scores, topk, lengths=lengths, check_fallback=check_fallback)
+    return topk_rows_sampled(scores, topk, lengths=lengths, check_fallback=check_fallback, out=out)
 
 
 def _merge(best_v, best_i, tile, lengths, k0: int, topk: int, selector: str, check: bool):
@@ -196,5 +198,7 @@ def indexer_topk_decode(q, weights, k_cache, page_table, seq_lens, topk: int, sc
         tile = buf[:b * n_cols].view(b, n_cols)
         return decode_scores(q, w, k_cache, pt, lens, scale, tile, k_scale=k_scale, k0=k0, **config)
 
+    if n_keys <= key_chunk:                                         # one tile, selected into out: no extra launch
+        return _select(score_tile(0, n_keys), topk, lens, selector, out=out)
     row_len = lens.long().clamp(0, n_keys)
     return out.copy_(_select_tiles(score_tile, row_len, n_keys, topk, key_chunk, selector))

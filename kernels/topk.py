@@ -56,11 +56,12 @@ MAX_COLUMNS = 1 << 31               # columns are int32 within a row; row offset
 
 
 @triton.jit
-def _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH: tl.constexpr):
+def _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH: tl.constexpr, map_ptr, MAPPED: tl.constexpr):
     """Keys, columns and validity of elements ``idx`` [BLOCK] of the row (or of the scratch pairs).
 
-    Row: key of ``x[idx]``, column ``idx``, valid where ``idx < n`` and ``x > -inf`` (NaN is
-    invalid too). Scratch: the stored (key, column) pairs, valid where ``idx < n``.
+    Row: key of ``x[idx]``, column ``idx`` (``map[idx]`` when ``MAPPED``), valid where ``idx < n``
+    and ``x > -inf`` (NaN is invalid too). Scratch: the stored (key, column) pairs, valid where
+    ``idx < n``.
     """
     valid = idx < n
     if FROM_SCRATCH:
@@ -71,7 +72,10 @@ def _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH: tl.constexpr):
         valid = valid & (x > float("-inf"))
         bits = x.to(tl.int32, bitcast=True)
         s = bits ^ ((bits >> 31) & 0x7FFFFFFF)                        # order-preserving key
-        col = idx
+        if MAPPED:
+            col = tl.load(map_ptr + idx, mask=valid, other=-1)        # [BLOCK] the column it stands for
+        else:
+            col = idx
     return s, col, valid
 
 
@@ -83,7 +87,7 @@ def _histogram(x_ptr, key_ptr, col_ptr, n, pre_u, SH_HI: tl.constexpr, SH: tl.co
     hist = tl.zeros([NB], dtype=tl.int32)
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        s, col, valid = _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH)
+        s, col, valid = _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH, x_ptr, False)
         u = s ^ -2147483648                                           # unsigned order, int32 bits
         digit = (u >> SH) & ((1 << (SH_HI - SH)) - 1)                 # [BLOCK] in [0, NB)
         if SH_HI < 32:
@@ -109,7 +113,7 @@ def _pick(hist, need, NB: tl.constexpr):
 @triton.jit
 def _partition(x_ptr, key_ptr, col_ptr, n, t_s, out_ptr, gt_start, eq_start, eq_limit,
                dst_key_ptr, dst_col_ptr, SH: tl.constexpr, FROM_SCRATCH: tl.constexpr,
-               TO_SCRATCH: tl.constexpr, BLOCK: tl.constexpr):
+               TO_SCRATCH: tl.constexpr, BLOCK: tl.constexpr, map_ptr, MAPPED: tl.constexpr):
     """One pass in column order: keys with ``s >> SH > t_s >> SH`` go to ``out[gt_start ...]``; the
     first ``eq_limit`` keys with ``s >> SH == t_s >> SH`` go to ``out[eq_start ...]`` or, with
     ``TO_SCRATCH``, their (key, column) pairs to ``dst[0 ...]``. Slots come from exclusive prefix
@@ -121,7 +125,7 @@ def _partition(x_ptr, key_ptr, col_ptr, n, t_s, out_ptr, gt_start, eq_start, eq_
     t_hi = t_s >> SH
     for start in range(0, n, BLOCK):
         idx = start + tl.arange(0, BLOCK)
-        s, col, valid = _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH)
+        s, col, valid = _load_keys(x_ptr, key_ptr, col_ptr, idx, n, FROM_SCRATCH, map_ptr, MAPPED)
         s_hi = s >> SH
         gt = valid & (s_hi > t_hi)                                    # [BLOCK]
         eq = valid & (s_hi == t_hi)                                   # [BLOCK]
@@ -151,14 +155,15 @@ def _fill(out_ptr, start, stop, BLOCK: tl.constexpr):
 
 @triton.jit
 def _select_row(x_row, o_row, key_ptr, col_ptr, n, topk, RADIX: tl.constexpr, LEVELS: tl.constexpr,
-                CAP: tl.constexpr, BLOCK: tl.constexpr):
-    """Write the top-k columns of one row ``x_row[0:n]`` to ``o_row[0:topk]`` (see module docstring)."""
+                CAP: tl.constexpr, BLOCK: tl.constexpr, m_row, MAPPED: tl.constexpr):
+    """Write the top-k columns of one row ``x_row[0:n]`` to ``o_row[0:topk]`` (see module docstring;
+    with ``MAPPED`` the columns written are ``m_row[column]``)."""
     NB: tl.constexpr = 1 << RADIX
     hist = _histogram(x_row, key_ptr, col_ptr, n, 0, 32, 32 - RADIX, False, NB, BLOCK)
     total = tl.sum(hist, 0)
     if total <= topk:                                                 # every candidate, then -1
         _partition(x_row, key_ptr, col_ptr, n, -2147483648, o_row, 0, 0, 0, key_ptr, col_ptr,
-                   0, False, False, BLOCK)
+                   0, False, False, BLOCK, m_row, MAPPED)
         _fill(o_row, total, topk, BLOCK)
     else:
         need = topk + total * 0                  # keys still to take from the current bin
@@ -180,7 +185,7 @@ def _select_row(x_row, o_row, key_ptr, col_ptr, n, topk, RADIX: tl.constexpr, LE
             if lvl + 1 < LEVELS:
                 if (on_scratch == 0) & (count <= CAP):                # the bin fits: copy it out once
                     _partition(x_row, key_ptr, col_ptr, n_src, pre_u ^ -2147483648, o_row, 0, 0, CAP,
-                               key_ptr, col_ptr, SH, False, True, BLOCK)
+                               key_ptr, col_ptr, SH, False, True, BLOCK, m_row, MAPPED)
                     tl.debug_barrier()           # scratch stores visible to every thread before reads
                     on_scratch = total * 0 + 1
                     n_src = count
@@ -188,28 +193,34 @@ def _select_row(x_row, o_row, key_ptr, col_ptr, n, topk, RADIX: tl.constexpr, LE
         t_s = pre_u ^ -2147483648                                     # exact threshold key
         if on_scratch > 0:
             _partition(x_row, key_ptr, col_ptr, n_src, t_s, o_row, gt_start, topk - need, need,
-                       key_ptr, col_ptr, 0, True, False, BLOCK)
+                       key_ptr, col_ptr, 0, True, False, BLOCK, m_row, False)
         else:
             _partition(x_row, key_ptr, col_ptr, n_src, t_s, o_row, gt_start, topk - need, need,
-                       key_ptr, col_ptr, 0, False, False, BLOCK)
+                       key_ptr, col_ptr, 0, False, False, BLOCK, m_row, MAPPED)
 
 
 @triton.jit(do_not_specialize=["n_rows", "n_cols", "topk", "n_programs"])
-def _topk_kernel(x_ptr, len_ptr, out_ptr, scratch_ptr, n_rows, n_cols, topk, stride_x, stride_o, n_programs,
-                 HAS_LEN: tl.constexpr, RADIX: tl.constexpr, LEVELS: tl.constexpr, CAP: tl.constexpr,
-                 BLOCK: tl.constexpr):
+def _topk_kernel(x_ptr, len_ptr, out_ptr, scratch_ptr, map_ptr, n_rows, n_cols, topk, stride_x, stride_o,
+                 stride_m, n_programs, HAS_LEN: tl.constexpr, RADIX: tl.constexpr, LEVELS: tl.constexpr,
+                 CAP: tl.constexpr, BLOCK: tl.constexpr, MAPPED: tl.constexpr, SKIP_NEG: tl.constexpr):
     """Persistent grid: program ``p`` selects rows ``p, p + programs, ...`` using its own scratch
-    ``scratch[p]`` ([2, CAP] int32: keys, columns)."""
+    ``scratch[p]`` ([2, CAP] int32: keys, columns). ``SKIP_NEG``: a row whose length is negative is
+    left untouched (its output row is not written)."""
     pid = tl.program_id(0)
     key_ptr = scratch_ptr + pid.to(tl.int64) * (2 * CAP)
     col_ptr = key_ptr + CAP
     for r in range(pid, n_rows, n_programs):
         n = n_cols
+        todo = True
         if HAS_LEN:
-            n = tl.minimum(tl.maximum(tl.load(len_ptr + r), 0), n_cols)
-        r64 = tl.cast(r, tl.int64)
-        _select_row(x_ptr + r64 * stride_x, out_ptr + r64 * stride_o,
-                    key_ptr, col_ptr, n, topk, RADIX, LEVELS, CAP, BLOCK)
+            raw = tl.load(len_ptr + r)
+            n = tl.minimum(tl.maximum(raw, 0), n_cols)
+            if SKIP_NEG:
+                todo = raw >= 0
+        if todo:
+            r64 = tl.cast(r, tl.int64)
+            _select_row(x_ptr + r64 * stride_x, out_ptr + r64 * stride_o, key_ptr, col_ptr, n, topk, RADIX,
+                        LEVELS, CAP, BLOCK, map_ptr + r64 * stride_m, MAPPED)
 
 
 def _check_args(scores, topk, lengths, out, radix_bits, capacity):
@@ -255,7 +266,8 @@ def _launch(rows: int, device: torch.device, block, num_warps, max_programs):
 def topk_rows(scores: torch.Tensor, topk: int, *, lengths: torch.Tensor | None = None,
               out: torch.Tensor | None = None, block: int | None = None, num_warps: int | None = None,
               radix_bits: int = DEFAULT_RADIX_BITS, capacity: int = DEFAULT_CAPACITY,
-              max_programs: int | None = None) -> torch.Tensor:
+              max_programs: int | None = None, columns: torch.Tensor | None = None,
+              skip_negative: bool = False) -> torch.Tensor:
     """Column indices ``[R, topk]`` int32 of the ``topk`` largest candidates of each row of ``scores``.
 
     Args:
@@ -271,6 +283,10 @@ def topk_rows(scores: torch.Tensor, topk: int, *, lengths: torch.Tensor | None =
         radix_bits: bits per radix level (histogram of ``2**radix_bits`` bins).
         capacity: scratch pairs per program; a bin of at most this many keys is refined off the row.
         max_programs: cap on the persistent grid (default 4 per SM on CUDA).
+        columns: ``[R, N]`` int32 (unit column stride): write ``columns[r, c]`` instead of each
+            selected column ``c`` (selection over candidate lists that stand for other columns).
+        skip_negative: with ``lengths``, rows whose length is negative are left untouched in
+            ``out`` (instead of being clamped to 0 and filled with -1).
 
     Returns:
         ``out``: per row the columns of the ``topk`` largest candidates in no guaranteed order, ties
@@ -288,10 +304,15 @@ def topk_rows(scores: torch.Tensor, topk: int, *, lengths: torch.Tensor | None =
         out = torch.empty((rows, topk), dtype=torch.int32, device=scores.device)
     if rows == 0:
         return out
+    if columns is not None and (columns.dtype != torch.int32 or tuple(columns.shape) != (rows, n)
+                                or (n > 1 and columns.stride(1) != 1)):
+        raise ValueError(f"columns must be int32 [{rows}, {n}] with unit column stride, got "
+                         f"{columns.dtype} {list(columns.shape)}")
     scratch = torch.empty((programs, 2, max(capacity, 1)), dtype=torch.int32, device=scores.device)
-    has_len = lengths is not None
+    has_len, mapped = lengths is not None, columns is not None
     _topk_kernel[(programs,)](
-        scores, lengths if has_len else out, out, scratch, rows, n, topk, scores.stride(0), out.stride(0), programs,
+        scores, lengths if has_len else out, out, scratch, columns if mapped else out, rows, n, topk,
+        scores.stride(0), out.stride(0), columns.stride(0) if mapped else 0, programs,
         HAS_LEN=has_len, RADIX=radix_bits, LEVELS=triton.cdiv(32, radix_bits), CAP=capacity,
-        BLOCK=block, num_warps=num_warps)
+        BLOCK=block, MAPPED=mapped, SKIP_NEG=skip_negative and has_len, num_warps=num_warps)
     return out

@@ -193,3 +193,26 @@ GPU_CASES = [CASES[1], CASES[2], CASES[4], CASES[7], CASES[8], CASES[9]] + [
 def test_gpu_matches_reference(rows, n, lengths, topk, make, kwargs, reason):
     """The same checks compiled for the GPU (no interpreter), plus serving-sized rows."""
     _case(rows, n, lengths, topk, make, kwargs, reason, device="cuda")
+
+
+def test_mapped_columns_and_skipped_rows(worker):
+    worker.submit(_mapped_and_skipped).result()
+
+
+def _mapped_and_skipped():
+    """``columns`` maps each selected column to the one it stands for (candidate lists); with
+    ``skip_negative`` a row of negative length is left as it was (the sampled top-k writes the rows
+    its lists answer and the fallback rows in two calls into one ``out``)."""
+    from sglang_indexcache.kernels import topk as ops
+
+    scores = torch.randn(3, 300)
+    columns = torch.stack([torch.randperm(10000)[:300] for _ in range(3)]).int()
+    lens = torch.tensor([300, -1, 120], dtype=torch.int32)
+    out = torch.full((3, 40), SENTINEL, dtype=torch.int32)
+    ops.topk_rows(scores, 40, lengths=lens, out=out, columns=columns, skip_negative=True, block=64)
+    assert (out[1] == SENTINEL).all(), "a row of negative length must be left untouched"
+    for r, n in ((0, 300), (2, 120)):
+        want = columns[r, ref.select_topk(scores[r:r + 1, :n], 40)[0].long()]
+        assert torch.equal(out[r].sort().values, want.sort().values), f"row {r}: mapped columns differ"
+    clamped = ops.topk_rows(scores, 40, lengths=lens, block=64)     # default: clamped to 0, filled -1
+    assert (clamped[1] == -1).all()

@@ -154,8 +154,8 @@ def fused_prefill_chunk(q, weights, k, cu_seqlens, scale: float, p0: int, n_rows
     tau = torch.empty(rows, dtype=torch.int32, device=dev)
     exh = torch.empty(rows, dtype=torch.int32, device=dev)
     flat = samples.view(rows, sample)
-    _threshold_kernel[(rows,)](flat, row_len, tau, exh, sample, flat.stride(0), target, row_len,
-                               HAS_LEN=False, S=sample, HAS_RLEN=True, num_warps=4)
+    _threshold_kernel[(rows,)](flat, row_len, tau, exh, sample, flat.stride(0), target, row_len, tau,
+                               HAS_LEN=False, S=sample, HAS_RLEN=True, ZERO_CNT=False, num_warps=4)
     vals = torch.empty(rows, capacity, dtype=torch.float32, device=dev)
     cols = torch.empty(rows, capacity, dtype=torch.int32, device=dev)
     count = torch.zeros(rows, dtype=torch.int32, device=dev)
