@@ -54,7 +54,7 @@ main() {
   timeout "$(within 40 "${LARGE_S:-60}")" "$PY" scripts/gpu_large_checks.py --out "$OUT/large_checks.json" $smoke
   echo "large checks exit $?"; [ -s "$OUT/large_checks.json" ] || status=1
 
-  local limit=$(( $(left) - 35 ))                 # the comparison's --time-limit: room for its last case
+  local limit=$(( $(left) - 25 ))                 # the comparison's --time-limit: room for its last case
   if [ "$limit" -gt 5 ]; then
     echo "[$(( $(date +%s) - START )) s] comparison, --time-limit $limit"
     local only=()

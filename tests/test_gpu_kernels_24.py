@@ -43,7 +43,7 @@ def test_smoke_writes_every_file_and_the_report_reads_them(tmp_path):
 
 def test_time_guard_skips_what_does_not_fit(tmp_path):
     """With no time left after the checks, the comparison is not started and the call fails."""
-    result = _run(tmp_path, BUDGET_S="36")
+    result = _run(tmp_path, BUDGET_S="28")
     assert result.returncode != 0
     assert "no time left for the comparison" in result.stdout
     assert not (tmp_path / "kernel_compare.json").exists()
