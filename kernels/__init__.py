@@ -13,7 +13,7 @@ from .reference import (
     indexer_topk_prefill_ref,
     sparse_mla_decode_ref,
 )
-from .sparse_mla_decode import sparse_mla_decode
+from .sparse_mla_decode import plan_sparse_mla, run_sparse_mla, sparse_mla_decode
 from .topk import topk_rows
 from .topk_sampled import topk_rows_sampled
 
@@ -21,7 +21,7 @@ __all__ = [
     "PAGE_SIZE",
     "indexer_topk_prefill", "indexer_topk_prefill_ref",
     "indexer_topk_decode", "indexer_topk_decode_ref",
-    "sparse_mla_decode", "sparse_mla_decode_ref",
+    "sparse_mla_decode", "sparse_mla_decode_ref", "plan_sparse_mla", "run_sparse_mla",
     "indexer_scores_prefill_ref", "indexer_scores_decode_ref",
     "topk_rows", "topk_rows_sampled",
 ]

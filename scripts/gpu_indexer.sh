@@ -19,8 +19,8 @@ cd "$SITE"                                  # so that python -m finds this layou
   date -u +"%Y-%m-%dT%H:%M:%SZ"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  [ -n "${SKIP_CHECKS:-}" ] || { $PY scripts/gpu_kernel_checks.py --out "$OUT/kernel_checks.json"; echo "checks exit $?"; }
+  [ -n "${SKIP_CHECKS:-}" ] || { $PY "$OLDPWD/scripts/gpu_kernel_checks.py" --out "$OUT/kernel_checks.json"; echo "checks exit $?"; }
   if [ -n "${TOPK_PROFILE:-}" ]; then $PY "$OLDPWD/scripts/gpu_topk_profile.py" "$OUT/topk_profile.json"; echo "profile exit $?"; exit 0; fi
-  $PY scripts/indexer_variants.py --out "$OUT/indexer_variants.json" "$@"; echo "variants exit $?"
+  $PY "$OLDPWD/scripts/indexer_variants.py" --out "$OUT/indexer_variants.json" "$@"; echo "variants exit $?"
   date -u +"%Y-%m-%dT%H:%M:%SZ"
 } 2>&1 | tee "$OUT/log.txt"
