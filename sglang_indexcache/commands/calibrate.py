@@ -13,8 +13,7 @@ model with the defaults on 2 idle CPU cores (docs/cli.md).
 
 from __future__ import annotations
 
-from ..calibration.session import add_data_arguments
-from .options import add_force, check_output, positive_int
+from .options import add_data_arguments, add_force, check_output, positive_int
 
 SCREEN_TOP = 3
 DEFAULT_CALIBRATION_TOKENS = 8192  # the demo's: minutes on 2 CPU cores (the cost grows with N^2 candidates)

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 
-from .. import checkpoint_writer, pattern_file
-from ..errors import UsageError
+from .. import checkpoint_writer, checks, pattern_file
 
 
 def add_arguments(parser):
@@ -30,10 +29,7 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    for name in ("hidden", "layers", "intermediate"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise UsageError(f"--{name} must be positive, got {value}")
+    checks.positive_ints({"--" + name: getattr(args, name) for name in ("hidden", "layers", "intermediate")})
     pattern = pattern_file.resolve(args.pattern, args.layers) if args.pattern else None
     intermediate = args.intermediate or args.hidden * 11 // 4
     summary = checkpoint_writer.write_checkpoint(
