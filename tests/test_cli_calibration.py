@@ -48,6 +48,22 @@ def test_calibrate_then_eval_the_file(workspace, capsys):
     assert result["pattern"] == doc["pattern"] and result["loss"] == pytest.approx(cal["loss"], rel=1e-6)
 
 
+def test_calibrate_max_seconds_then_resume(workspace, capsys):
+    root, model, data = workspace
+    out = root / "stopped" / "pattern.json"
+    argv = ["--quiet", "calibrate", "--model", str(model), "--data", str(data), "--keep", "0.4", "--out", str(out),
+            *SMALL]
+    assert cli.main([*argv, "--max-seconds", "0.001"]) == 0
+    printed = capsys.readouterr().out
+    assert "--max-seconds 0.001" in printed and "--resume" in printed and not out.exists()
+    state = json.loads((out.parent / "pattern.json.state.json").read_text())
+    assert state["baseline_loss"] > 0 and state["steps"] == []
+    assert cli.main([*argv, "--resume"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["pattern"].count("F") == 2 and doc["calibration"]["evaluations"] == 4 + 3 + 2
+    assert not (out.parent / "pattern.json.state.json").exists()
+
+
 def test_overlap_outputs(workspace, capsys):
     root, model, data = workspace
     out = root / "ov"
@@ -91,6 +107,10 @@ def test_bad_arguments_exit_2(workspace, capsys):
         ["eval", "--model", str(model), "--data", str(data), "--pattern", "all-F", "--seq-len", "0"],
         ["calibrate", "--model", str(model), "--data", str(data), "--keep", "1.5", "--out", str(root / "x.json")],
         ["calibrate", "--data", str(data), "--keep", "0.5", "--out", str(root / "x.json")],
+        ["calibrate", "--model", str(model), "--data", str(data), "--keep", "0.5", "--out", str(root / "x.json"),
+         "--in-flight", "2"],
+        ["calibrate", "--model", str(model), "--data", str(data), "--keep", "0.5", "--out", str(root / "x.json"),
+         "--max-seconds", "0"],
         ["eval", "--model", str(root / "missing"), "--data", str(data), "--pattern", "all-F"],
     ]
     for argv in cases:
