@@ -193,8 +193,8 @@ def _document(state, backend, blocks, info, keep, batch_size, options, uniform) 
     return pattern_file.make_document(
         state["pattern"], info, method="greedy", keep_ratio=keep, data=blocks.describe(),
         baseline_loss=state["baseline_loss"], loss=greedy.final_loss(state),
-        steps=[{k: s[k] for k in ("removed", "loss", "pattern", "layer_forwards", "naive_layer_forwards", "seconds")
-               if k in s} for s in state["steps"]],
+        steps=[{k: s[k] for k in ("removed", "loss", "pattern", "candidates", "layer_forwards",
+                                  "naive_layer_forwards", "seconds") if k in s} for s in state["steps"]],
         layer_forwards=state["layer_forwards"], naive_layer_forwards=state["naive_layer_forwards"],
         uniform=uniform, batch_size=batch_size,
         seq_len=int(blocks.input_ids.shape[1]), options=options, seconds=round(state["seconds"], 2),

@@ -2,13 +2,12 @@
 (plain, requests in flight, screened, stopped and resumed inside a step) against the in-process search."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 from dsa_models import micro_model
+from fake_sglang import FakeSGLang, StubServer
 from sglang_indexcache import pattern as pat
 from sglang_indexcache.calibration import greedy
 from sglang_indexcache.calibration.backend import TransformersBackend
@@ -124,75 +123,11 @@ def test_screening_option_is_recorded(backend, blocks, info, tmp_path):
     assert doc["pattern"].count("F") == 2
 
 
-class FakeSGLang(BaseHTTPRequestHandler):
-    """The endpoint contract of a patched SGLang server in calibration mode, scored by a backend."""
-
-    backend = None
-    key = "secret"
-    lock = threading.Lock()
-    active = 0       # /generate requests being answered now
-    max_active = 0   # the most at once (several only when the client keeps requests in flight)
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorised(self):
-        if self.headers.get("Authorization") != f"Bearer {self.key}":
-            self._send(401, {"error": "unauthorised"})
-            return False
-        return True
-
-    def do_GET(self):
-        if self._authorised() and self.path == "/index_cache":
-            b = self.backend
-            self._send(200, {"pattern": b.pattern, "num_layers": b.num_layers, "calibration": True})
-
-    def do_POST(self):
-        if not self._authorised():
-            return
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path == "/index_cache/pattern":
-            self.backend.set_pattern(body["pattern"])
-            self._send(200, {"pattern": self.backend.pattern})
-        elif self.path == "/generate":
-            assert body["return_logprob"] and body["logprob_start_len"] == 0
-            ids = torch.tensor(body["input_ids"])
-            cls = type(self)
-            with cls.lock:
-                cls.active += 1
-                cls.max_active = max(cls.max_active, cls.active)
-            try:
-                with torch.no_grad():
-                    logp = self.backend.model(ids).logits.float().log_softmax(-1)
-            finally:
-                with cls.lock:
-                    cls.active -= 1
-            picked = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-            outs = [{"text": "x", "meta_info": {"input_token_logprobs":
-                     [[None, int(r[0]), None]] + [[float(v), int(t), None] for v, t in zip(p, r[1:])]}}
-                    for p, r in zip(picked.tolist(), ids.tolist())]
-            self._send(200, outs)
-        else:
-            self._send(404, {"error": "no route"})
-
-
 @pytest.fixture
 def fake_server(backend):
-    FakeSGLang.backend = TransformersBackend(micro_model(LAYERS, TOPK, seed=3, scale=3.0))
-    FakeSGLang.max_active = 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = StubServer(TransformersBackend(micro_model(LAYERS, TOPK, seed=3, scale=3.0)))
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")
