@@ -76,7 +76,8 @@ def load_data(args, tokenizer, config):
     if tokenizer is None:
         raise DataError("the model directory has no tokenizer: cannot tokenize --data")
     seq_len = seq_len_for(config, args.seq_len)
-    blocks = load_blocks(args.data, tokenizer, seq_len, args.max_tokens, text_field=args.text_field)
-    log.info("data: %s tokens in %d blocks of %d from %s", blocks.tokens, blocks.input_ids.shape[0],
-             seq_len, args.data)
+    seed = getattr(args, "seed", None)
+    blocks = load_blocks(args.data, tokenizer, seq_len, args.max_tokens, text_field=args.text_field, seed=seed)
+    log.info("data: %s tokens in %d blocks of %d from %s (documents shuffled with seed %s)", blocks.tokens,
+             blocks.input_ids.shape[0], seq_len, args.data, seed)
     return blocks

@@ -41,6 +41,7 @@ def test_calibrate_then_eval_the_file(workspace, capsys):
     assert doc["pattern"].count("F") == 2 and len(cal["steps"]) == 3
     assert {"baseline_loss", "loss", "layer_forwards", "naive_layer_forwards", "data", "keep_ratio"} <= set(cal)
     assert cal["data"]["tokens"] == 512 and cal["layer_forwards"] < cal["naive_layer_forwards"]
+    assert cal["data"]["seed"] == 0 and cal["data"]["sha256"].startswith("sha256:")
     assert (out.parent / "pattern.calibration.png").stat().st_size > 1000
     assert not (out.parent / "pattern.json.state.json").exists()
     assert cli.main(["eval", "--model", str(model), "--data", str(data), "--pattern", str(out), "--json", *SMALL]) == 0
@@ -62,6 +63,22 @@ def test_calibrate_max_seconds_then_resume(workspace, capsys):
     doc = json.loads(out.read_text())
     assert doc["pattern"].count("F") == 2 and doc["calibration"]["evaluations"] == 4 + 3 + 2
     assert not (out.parent / "pattern.json.state.json").exists()
+
+
+def test_seed_shuffles_the_documents_before_the_budget(workspace):
+    from transformers import AutoTokenizer
+
+    from sglang_indexcache.calibration.data import load_blocks
+
+    root, model, _ = workspace
+    rows = root / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 20}) + "\n" for i in range(50)))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ordered = load_blocks(rows, tokenizer, 16, 64)
+    first, again, other = (load_blocks(rows, tokenizer, 16, 64, seed=s) for s in (1, 1, 2))
+    assert ordered.seed is None and first.describe()["seed"] == 1
+    assert first.sha256 == again.sha256 and len({ordered.sha256, first.sha256, other.sha256}) == 3
+    assert first.tokens == ordered.tokens == 64
 
 
 def test_overlap_outputs(workspace, capsys):

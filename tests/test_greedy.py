@@ -2,6 +2,8 @@
 (plain, requests in flight, screened, stopped and resumed inside a step) against the in-process search."""
 
 import json
+import re
+import time
 
 import pytest
 import torch
@@ -217,3 +219,25 @@ def test_server_search_stops_and_resumes_inside_a_step(blocks, info, fake_server
 def test_server_backend_unreachable():
     with pytest.raises(ServerError, match="cannot reach"):
         ServerBackend("http://127.0.0.1:9", timeout_s=2)
+
+
+def test_progress_line_gives_evaluations_best_loss_and_time_left(backend, blocks, info, tmp_path, monkeypatch,
+                                                                 caplog):
+    from sglang_indexcache import progress
+
+    monkeypatch.setattr(progress, "QUIET", False)
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.02)  # off a terminal: a line every 30 s, here faster
+    layer = backend.layer  # slowed a little, so that the timer sees the search half done
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.002)
+        return layer(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "layer", slowed)
+    few = TokenBlocks(blocks.input_ids[:4], "random", "sha256:few", 4 * SEQ)
+    with caplog.at_level("INFO", logger="sglang_indexcache.progress"):
+        calibrate(backend, few, info, 0.6, tmp_path / "p.json", batch_size=2, plot=False)  # 3 steps
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("candidates x batches")]
+    pattern = (r"candidates x batches: \d+/\d+ fwd \(\d+%\), \w+ elapsed, about \w+ left"
+               r" \[step \d: layer \d of 3; \d+ evaluations, step best \d\.\d{5} \(layer \d S\)\]")
+    assert any(re.fullmatch(pattern, line) for line in lines), lines[:5]

@@ -103,7 +103,7 @@ def check_output(flag: str, path, kind: str, force: bool = False, inputs=(), res
 
 
 def add_data_arguments(parser, max_tokens: int | None) -> None:
-    """``--data --text-field --seq-len --max-tokens --batch-size --threads`` (eval, overlap, calibrate)."""
+    """``--data --text-field --seq-len --max-tokens --seed --batch-size --threads`` (eval, overlap, calibrate)."""
     parser.add_argument("--data", required=True, metavar="SRC",
                         help="local .txt/.jsonl/.parquet file or folder (read with datasets), or a hub dataset")
     parser.add_argument("--text-field", default="text", metavar="F", help="column holding the text (default: text)")
@@ -111,6 +111,8 @@ def add_data_arguments(parser, max_tokens: int | None) -> None:
                         help=f"tokens per block (default: {session.DEFAULT_SEQ_LEN}, at most the model's max positions)")
     parser.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
                         help=f"use at most N tokens of the data (default: {max_tokens or 'all'})")
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                        help="shuffle the documents with seed N before taking --max-tokens (default: 0)")
     parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="blocks per forward (default: 4)")
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads for torch (default: 1 when the machine is busy, i.e. load average"
