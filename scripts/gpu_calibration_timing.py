@@ -182,7 +182,8 @@ for _ in range(repeats):
     t = time.perf_counter()
     host[loc.cpu()] = device.cpu()
     times.append(time.perf_counter() - t)
-print(json.dumps({"tokens": tokens, "layers": layers, "topk": topk, "gib": device.numel() * 4 / 2**30, "cuda": cuda,
+print(json.dumps({"tokens": tokens, "layers": layers, "topk": topk, "gib": device.numel() * 4 / 2**30,
+                  "device": torch.cuda.get_device_name() if cuda else "cpu",
                   "times": times, "seconds": sorted(times)[len(times) // 2]}))
 """
 
@@ -237,6 +238,8 @@ def timing(work: Path, budget_s: float = ESTIMATE_S["timing"], cfg: dict = TIMIN
     finally:
         server.stop()
     result["capture"] = capture_cost(work, cfg["seq_len"] * cfg["batch_size"], cfg["layers"])
+    result.update(date=time.strftime("%Y-%m-%d %H:%M %Z"), device=result["capture"].get("device"),
+                  command="python3 scripts/gpu_calibration_timing.py --phases timing --out $OUT")
     result["agree"] = same_candidates(result["runs"]["plain"], result["runs"]["in_flight"])
     live.check("timing: the in-flight run scored the plain run's candidates the same", result["agree"]["same"],
                result["agree"])
@@ -322,7 +325,8 @@ def main() -> int:
     parser.add_argument("--phases", default="timing", help=f"comma-separated, of {', '.join(PHASES)}")
     parser.add_argument("--out", required=True, help="results folder ($OUT on the device machine)")
     parser.add_argument("--work", default="/tmp/ic-work", help="logs and JSON (kept between calls)")
-    parser.add_argument("--budget", type=float, default=sum(ESTIMATE_S.values()), help="seconds this call may take")
+    parser.add_argument("--budget", type=float, default=sum(ESTIMATE_S.values()),
+                        help="seconds this call may take; each phase takes at most its ESTIMATE_S")
     args = parser.parse_args()
     names = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not names or any(p not in PHASES for p in names):
@@ -338,7 +342,8 @@ def main() -> int:
         live.setup(work)
         for name in names:
             left = deadline - time.time()
-            live.RESULTS[name] = PHASES[name](work, left if name == names[-1] else min(left, ESTIMATE_S[name]))
+            live.RESULTS[name] = PHASES[name](work, min(left, ESTIMATE_S[name]))
+            (out / f"calibration_{name}.json").write_text(json.dumps(live.RESULTS[name], indent=1))
     finally:
         live.pack(out, work, ["calibration", *names])
     failed = [c["name"] for c in live.RESULTS["checks"] if not c["ok"]]

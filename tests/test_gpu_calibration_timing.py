@@ -77,7 +77,8 @@ def test_timing_phase_plumbing(local_live, tmp_path):
     assert result["agree"]["same"] and result["agree"]["common"] >= 1
     assert result["capture"]["layers"] == 4 and result["capture"]["seconds"] >= 0
     assert json.loads((tmp_path / "work" / "timing" / "calibration_timing.json").read_text())["setup"] == setup
-    text = cost.report(dict(result, date="test", device="CPU"))
+    assert result["device"] == "cpu"
+    text = cost.report(result)
     assert "| plain (`--in-flight 1`) |" in text and "GLM-5, TP 8" in text
 
 
@@ -108,3 +109,9 @@ def test_search_shape_and_prefix_reuse():
 def test_model_cli_refuses_a_missing_file(tmp_path, capsys):
     assert cost.main([str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_unknown_phase_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, str(Path(phase.__file__)), "--phases", "bench", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--phases takes timing, compare" in proc.stderr
