@@ -257,13 +257,15 @@ def same_candidates(a: dict, b: dict) -> dict:
 
 
 def _losses(run: dict) -> dict:
-    """(pattern the step started from, candidate key) -> mean loss, from steps and the partial step."""
-    out = {}
+    """(pattern the step started from, candidate) -> mean loss, from the steps and the partial step."""
+    out, before = {}, None
     for step in run.get("steps", []):
+        before = before or "F" * len(step["pattern"])  # every search here starts from all F
         for j, loss in (step.get("candidates") or {}).items():
-            out[(step["pattern"], "step", j)] = loss
-    for key, entry in (run.get("candidates") or {}).items():
-        out[("partial", key)] = entry[0]
+            out[(before, j)] = loss
+        before = step["pattern"]
+    for key, entry in (run.get("candidates") or {}).items():  # "j:batches" (no screening here: all)
+        out[(run["pattern"], key.split(":")[0])] = entry[0]
     if run.get("baseline_loss") is not None:
         out[("baseline",)] = run["baseline_loss"]
     return out
