@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 
-from .. import checkpoint_writer, checks, pattern_file
+from .. import checkpoint_writer, pattern_file
+from ..errors import UsageError
 
 
 def add_arguments(parser):
@@ -29,7 +30,10 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
-    checks.positive_ints({"--" + name: getattr(args, name) for name in ("hidden", "layers", "intermediate")})
+    for name in ("hidden", "layers", "intermediate"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name} must be positive, got {value}")
     pattern = pattern_file.resolve(args.pattern, args.layers) if args.pattern else None
     intermediate = args.intermediate or args.hidden * 11 // 4
     summary = checkpoint_writer.write_checkpoint(
