@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -95,10 +96,15 @@ def add_indexer_tensors(work: Path, path: Path, record: dict) -> None:
 
 
 def random_checkpoint(work: Path, name: str, layers: int, hidden: int) -> Path:
+    """make-checkpoint with random weights (seed 0), or the live runner's identical one if written."""
+    args = ["--hidden", str(hidden), "--layers", str(layers), "--flavour", "plain"]
+    for other, other_args in live.CHECKPOINTS.items():
+        if other_args == args and (live.CK / other / "model.safetensors.index.json").is_file():
+            return live.CK / other
     path = live.CK / name
-    if not (path / "config.json").is_file():
-        made = live.indexcache("make-checkpoint", path, "--layers", layers, "--hidden", hidden, "--weights", "random",
-                               "--device", "cuda")
+    if not (path / "model.safetensors.index.json").is_file():  # written last: the checkpoint is whole
+        shutil.rmtree(path, ignore_errors=True)  # a half-written one from an interrupted call
+        made = live.indexcache("make-checkpoint", path, *args, "--weights", "random", "--device", "cuda")
         (work / f"make_checkpoint_{name}.log").write_text(made.stdout + made.stderr)
         live.check(f"{name}: random-weight checkpoint written", made.returncode == 0, made.stderr[-800:])
     return path
