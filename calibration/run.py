@@ -126,11 +126,13 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
         greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=bars,
                           screen_batches=screen_batches, screen_top=screen_top)
     except (KeyboardInterrupt, SearchStopped) as exc:
+        why = "stopped (--max-seconds)" if isinstance(exc, SearchStopped) else "interrupted"
         if consistent(state):
             save(step_done=False)
-        log.warning("%s: %d steps and %d candidates of the next saved in %s; rerun with --resume",
-                    "stopped (--max-seconds)" if isinstance(exc, SearchStopped) else "interrupted",
-                    len(state["steps"]), len(state["partial"]["results"]), side)
+            log.warning("%s: %d steps and %d candidates of the next saved in %s; rerun with --resume", why,
+                        len(state["steps"]), len(state["partial"]["results"]), side)
+        else:  # caught between a commit and its step record: the last saved state stands
+            log.warning("%s: %s holds the search up to its last save; rerun with --resume", why, side)
         raise
     finally:
         bars.close()
