@@ -2,7 +2,9 @@
 
 ``SRC`` is a local ``.txt`` / ``.jsonl`` / ``.parquet`` file, a folder of such files (one kind), or a
 hub dataset name where the network allows. ``.txt`` files are read one document per file; jsonl and
-parquet one document per row, from ``text_field`` (default ``text``).
+parquet one document per row, from ``text_field`` (default ``text``). With a ``seed`` the documents
+are shuffled (``random.Random(seed)``) before the token budget is taken, so a budget smaller than
+the source samples all of it, the same way for the same seed.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +30,14 @@ class TokenBlocks:
     source: str
     sha256: str           # hash of the token ids, so a pattern file names exactly its data
     tokens: int
+    seed: int | None = None  # the documents' shuffle (None: the source's order)
 
     def batches(self, batch_size: int):
         for start in range(0, self.input_ids.shape[0], batch_size):
             yield self.input_ids[start:start + batch_size]
 
     def describe(self) -> dict:
-        return {"source": self.source, "sha256": self.sha256, "tokens": self.tokens}
+        return {"source": self.source, "sha256": self.sha256, "tokens": self.tokens, "seed": self.seed}
 
 
 def _local_files(path: Path) -> tuple[str, list[str]]:
@@ -125,7 +129,11 @@ def tokenize_blocks(texts, tokenizer, seq_len: int, max_tokens: int | None = Non
 
 
 def load_blocks(source, tokenizer, seq_len: int, max_tokens: int | None = None,
-                text_field: str = "text") -> TokenBlocks:
-    """``load_texts`` + ``tokenize_blocks``."""
+                text_field: str = "text", seed: int | None = None) -> TokenBlocks:
+    """``load_texts``, the documents shuffled with ``seed`` (if given), then ``tokenize_blocks``."""
     texts = load_texts(source, text_field)
-    return tokenize_blocks(texts, tokenizer, seq_len, max_tokens, source=str(source))
+    if seed is not None:
+        random.Random(seed).shuffle(texts)
+    blocks = tokenize_blocks(texts, tokenizer, seq_len, max_tokens, source=str(source))
+    blocks.seed = seed
+    return blocks

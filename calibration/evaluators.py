@@ -14,7 +14,8 @@ For a large model keep ``--max-tokens`` modest or use the ``--url`` backend, whi
 forwards (no cache, naive cost).
 
 :class:`PatternEvaluator` (any backend with ``set_pattern`` + per-batch scoring, e.g. an SGLang
-server) evaluates every candidate with whole forwards.
+server) evaluates every candidate with whole forwards; a backend with ``batches_nll`` (the server
+backend) gets all of a candidate's batches in one call, to keep several requests in flight.
 
 Cost is counted in layer-forwards: one decoder layer applied to one batch.
 """
@@ -63,14 +64,25 @@ class PatternEvaluator(_Evaluator):
         return self.loss_of(pattern, range(len(self.batches)), what)[0]
 
     def loss_of(self, pattern, batch_ids, what):
+        """Sums in batch order whether or not the backend keeps several requests in flight."""
         self.backend.set_pattern(pattern)
+        batch_ids = list(batch_ids)
         nll, tokens = 0.0, 0
-        for b in batch_ids:
-            part, count = self.backend.batch_nll(self.batches[b])
-            check_finite(part, f"{what} (batch {b})")
-            nll, tokens = nll + part, tokens + count
+
+        def done(i, result):
             self.layer_forwards += self.num_layers
             self.tick()
+            check_finite(result[0], f"{what} (batch {batch_ids[i]})")
+
+        if hasattr(self.backend, "batches_nll"):
+            results = self.backend.batches_nll([self.batches[b] for b in batch_ids], on_done=done)
+        else:
+            results = []
+            for i, b in enumerate(batch_ids):
+                results.append(self.backend.batch_nll(self.batches[b]))
+                done(i, results[-1])
+        for part, count in results:
+            nll, tokens = nll + part, tokens + count
         return nll / tokens, nll, tokens
 
     def candidate(self, j, batch_ids, what, save_at=None):

@@ -1,16 +1,18 @@
 """``indexcache calibrate`` as a library call: resumable greedy search -> pattern file + plot.
 
-The search state is written atomically to ``OUT.state.json`` after every step; ``resume=True``
-continues from it (same model fingerprint, data hash, keep ratio and options required) and reaches
-the same pattern. The state file is removed once the pattern file is written.
+The search state is written atomically to ``OUT.state.json`` after every step, and every
+``SAVE_EVERY_S`` seconds while a step's candidates are scored (with the candidates scored so far,
+:mod:`.recorder`); ``resume=True`` continues from it (same model fingerprint, data hash, keep ratio
+and options required) and reaches the same pattern, re-using those candidates. ``max_seconds``
+stops the search at an evaluation boundary with the state saved. The state file is removed once
+the pattern file is written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
-from types import SimpleNamespace
+import time
 
 from sglang_indexcache import pattern as pat
 from sglang_indexcache import pattern_file, progress
@@ -19,6 +21,7 @@ from sglang_indexcache.errors import UsageError
 
 from . import greedy
 from .paths import plot_path, state_path  # noqa: F401 (re-exported)
+from .recorder import RecordingEvaluator, SearchStopped, consistent
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +73,25 @@ def uniform_at(num_layers: int, keep: float) -> str:
     return pat.uniform(num_layers, max(1, int(round(1.0 / keep))))
 
 
+SAVE_EVERY_S = 2.0  # the state is rewritten at most this often while a step's candidates are scored
+
+
+def _partial_ticks(state, num_batches: int) -> int:
+    """Candidate x batch evaluations already recorded for the current step (skipped on resume)."""
+    partial = state.get("partial") or {}
+    if partial.get("pattern") != state["pattern"]:
+        return 0
+    return sum(len(key.split(":")[1].split(",")) for key in partial.get("results", {}))
+
+
 def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=4, screen_batches=None,
-              screen_top=3, plot=True, on_step=None) -> dict:
+              screen_top=3, plot=True, on_step=None, max_seconds=None) -> dict:
     """Run the greedy search and write the pattern file ``out`` (+ :func:`plot_path` beside it).
 
     ``backend``: TransformersBackend (prefix reuse) or a server backend (whole forwards);
     ``blocks``: TokenBlocks; ``info``: ModelInfo. Returns the pattern-file document.
+    ``max_seconds``: stop before starting an evaluation after that long, save the state (with the
+    step's scored candidates) and raise :class:`SearchStopped`; ``resume=True`` continues.
     """
     if not 0.0 < keep <= 1.0:
         raise UsageError(f"--keep must be in (0, 1], got {keep}")
@@ -85,47 +101,45 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     state = load_or_create_state(out, resume, keep, options, identity)
     batches = list(blocks.batches(batch_size))
     target = greedy.target_full(backend.num_layers, keep)
-    steps_total = max(0, state["start_pattern"].count(pat.FULL) - target)
     side = state_path(out)
+    saved = {"at": time.monotonic()}
+    timings_before = dict(state.get("server_timings") or {})  # earlier runs of a resumed search
 
-    def save(current):
+    def save(current=state, step_done=True):
+        _add_server_timings(current, backend, timings_before)
         atomic_write_text(side, json.dumps(current, indent=1) + "\n")
-        if on_step is not None:
+        saved["at"] = time.monotonic()
+        if step_done and on_step is not None:
             on_step(current)
 
-    ticks = expected_ticks(state["pattern"].count(pat.FULL), target, len(batches), screen_batches, screen_top)
-    candidates_bar = progress.bar(total=ticks, desc="candidates x batches", unit="fwd", position=1)
-    evaluator = greedy.make_evaluator(backend, batches, tick=lambda: candidates_bar.update(1))
-    steps_bar = progress.bar(total=steps_total, initial=len(state["steps"]), desc=f"greedy keep {keep:g}",
-                             unit="step", position=0, log_lines=False)
+    def recorded():
+        if time.monotonic() - saved["at"] >= SAVE_EVERY_S:
+            save(step_done=False)
+        bars.refresh()
 
-    def postfix(text):  # the step and candidate on both bars: in a log only the evaluations' bar reports
-        steps_bar.set_postfix_str(text)
-        candidates_bar.set_postfix_str(f"{text} of {state['start_pattern'].count(pat.FULL) - target}")
-
-    steps = SimpleNamespace(set_postfix_str=postfix, update=steps_bar.update)
+    bars = _Bars(state, target, len(batches), keep, screen_batches, screen_top)
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    evaluator = RecordingEvaluator(greedy.make_evaluator(backend, batches, tick=bars.tick), state, len(batches),
+                                   on_result=recorded, deadline=deadline)
+    bars.recorder = evaluator
     try:
-        greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=steps,
+        greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=bars,
                           screen_batches=screen_batches, screen_top=screen_top)
-    except KeyboardInterrupt:
-        if state["steps"]:
-            log.warning("interrupted: %d steps saved in %s; rerun with --resume", len(state["steps"]), side)
+    except (KeyboardInterrupt, SearchStopped) as exc:
+        why = "stopped (--max-seconds)" if isinstance(exc, SearchStopped) else "interrupted"
+        if consistent(state):
+            save(step_done=False)
+            log.warning("%s: %d steps and %d candidates of the next saved in %s; rerun with --resume", why,
+                        len(state["steps"]), len(state["partial"]["results"]), side)
+        else:  # caught between a commit and its step record: the last saved state stands
+            log.warning("%s: %s holds the search up to its last save; rerun with --resume", why, side)
         raise
     finally:
-        steps_bar.close()
-        candidates_bar.close()
+        bars.close()
     uniform = uniform_at(backend.num_layers, keep)
-    uniform_loss = evaluator_loss(backend, batches, uniform)
-    document = pattern_file.make_document(
-        state["pattern"], info, method="greedy", keep_ratio=keep, data=blocks.describe(),
-        baseline_loss=state["baseline_loss"], loss=greedy.final_loss(state),
-        steps=[{k: s[k] for k in ("removed", "loss", "pattern", "layer_forwards", "naive_layer_forwards", "seconds")
-               if k in s} for s in state["steps"]],
-        layer_forwards=state["layer_forwards"], naive_layer_forwards=state["naive_layer_forwards"],
-        uniform={"pattern": uniform, "loss": uniform_loss}, batch_size=batch_size,
-        seq_len=int(blocks.input_ids.shape[1]), options=options, seconds=round(state["seconds"], 2),
-        backend=type(backend).__name__,
-    )
+    uniform = {"pattern": uniform, "loss": evaluator_loss(backend, batches, uniform)}
+    _add_server_timings(state, backend, timings_before)
+    document = _document(state, backend, blocks, info, keep, batch_size, options, uniform)
     pattern_file.write(out, document)
     side.unlink(missing_ok=True)
     if plot:
@@ -133,6 +147,61 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
 
         plot_calibration(document, plot_path(out))
     return document
+
+
+def _add_server_timings(state, backend, base: dict) -> None:
+    """Per-stage server times (``ServerTimings``) of this run added to the earlier runs' ``base``."""
+    timings = getattr(backend, "timings", None)
+    if timings is None:
+        return
+    total = {k: base.get(k, 0) + v for k, v in timings.as_dict().items()}
+    state["server_timings"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in total.items()}
+
+
+class _Bars:
+    """The two progress bars (steps; candidate x batch evaluations) and their shared postfix."""
+
+    def __init__(self, state, target, num_batches, keep, screen_batches, screen_top):
+        self.state, self.recorder, self.text = state, None, ""
+        self.steps_total = max(0, state["start_pattern"].count(pat.FULL) - target)
+        ticks = expected_ticks(state["pattern"].count(pat.FULL), target, num_batches, screen_batches, screen_top)
+        ticks -= _partial_ticks(state, num_batches)
+        self.candidates = progress.bar(total=ticks, desc="candidates x batches", unit="fwd", position=1)
+        self.steps = progress.bar(total=self.steps_total, initial=len(state["steps"]), desc=f"greedy keep {keep:g}",
+                                  unit="step", position=0, log_lines=False)
+
+    def tick(self):
+        self.candidates.update(1)
+
+    def set_postfix_str(self, text):  # in a log only the evaluations' bar reports: it carries everything
+        self.text = text
+        self.refresh()
+
+    def refresh(self):
+        self.steps.set_postfix_str(self.text)
+        extra = f"; {self.recorder.postfix()}" if self.recorder is not None else ""
+        self.candidates.set_postfix_str(f"{self.text} of {self.steps_total}{extra}")
+
+    def update(self, n=1):
+        self.steps.update(n)
+
+    def close(self):
+        self.steps.close()
+        self.candidates.close()
+
+
+def _document(state, backend, blocks, info, keep, batch_size, options, uniform) -> dict:
+    extra = {"server_timings": state["server_timings"]} if "server_timings" in state else {}
+    return pattern_file.make_document(
+        state["pattern"], info, method="greedy", keep_ratio=keep, data=blocks.describe(),
+        baseline_loss=state["baseline_loss"], loss=greedy.final_loss(state),
+        steps=[{k: s[k] for k in ("removed", "loss", "pattern", "candidates", "layer_forwards",
+                                  "naive_layer_forwards", "seconds") if k in s} for s in state["steps"]],
+        layer_forwards=state["layer_forwards"], naive_layer_forwards=state["naive_layer_forwards"],
+        uniform=uniform, batch_size=batch_size,
+        seq_len=int(blocks.input_ids.shape[1]), options=options, seconds=round(state["seconds"], 2),
+        evaluations=state.get("evaluations", 0), backend=type(backend).__name__, **extra,
+    )
 
 
 def evaluator_loss(backend, batches, pattern: str) -> float:

@@ -1,35 +1,19 @@
-"""Shared set-up of the model-driven commands (eval, overlap, calibrate): backend + token blocks."""
+"""Shared set-up of the model-driven commands (eval, overlap, calibrate): backend + token blocks.
+
+Their data flags (``--data --text-field --seq-len --max-tokens --batch-size --threads``) are declared
+in ``commands/options.py``; this module checks the values again for library callers.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 
-from sglang_indexcache.commands.options import positive_int
+from sglang_indexcache import checks
 from sglang_indexcache.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 DEFAULT_SEQ_LEN = 1024
-
-
-def add_data_arguments(parser, max_tokens: int | None) -> None:
-    """``--data --text-field --seq-len --max-tokens --batch-size`` (shared by eval/overlap/calibrate)."""
-    parser.add_argument("--data", required=True, metavar="SRC",
-                        help="local .txt/.jsonl/.parquet file or folder (read with datasets), or a hub dataset")
-    parser.add_argument("--text-field", default="text", metavar="F", help="column holding the text (default: text)")
-    parser.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
-                        help=f"tokens per block (default: {DEFAULT_SEQ_LEN}, at most the model's max positions)")
-    parser.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
-                        help=f"use at most N tokens of the data (default: {max_tokens or 'all'})")
-    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="blocks per forward (default: 4)")
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="CPU threads for torch (default: 1 when the machine is busy, i.e. load average"
-                             " >= cores - 1, else torch's)")
-
-
-def check_positive(name: str, value) -> None:
-    if value is not None and value <= 0:
-        raise UsageError(f"{name} must be a positive integer, got {value}")
 
 
 def seq_len_for(config, seq_len: int | None) -> int:
@@ -60,7 +44,7 @@ def set_threads(threads: int | None) -> None:
     """torch's CPU threads: ``threads``, or by default 1 on a busy CPU-only machine, else torch's own."""
     import torch
 
-    check_positive("--threads", threads)
+    checks.positive_ints({"--threads": threads})
     if threads is None and not torch.cuda.is_available() and busy_cpu():
         threads = 1
         log.info("the CPU is busy (load average %.1f on %d cores): 1 torch thread (--threads N to choose)",
@@ -87,12 +71,13 @@ def load_data(args, tokenizer, config):
     """Token blocks of ``args.data`` for a model; DataError on anything unusable."""
     from .data import load_blocks
 
-    for name in ("seq_len", "max_tokens", "batch_size", "threads"):
-        check_positive("--" + name.replace("_", "-"), getattr(args, name, None))
+    checks.positive_ints({"--" + name.replace("_", "-"): getattr(args, name, None)
+                          for name in ("seq_len", "max_tokens", "batch_size", "threads")})
     if tokenizer is None:
         raise DataError("the model directory has no tokenizer: cannot tokenize --data")
     seq_len = seq_len_for(config, args.seq_len)
-    blocks = load_blocks(args.data, tokenizer, seq_len, args.max_tokens, text_field=args.text_field)
-    log.info("data: %s tokens in %d blocks of %d from %s", blocks.tokens, blocks.input_ids.shape[0],
-             seq_len, args.data)
+    seed = getattr(args, "seed", None)
+    blocks = load_blocks(args.data, tokenizer, seq_len, args.max_tokens, text_field=args.text_field, seed=seed)
+    log.info("data: %s tokens in %d blocks of %d from %s (documents shuffled with seed %s)", blocks.tokens,
+             blocks.input_ids.shape[0], seq_len, args.data, seed)
     return blocks

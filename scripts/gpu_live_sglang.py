@@ -333,9 +333,10 @@ def switch_under_load(work: Path, seconds: float = 25.0, clients: int = 16) -> N
 
 def calibration_checks(work: Path) -> None:
     server = Server(work, "calibration", CK / "plain",
-                    # --max-total-tokens: the indexer top-k capture that calibration mode turns on keeps a
-                    # pinned host buffer of (KV tokens x layers x top-k) int32, 64 KiB per token here
-                    ["--index-cache-calibration", "--admin-api-key", KEY, "--enable-metrics",
+                    # --enable-return-indexer-topk for /index_cache/overlap; --max-total-tokens: that capture
+                    # keeps a pinned host buffer of (KV tokens x layers x top-k) int32, 64 KiB per token here
+                    ["--index-cache-calibration", "--enable-return-indexer-topk", "--admin-api-key", KEY,
+                     "--enable-metrics",
                      "--context-length", "32768", "--max-total-tokens", "65536", "--mem-fraction-static", "0.6"])
     try:
         if not server.wait_healthy():

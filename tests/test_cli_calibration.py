@@ -41,11 +41,44 @@ def test_calibrate_then_eval_the_file(workspace, capsys):
     assert doc["pattern"].count("F") == 2 and len(cal["steps"]) == 3
     assert {"baseline_loss", "loss", "layer_forwards", "naive_layer_forwards", "data", "keep_ratio"} <= set(cal)
     assert cal["data"]["tokens"] == 512 and cal["layer_forwards"] < cal["naive_layer_forwards"]
+    assert cal["data"]["seed"] == 0 and cal["data"]["sha256"].startswith("sha256:")
     assert (out.parent / "pattern.calibration.png").stat().st_size > 1000
     assert not (out.parent / "pattern.json.state.json").exists()
     assert cli.main(["eval", "--model", str(model), "--data", str(data), "--pattern", str(out), "--json", *SMALL]) == 0
     result = json.loads(capsys.readouterr().out)["results"][0]
     assert result["pattern"] == doc["pattern"] and result["loss"] == pytest.approx(cal["loss"], rel=1e-6)
+
+
+def test_calibrate_max_seconds_then_resume(workspace, capsys):
+    root, model, data = workspace
+    out = root / "stopped" / "pattern.json"
+    argv = ["--quiet", "calibrate", "--model", str(model), "--data", str(data), "--keep", "0.4", "--out", str(out),
+            *SMALL]
+    assert cli.main([*argv, "--max-seconds", "0.001"]) == 0
+    printed = capsys.readouterr().out
+    assert "--max-seconds 0.001" in printed and "--resume" in printed and not out.exists()
+    state = json.loads((out.parent / "pattern.json.state.json").read_text())
+    assert state["baseline_loss"] > 0 and state["steps"] == []
+    assert cli.main([*argv, "--resume"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["pattern"].count("F") == 2 and doc["calibration"]["evaluations"] == 4 + 3 + 2
+    assert not (out.parent / "pattern.json.state.json").exists()
+
+
+def test_seed_shuffles_the_documents_before_the_budget(workspace):
+    from transformers import AutoTokenizer
+
+    from sglang_indexcache.calibration.data import load_blocks
+
+    root, model, _ = workspace
+    rows = root / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 20}) + "\n" for i in range(50)))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ordered = load_blocks(rows, tokenizer, 16, 64)
+    first, again, other = (load_blocks(rows, tokenizer, 16, 64, seed=s) for s in (1, 1, 2))
+    assert ordered.seed is None and first.describe()["seed"] == 1
+    assert first.sha256 == again.sha256 and len({ordered.sha256, first.sha256, other.sha256}) == 3
+    assert first.tokens == ordered.tokens == 64
 
 
 def test_overlap_outputs(workspace, capsys):
@@ -91,6 +124,10 @@ def test_bad_arguments_exit_2(workspace, capsys):
         ["eval", "--model", str(model), "--data", str(data), "--pattern", "all-F", "--seq-len", "0"],
         ["calibrate", "--model", str(model), "--data", str(data), "--keep", "1.5", "--out", str(root / "x.json")],
         ["calibrate", "--data", str(data), "--keep", "0.5", "--out", str(root / "x.json")],
+        ["calibrate", "--model", str(model), "--data", str(data), "--keep", "0.5", "--out", str(root / "x.json"),
+         "--in-flight", "2"],
+        ["calibrate", "--model", str(model), "--data", str(data), "--keep", "0.5", "--out", str(root / "x.json"),
+         "--max-seconds", "0"],
         ["eval", "--model", str(root / "missing"), "--data", str(data), "--pattern", "all-F"],
     ]
     for argv in cases:

@@ -1,18 +1,21 @@
-"""Greedy calibration: exact versus a naive search, cheaper, resumable, clear on NaN; server backend."""
+"""Greedy calibration: exact versus a naive search, cheaper, resumable, clear on NaN; the server backend
+(plain, requests in flight, screened, stopped and resumed inside a step) against the in-process search."""
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import re
+import time
 
 import pytest
 import torch
 
 from dsa_models import micro_model
+from fake_sglang import FakeSGLang, StubServer
 from sglang_indexcache import pattern as pat
 from sglang_indexcache.calibration import greedy
 from sglang_indexcache.calibration.backend import TransformersBackend
 from sglang_indexcache.calibration.data import TokenBlocks
 from sglang_indexcache.calibration.evaluators import NonFiniteLossError
+from sglang_indexcache.calibration.recorder import SearchStopped
 from sglang_indexcache.calibration.run import calibrate, state_path
 from sglang_indexcache.calibration.server_backend import ServerBackend, ServerError
 from sglang_indexcache.model_info import ModelInfo
@@ -32,10 +35,14 @@ def blocks():
     return TokenBlocks(ids, "random", "sha256:test", ids.numel())
 
 
+def model_info(path):
+    config = {"num_hidden_layers": LAYERS, "index_topk": TOPK, "index_n_heads": 4, "model_type": "glm_moe_dsa"}
+    return ModelInfo(path, config, {f"model.layers.{i}.self_attn.indexer.wk.weight": [32, 64] for i in range(LAYERS)})
+
+
 @pytest.fixture
 def info(tmp_path):
-    config = {"num_hidden_layers": LAYERS, "index_topk": TOPK, "index_n_heads": 4, "model_type": "glm_moe_dsa"}
-    return ModelInfo(tmp_path, config, {f"model.layers.{i}.self_attn.indexer.wk.weight": [32, 64] for i in range(LAYERS)})
+    return model_info(tmp_path)
 
 
 def naive_greedy(backend, ids, keep, batch_size):
@@ -118,79 +125,119 @@ def test_screening_option_is_recorded(backend, blocks, info, tmp_path):
     assert doc["pattern"].count("F") == 2
 
 
-class FakeSGLang(BaseHTTPRequestHandler):
-    """The endpoint contract of a patched SGLang server in calibration mode, scored by a backend."""
-
-    backend = None
-    key = "secret"
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _authorised(self):
-        if self.headers.get("Authorization") != f"Bearer {self.key}":
-            self._send(401, {"error": "unauthorised"})
-            return False
-        return True
-
-    def do_GET(self):
-        if self._authorised() and self.path == "/index_cache":
-            b = self.backend
-            self._send(200, {"pattern": b.pattern, "num_layers": b.num_layers, "calibration": True})
-
-    def do_POST(self):
-        if not self._authorised():
-            return
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if self.path == "/index_cache/pattern":
-            self.backend.set_pattern(body["pattern"])
-            self._send(200, {"pattern": self.backend.pattern})
-        elif self.path == "/generate":
-            assert body["return_logprob"] and body["logprob_start_len"] == 0
-            ids = torch.tensor(body["input_ids"])
-            with torch.no_grad():
-                logp = self.backend.model(ids).logits.float().log_softmax(-1)
-            picked = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-            outs = [{"text": "x", "meta_info": {"input_token_logprobs":
-                     [[None, int(r[0]), None]] + [[float(v), int(t), None] for v, t in zip(p, r[1:])]}}
-                    for p, r in zip(picked.tolist(), ids.tolist())]
-            self._send(200, outs)
-        else:
-            self._send(404, {"error": "no route"})
-
-
 @pytest.fixture
 def fake_server(backend):
-    FakeSGLang.backend = TransformersBackend(micro_model(LAYERS, TOPK, seed=3, scale=3.0))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLang)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = StubServer(TransformersBackend(micro_model(LAYERS, TOPK, seed=3, scale=3.0)))
+    yield server.url
+    server.stop()
 
 
-def test_server_backend_search_equals_in_process(backend, blocks, info, fake_server, tmp_path):
+@pytest.fixture(scope="module")
+def local_docs(backend, blocks, tmp_path_factory):
+    """The in-process search (exact prefix reuse), plain and screened, for the server tests."""
+    root = tmp_path_factory.mktemp("local")
+    info = model_info(root)
+    plain = calibrate(backend, blocks, info, 0.3, root / "local.json", batch_size=2, plot=False)
+    screened = calibrate(backend, blocks, info, 0.3, root / "screened.json", batch_size=2, screen_batches=1,
+                         screen_top=2, plot=False)
+    return {"plain": plain, "screened": screened}
+
+
+def same_search(served, local):
+    """The same flips in the same order, the same losses (float32 forwards on either side)."""
+    got, want = served["calibration"], local["calibration"]
+    assert served["pattern"] == local["pattern"]
+    assert [s["removed"] for s in got["steps"]] == [s["removed"] for s in want["steps"]]
+    assert [s["loss"] for s in got["steps"]] == pytest.approx([s["loss"] for s in want["steps"]], rel=1e-5)
+
+
+def test_server_backend_search_equals_in_process(backend, blocks, info, fake_server, local_docs, tmp_path):
     with pytest.raises(ServerError, match="API/admin key"):
         ServerBackend(fake_server)
     remote = ServerBackend(fake_server, api_key="secret", num_layers=LAYERS)
     backend.set_pattern(pat.FULL * LAYERS)
     assert remote.loss(blocks, 2).mean == pytest.approx(backend.loss(blocks, 2).mean, rel=1e-5)
-    local = calibrate(backend, blocks, info, 0.3, tmp_path / "local.json", batch_size=2, plot=False)
     served = calibrate(remote, blocks, info, 0.3, tmp_path / "served.json", batch_size=2, plot=False)
-    assert served["pattern"] == local["pattern"]
-    assert served["calibration"]["loss"] == pytest.approx(local["calibration"]["loss"], rel=1e-5)
-    assert served["calibration"]["backend"] == "ServerBackend"
-    assert served["calibration"]["layer_forwards"] == served["calibration"]["naive_layer_forwards"]
+    same_search(served, local_docs["plain"])
+    cal = served["calibration"]
+    assert cal["backend"] == "ServerBackend"
+    assert cal["layer_forwards"] == cal["naive_layer_forwards"]
+    # baseline + 6+5+4+3+2 candidates + uniform, 3 requests of 2 blocks each; one switch per pattern
+    timings = cal["server_timings"]
+    assert cal["evaluations"] == 20 and timings["requests"] == 3 * (1 + 20 + 1) + 3  # + the loss() above
+    assert timings["prompt_tokens"] == timings["requests"] * 2 * SEQ and timings["switches"] >= 21
+    assert FakeSGLang.max_active == 1
+
+
+def test_server_search_in_flight_and_screened_equals_in_process(blocks, info, fake_server, local_docs, tmp_path):
+    remote = ServerBackend(fake_server, api_key="secret", num_layers=LAYERS, in_flight=3)
+    served = calibrate(remote, blocks, info, 0.3, tmp_path / "fast.json", batch_size=2, plot=False)
+    same_search(served, local_docs["plain"])
+    assert FakeSGLang.max_active >= 2  # the three requests of a candidate overlapped
+    screened = calibrate(remote, blocks, info, 0.3, tmp_path / "screened.json", batch_size=2, screen_batches=1,
+                         screen_top=2, plot=False)
+    same_search(screened, local_docs["screened"])
+    assert screened["calibration"]["options"] == {"screen_batches": 1, "screen_top": 2}
+
+
+class InterruptedBackend(ServerBackend):
+    """A server backend whose ``calls``-th /generate request never happens (Ctrl-C instead)."""
+
+    calls = None
+
+    def _score(self, input_ids):
+        if self.calls is not None:
+            self.calls -= 1
+            if self.calls < 0:
+                raise KeyboardInterrupt
+        return super()._score(input_ids)
+
+
+def test_server_search_stops_and_resumes_inside_a_step(blocks, info, fake_server, local_docs, tmp_path):
+    out = tmp_path / "p.json"
+    first = ServerBackend(fake_server, api_key="secret", num_layers=LAYERS)
+    with pytest.raises(SearchStopped):  # a deadline already passed: the baseline, then stop
+        calibrate(first, blocks, info, 0.3, out, batch_size=2, plot=False, max_seconds=0)
+    saved = json.loads(state_path(out).read_text())
+    assert saved["baseline_loss"] is not None and saved["steps"] == [] and saved["partial"]["results"] == {}
+    second = InterruptedBackend(fake_server, api_key="secret", num_layers=LAYERS)
+    second.calls = 3 + 2 * 3  # the resumed baseline, two candidates of step 1, then Ctrl-C
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(second, blocks, info, 0.3, out, resume=True, batch_size=2, plot=False)
+    saved = json.loads(state_path(out).read_text())
+    assert sorted(saved["partial"]["results"]) == ["5:0,1,2", "6:0,1,2"] and saved["evaluations"] == 2
+    third = ServerBackend(fake_server, api_key="secret", num_layers=LAYERS, in_flight=2)
+    resumed = calibrate(third, blocks, info, 0.3, out, resume=True, batch_size=2, plot=False)
+    same_search(resumed, local_docs["plain"])
+    # the two recorded candidates were not scored again: baseline + 18 candidates + uniform
+    assert third.timings.requests == 3 * (1 + 18 + 1)
+    assert resumed["calibration"]["evaluations"] == 20 and not state_path(out).exists()
+    timings = resumed["calibration"]["server_timings"]
+    assert timings["requests"] == 3 * (1 + 1 + 2 + 1 + 18 + 1)  # the three runs together
 
 
 def test_server_backend_unreachable():
     with pytest.raises(ServerError, match="cannot reach"):
         ServerBackend("http://127.0.0.1:9", timeout_s=2)
+
+
+def test_progress_line_gives_evaluations_best_loss_and_time_left(backend, blocks, info, tmp_path, monkeypatch,
+                                                                 caplog):
+    from sglang_indexcache import progress
+
+    monkeypatch.setattr(progress, "QUIET", False)
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.02)  # off a terminal: a line every 30 s, here faster
+    layer = backend.layer  # slowed a little, so that the timer sees the search half done
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.002)
+        return layer(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "layer", slowed)
+    few = TokenBlocks(blocks.input_ids[:4], "random", "sha256:few", 4 * SEQ)
+    with caplog.at_level("INFO", logger="sglang_indexcache.progress"):
+        calibrate(backend, few, info, 0.6, tmp_path / "p.json", batch_size=2, plot=False)  # 3 steps
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("candidates x batches")]
+    pattern = (r"candidates x batches: \d+/\d+ fwd \(\d+%\), \w+ elapsed, about \w+ left"
+               r" \[step \d: layer \d of 3; \d+ evaluations, step best \d\.\d{5} \(layer \d S\)\]")
+    assert any(re.fullmatch(pattern, line) for line in lines), lines[:5]

@@ -74,6 +74,13 @@ def test_invalid_switch_changes_nothing(run):
 
 
 @pytest.mark.sglang
+def test_overlap_needs_the_topk_capture_that_calibration_leaves_off(run):
+    status, body = run["overlap_no_capture"]
+    assert status == 400 and "--enable-return-indexer-topk" in body["error"]
+    assert run["get"][1]["topk_capture"] is False
+
+
+@pytest.mark.sglang
 def test_overlap_runs_all_f_and_restores(run):
     status, body = run["overlap"]
     assert status == 200

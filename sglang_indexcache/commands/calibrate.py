@@ -6,15 +6,15 @@ prefix reuse (each candidate is evaluated from its own layer onwards); with --ur
 patched SGLang server in calibration mode (whole forwards through /generate prompt log-probs; give
 --model too, for the tokenizer and the pattern file's fingerprint: only config.json, tokenizer and
 safetensors headers are read). Writes a pattern file, its loss plot beside it (p.json ->
-p.calibration.png), and after every step OUT.state.json, from which --resume continues an
-interrupted run. An existing --out is refused unless --force. About 2 minutes for the embedded
-model with the defaults on 2 idle CPU cores (docs/cli.md).
+p.calibration.png), and after every step (and every few seconds inside one) OUT.state.json, from
+which --resume continues an interrupted run; --max-seconds S stops there on purpose. An existing
+--out is refused unless --force. About 2 minutes for the embedded model with the defaults on 2 idle
+CPU cores (docs/cli.md).
 """
 
 from __future__ import annotations
 
-from ..calibration.session import add_data_arguments
-from .options import add_force, check_output, positive_int
+from .options import add_data_arguments, add_force, check_output, positive_float, positive_int
 
 SCREEN_TOP = 3
 DEFAULT_CALIBRATION_TOKENS = 8192  # the demo's: minutes on 2 CPU cores (the cost grows with N^2 candidates)
@@ -36,6 +36,11 @@ def add_arguments(parser):
                              " re-score the best --screen-top on all")
     parser.add_argument("--screen-top", type=positive_int, default=None, metavar="M",
                         help=f"finalists per step, with --screen-batches (default: {SCREEN_TOP})")
+    parser.add_argument("--max-seconds", type=positive_float, default=None, metavar="S",
+                        help="stop after about S seconds (at an evaluation boundary), the state saved:"
+                             " --resume continues, re-using the candidates already scored")
+    parser.add_argument("--in-flight", type=positive_int, default=1, metavar="N",
+                        help="with --url: /generate requests of one candidate kept in flight (default: 1)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the plot (OUT stem + .calibration.png)")
     add_force(parser)
 
@@ -62,6 +67,8 @@ def check_arguments(args) -> None:
     if args.url and not args.model:
         raise UsageError("--url needs --model DIR too: the checkpoint directory the server runs, for the"
                          " tokenizer and the pattern file's fingerprint (no weights are loaded)")
+    if args.in_flight != 1 and not args.url:
+        raise UsageError("--in-flight only applies with --url (requests to an SGLang server)")
     if args.screen_top is not None and args.screen_batches is None:
         raise UsageError("--screen-top only applies with --screen-batches N")
     if not args.resume and state_path(args.out).exists():
@@ -97,6 +104,8 @@ def run(args) -> int:
 
     check_arguments(args)
     info = load_model_info(args.model)
+    from ..calibration.paths import state_path
+    from ..calibration.recorder import SearchStopped
     from ..calibration.run import calibrate
     from ..calibration.session import load_backend, load_data
 
@@ -106,14 +115,20 @@ def run(args) -> int:
         from ..calibration.server_backend import ServerBackend
 
         backend = ServerBackend(args.url, api_key=args.api_key or os.environ.get("INDEXCACHE_API_KEY"),
-                                num_layers=info.num_dsa_layers)
+                                num_layers=info.num_dsa_layers, in_flight=args.in_flight)
         tokenizer, config = AutoTokenizer.from_pretrained(args.model), AutoConfig.from_pretrained(args.model)
     else:
         backend = load_backend(args.model, threads=args.threads)
         tokenizer, config = backend.tokenizer, backend.config
     blocks = load_data(args, tokenizer, config)
-    document = calibrate(backend, blocks, info, args.keep, args.out, resume=args.resume,
-                         batch_size=args.batch_size, screen_batches=args.screen_batches,
-                         screen_top=args.screen_top or SCREEN_TOP, plot=not args.no_plot)
+    try:
+        document = calibrate(backend, blocks, info, args.keep, args.out, resume=args.resume,
+                             batch_size=args.batch_size, screen_batches=args.screen_batches,
+                             screen_top=args.screen_top or SCREEN_TOP, plot=not args.no_plot,
+                             max_seconds=args.max_seconds)
+    except SearchStopped as stop:
+        print(f"{stop} (--max-seconds {args.max_seconds:g}); the search state is in {state_path(args.out)}:"
+              " run the same command with --resume to continue")
+        return 0
     print(_summary(document, args.out))
     return 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from ..calibration.session import add_data_arguments
+from .options import add_data_arguments
 
 DEFAULT_EVAL_TOKENS = 16384  # one whole forward per pattern and batch
 

@@ -12,25 +12,28 @@ import argparse
 import os
 from pathlib import Path
 
+from .. import checks
+from ..calibration import session
 from ..errors import UsageError
 
 FORCE_HELP = "write even if the output exists and is not empty, or lies inside an input (default: refused)"
 
 
 def _int_at_least(low: int, what: str):
-    """An argparse type: an integer >= ``low``, refused as ``must be WHAT, got X``."""
+    """An argparse type: an integer >= ``low``, refused as ``must be WHAT, got X`` (:mod:`..checks`)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        problem = checks.int_problem(value, low, what)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
     return parse
 
 
-positive_int = _int_at_least(1, "a positive integer")
+positive_int = _int_at_least(1, checks.POSITIVE)
 non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
@@ -97,3 +100,20 @@ def check_output(flag: str, path, kind: str, force: bool = False, inputs=(), res
         if target.exists() and not (force or resume):
             raise UsageError(f"{flag} {path} exists: choose a new name (or pass --force to overwrite it)")
     return path
+
+
+def add_data_arguments(parser, max_tokens: int | None) -> None:
+    """``--data --text-field --seq-len --max-tokens --seed --batch-size --threads`` (eval, overlap, calibrate)."""
+    parser.add_argument("--data", required=True, metavar="SRC",
+                        help="local .txt/.jsonl/.parquet file or folder (read with datasets), or a hub dataset")
+    parser.add_argument("--text-field", default="text", metavar="F", help="column holding the text (default: text)")
+    parser.add_argument("--seq-len", type=positive_int, default=None, metavar="N",
+                        help=f"tokens per block (default: {session.DEFAULT_SEQ_LEN}, at most the model's max positions)")
+    parser.add_argument("--max-tokens", type=positive_int, default=max_tokens, metavar="N",
+                        help=f"use at most N tokens of the data (default: {max_tokens or 'all'})")
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                        help="shuffle the documents with seed N before taking --max-tokens (default: 0)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, metavar="N", help="blocks per forward (default: 4)")
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch (default: 1 when the machine is busy, i.e. load average"
+                             " >= cores - 1, else torch's)")

@@ -7,8 +7,7 @@ candidate keys than k. --out must be a new or empty folder unless --force.
 
 from __future__ import annotations
 
-from ..calibration.session import add_data_arguments
-from .options import add_force, check_output
+from .options import add_data_arguments, add_force, check_output
 
 DEFAULT_OVERLAP_TOKENS = 8192
 

@@ -64,11 +64,15 @@ def reads_cli_factor() -> bool:
 
 
 def calibration_adjustments(server_args, cfg, source: str) -> None:
-    """Calibration mode: no CUDA graph in any phase, no radix cache, indexer top-k capture on.
+    """Calibration mode: no CUDA graph in any phase, no radix cache.
 
     The radix cache goes because a prefix cached under one pattern lacks the index keys of the
     layers another pattern makes F; with it off, a switch under load retracts the running requests
-    and they recompute their whole KV under the new pattern (``runtime.handle_request``).
+    and they recompute their whole KV under the new pattern (``runtime.handle_request``). SGLang's
+    indexer top-k capture is left as the user set it (``--enable-return-indexer-topk``, needed by
+    ``/index_cache/overlap`` only): once on, every forward copies every layer's top-k of every
+    token to a pinned host buffer of ``max_total_tokens x layers x index_topk`` int32, which
+    ``calibrate --url`` does not need.
     """
     from sglang.srt.model_executor.cuda_graph_config import Backend, Phase
 
@@ -79,13 +83,11 @@ def calibration_adjustments(server_args, cfg, source: str) -> None:
         graphs = cfg.cuda_graph_config
         for phase in Phase.ALL:
             graphs = with_phase(graphs, phase, backend=Backend.DISABLED)
-        declare_resolution(server_args, source, cuda_graph_config=graphs, enable_return_indexer_topk=True,
-                           disable_radix_cache=True)
+        declare_resolution(server_args, source, cuda_graph_config=graphs, disable_radix_cache=True)
         return
     # 0.5.17: __post_init__ has already parsed cuda_graph_config into per-phase objects; the
     # runtime reads the fields once resolution ends, and no model declaration touches them.
     for phase in Phase.ALL:
         getattr(server_args.cuda_graph_config, phase).backend = Backend.DISABLED
     server_args.disable_cuda_graph = True
-    server_args.enable_return_indexer_topk = True
     server_args.disable_radix_cache = True

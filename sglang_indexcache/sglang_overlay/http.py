@@ -5,7 +5,8 @@
 batches), switch, flush the prefix cache. Needs ``--index-cache-calibration``.
 ``POST /index_cache/overlap {"text": [...]}``: run the texts with every indexer (all-F), capture
 each layer's top-k, restore the pattern, and report per shared layer the recall of the reused
-top-k against the layer's own (:mod:`.overlap`).
+top-k against the layer's own (:mod:`.overlap`). Needs SGLang's ``--enable-return-indexer-topk``
+(calibration mode leaves the capture off: it costs every forward a copy of all top-k to the host).
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ async def overlap_route(tokenizer_manager, body):
     results = await _ask(tokenizer_manager, "get")
     if not results[0].success or not results[0].state.get("calibration"):
         return _response(400, {"error": "/index_cache/overlap needs --index-cache-calibration"})
+    if not all(r.state.get("topk_capture") for r in results):
+        return _response(400, {"error": "/index_cache/overlap needs the indexer top-k capture: start the server"
+                                        " with --enable-return-indexer-topk too"})
     current = results[0].state["pattern"]
     status, state = await switch_pattern(tokenizer_manager, pat.FULL * len(current))
     if status != 200:

@@ -125,7 +125,7 @@ def handle_request(scheduler, req):
     if settings is None:
         return IndexCacheReqOutput(success=False, message="IndexCache is off (no --index-cache-* flag)")
     if req.action == "get":
-        return IndexCacheReqOutput(success=True, state=state())
+        return IndexCacheReqOutput(success=True, state={**state(), "topk_capture": topk_capture_on()})
     if req.action != "set":
         return IndexCacheReqOutput(success=False, message=f"unknown IndexCache action {req.action!r}")
     if not settings.calibration:
@@ -147,6 +147,13 @@ def handle_request(scheduler, req):
         _STATE["gauge"].set(pattern.count(pat.FULL))
     logger.info("IndexCache: switched to pattern %s; %s", pat.describe(pattern), how)
     return IndexCacheReqOutput(success=True, state=state())
+
+
+def topk_capture_on() -> bool:
+    """Whether this scheduler captures the indexer top-k (SGLang's --enable-return-indexer-topk)."""
+    from sglang.srt.state_capturer.indexer_topk import get_global_indexer_capturer
+
+    return get_global_indexer_capturer() is not None
 
 
 def _switch_in_flight(scheduler, model, pattern: str) -> int:

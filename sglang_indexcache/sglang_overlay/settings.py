@@ -239,8 +239,8 @@ def check_server_args(server_args) -> Settings | None:
         # Calibration mode switches patterns at run time: no CUDA graphs (they freeze the branch).
         compat.calibration_adjustments(server_args, cfg, "index_cache_calibration")
         logger.warning("IndexCache calibration mode: CUDA graphs and the radix cache disabled (a pattern switch"
-                       " would need a recapture, and cached prefixes lack other patterns' index keys); indexer"
-                       " top-k capture enabled for /index_cache/overlap")
+                       " would need a recapture, and cached prefixes lack other patterns' index keys);"
+                       " /index_cache/overlap also needs --enable-return-indexer-topk")
     log_startup(settings)
     return settings
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .. import pattern as pattern_mod
-from .. import pattern_file, progress
+from .. import checks, pattern_file, progress
 from ..atomic import atomic_write_text
 from ..errors import DataError, ModelDirError, UsageError
 from ..models import lm_loss
@@ -62,9 +62,7 @@ class DistillConfig:
 
 def _check(cfg: DistillConfig) -> None:
     for name in ("steps", "batch_size", "seq_len", "save_every", "eval_tokens"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        checks.positive_int(getattr(cfg, name), "--" + name.replace("_", "-"))
     if not cfg.lr > 0:
         raise UsageError(f"--lr must be positive, got {cfg.lr!r}")
 

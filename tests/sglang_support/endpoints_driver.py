@@ -67,6 +67,7 @@ def main(checkpoint, results_path):
     from sglang.srt.managers import io_struct
     from sglang.srt.managers.scheduler import Scheduler
     from sglang.srt.managers.tokenizer_control_mixin import _COMMUNICATOR_SPECS, TokenizerControlMixin
+    from sglang.srt.state_capturer.indexer_topk import set_global_indexer_capturer
     from sglang.srt.utils.auth import add_api_key_middleware
 
     from sglang_indexcache.sglang_overlay import runtime
@@ -150,7 +151,10 @@ def main(checkpoint, results_path):
         out["set_bad_body"] = await call(app, "POST", "/index_cache/pattern", {"p": 1}, key=ADMIN_KEY)
         out["after_invalid"] = {"model": runtime.model_pattern(model), "flushes": busy["flushes"]}
         out["overlap_bad_body"] = await call(app, "POST", "/index_cache/overlap", {"text": []}, key=ADMIN_KEY)
+        out["overlap_no_capture"] = await call(app, "POST", "/index_cache/overlap", {"text": ["a"]}, key=ADMIN_KEY)
+        set_global_indexer_capturer(SimpleNamespace())  # as --enable-return-indexer-topk would
         out["overlap"] = await call(app, "POST", "/index_cache/overlap", {"text": ["a b", "c"]}, key=ADMIN_KEY)
+        set_global_indexer_capturer(None)
         out["after_overlap"] = {"model": runtime.model_pattern(model), **seen}
         out["server_info"] = runtime.server_info(server_args)
         server_args.index_cache_pattern, server_args.index_cache_calibration = None, False
