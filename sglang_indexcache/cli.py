@@ -26,6 +26,10 @@ VERBS = {
     "distill": ("distill", "train the F layers' indexers with the multi-layer distillation loss"),
     "bench": ("bench", "prefill/decode/kernel speed tables"),
     "serve": ("serve", "launch the patched SGLang server with a pattern"),
+    "apply-patches": ("patches", "apply the SGLang patch series to an SGLang checkout or installed package"),
+    "revert-patches": ("patches", "revert the SGLang patch series (byte for byte)"),
+    "check-patches": ("patches", "check the patch series (and whether DIR is patched)"),
+    "demo": ("demo", "calibrate, evaluate and analyse the embedded model end to end (make demo)"),
     "train-tiny": ("train_tiny", "train the embedded tiny GlmMoeDsa model"),
     "make-checkpoint": ("make_checkpoint", "GLM-5-attention DSA checkpoint at real shapes, random weights"),
     "gpu-bundle": ("gpu_bundle", "offline wheel bundle for an air-gapped GPU host"),
@@ -77,8 +81,8 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"indexcache: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("indexcache: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # errors.Interrupted carries what was kept and how to go on
+        print(f"indexcache: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
     except SystemExit:
         raise

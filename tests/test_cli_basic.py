@@ -100,3 +100,23 @@ def test_validate_missing_indexer(make_checkpoint):
 def test_validate_model_dir_errors(tmp_path):
     assert_usage_error(cli("validate", "F", "--model", str(tmp_path / "none")), "does not exist")
     assert_usage_error(cli("validate", "F", "--model", str(tmp_path)), "no config.json")
+
+
+def test_every_verb_is_documented():
+    from pathlib import Path
+
+    from sglang_indexcache.cli import VERBS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    missing = [verb for verb in VERBS if f"indexcache {verb} " not in text and f"indexcache {verb}\n" not in text]
+    assert not missing, f"docs/cli.md lacks a synopsis of {missing}"
+
+
+def test_embedded_model_by_name_from_any_folder(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sglang_indexcache", "validate", "every-4", "--model", "tiny-glm-dsa"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "(12 DSA layers)" in result.stdout, result.stderr
+    (tmp_path / "tiny-glm-dsa").mkdir()  # a local folder of that name wins (and is refused: no config.json)
+    result = subprocess.run([sys.executable, "-m", "sglang_indexcache", "validate", "every-4", "--model", "tiny-glm-dsa"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert_usage_error(result, "has no config.json")

@@ -14,14 +14,14 @@ model with the defaults on 2 idle CPU cores (docs/cli.md).
 from __future__ import annotations
 
 from ..calibration.session import add_data_arguments
-from .options import add_force, check_output, positive_int
+from .options import add_force, add_model, check_output, positive_int
 
 SCREEN_TOP = 3
 DEFAULT_CALIBRATION_TOKENS = 8192  # the demo's: minutes on 2 CPU cores (the cost grows with N^2 candidates)
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", metavar="DIR", help="HF-format DSA checkpoint directory")
+    add_model(parser, required=False)
     parser.add_argument("--url", metavar="URL", help="patched SGLang server in calibration mode")
     parser.add_argument("--api-key", metavar="KEY", default=None,
                         help="the server's API/admin key (default: $INDEXCACHE_API_KEY)")

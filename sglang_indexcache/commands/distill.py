@@ -9,14 +9,14 @@ only the F layers' indexer tensors differ, plus out/pattern.json and a report in
 
 from __future__ import annotations
 
-from .options import add_force, check_output, positive_float, positive_int
+from .options import add_force, add_model, check_output, positive_float, positive_int
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_EVAL_TOKENS = 60, 4, 32768
 DISTILL_STATE = ("distill", "state.pt")  # under --out (training/distill_run.py)
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, metavar="DIR", help="HF-format GlmMoeDsa checkpoint directory")
+    add_model(parser, what="HF-format GlmMoeDsa checkpoint directory")
     parser.add_argument("--pattern", required=True, metavar="P",
                         help="pattern string, every-N, all-F or a pattern file")
     parser.add_argument("--data", required=True, metavar="SRC", help="training text (.txt/.jsonl/.parquet, folder, hub name)")

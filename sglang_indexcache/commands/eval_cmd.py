@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 
 from ..calibration.session import add_data_arguments
+from .options import add_model
 
 DEFAULT_EVAL_TOKENS = 16384  # one whole forward per pattern and batch
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, metavar="DIR", help="HF-format DSA checkpoint directory")
+    add_model(parser)
     add_data_arguments(parser, DEFAULT_EVAL_TOKENS)
     parser.add_argument("--pattern", action="append", required=True, metavar="P",
                         help="all-F, every-N, a pattern string or a pattern file; repeat to compare")

@@ -20,7 +20,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for the bundle")
     parser.add_argument("--wheelhouse", action="append", default=[], metavar="DIR",
                         help="directory of already-downloaded wheels to reuse (repeatable; only read)")
-    parser.add_argument("--cache", metavar="DIR", help="where missing wheels are downloaded (default .cache/gpu-wheels)")
+    parser.add_argument("--cache", metavar="DIR", help="where missing wheels are downloaded (default .cache/gpu-wheels under the working directory)")
     parser.add_argument("--glibc", default="2.39", help="the host's glibc: manylinux tags up to it are accepted")
     parser.add_argument("--keep-fa3", action="store_true", help="keep sglang-kernel's FA3 library (+1.1 GB unpacked)")
     parser.add_argument("--no-strip", action="store_true",

@@ -44,6 +44,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def model_dir(text: str) -> str:
+    """An argparse type for ``--model``: a checkpoint directory or an embedded model's name."""
+    from ..resources import model_dir as resolve
+
+    try:
+        return resolve(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model(parser, required: bool = True, what: str = "HF-format DSA checkpoint directory") -> None:
+    """``--model DIR``, shared by every verb that reads a checkpoint (one resolver: :func:`model_dir`)."""
+    from ..resources import EMBEDDED_MODELS
+
+    parser.add_argument("--model", required=required, type=model_dir, metavar="DIR",
+                        help=f"{what}, or {' / '.join(EMBEDDED_MODELS)} (the embedded model)")
+
+
 def add_force(parser) -> None:
     parser.add_argument("--force", action="store_true", help=FORCE_HELP)
 

@@ -8,13 +8,13 @@ candidate keys than k. --out must be a new or empty folder unless --force.
 from __future__ import annotations
 
 from ..calibration.session import add_data_arguments
-from .options import add_force, check_output
+from .options import add_force, add_model, check_output
 
 DEFAULT_OVERLAP_TOKENS = 8192
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, metavar="DIR", help="HF-format DSA checkpoint directory")
+    add_model(parser)
     add_data_arguments(parser, DEFAULT_OVERLAP_TOKENS)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for overlap.json and overlap.png (new or empty unless --force)")
     add_force(parser)

@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from .options import add_model
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="HF-format DSA checkpoint directory")
+    add_model(parser)
     parser.add_argument("--pattern-file", help="indexcache-pattern/v1 file (see `indexcache calibrate`)")
     parser.add_argument("--calibration", action="store_true",
                         help="calibration mode: every indexer loaded, /index_cache endpoints, no CUDA graphs")

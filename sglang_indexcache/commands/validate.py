@@ -10,11 +10,12 @@ from .. import pattern as pat
 from .. import pattern_file
 from ..model_info import load_model_info
 from ..validation import check_against_model
+from .options import add_model
 
 
 def add_arguments(parser):
     parser.add_argument("pattern", metavar="PATTERN|FILE", help="pattern, every-N, all-F or a pattern file")
-    parser.add_argument("--model", required=True, metavar="DIR", help="HF-format DSA checkpoint directory")
+    add_model(parser)
 
 
 def run(args) -> int:
