@@ -20,6 +20,7 @@ from .model_info import ModelInfo
 FORMAT = "indexcache-pattern/v1"
 METHODS = ("greedy", "uniform", "distilled", "manual")
 EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)
+WEIGHT_FIELDS = ("indexer_weights", "indexer_layers")  # fingerprint fields read from the safetensors
 
 
 def make_document(pattern: str, model: ModelInfo, method: str = "manual", **calibration) -> dict:
@@ -87,11 +88,15 @@ def check_matches(document: dict, model: ModelInfo, source="pattern file") -> No
         return
     fields = recorded.get("fingerprint_fields") or {}
     for key, value in model.fingerprint_fields().items():
+        if key in WEIGHT_FIELDS and not model.weights_checked:
+            continue
         if key in fields and fields[key] != value:
             raise PatternFileError(
                 f"{source} fingerprint does not match {model.path}: {key} is {fields[key]!r} in the"
                 f" file but {value!r} in the model"
             )
+    if not model.weights_checked:
+        return  # the config agrees; the weights' part of the fingerprint needs weights to compare
     raise PatternFileError(
         f"{source} fingerprint {recorded['fingerprint']} does not match {model.path}"
         f" ({model.fingerprint()}): its config or indexer weight names/shapes differ"
