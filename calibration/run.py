@@ -2,7 +2,8 @@
 
 The search state is written atomically to ``OUT.state.json`` after every step; ``resume=True``
 continues from it (same model fingerprint, data hash, keep ratio and options required) and reaches
-the same pattern. The state file is removed once the pattern file is written.
+the same pattern. The pattern file and its plot are renamed into place together, and the state file
+removed, in one step that Ctrl-C cannot split.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 
 from sglang_indexcache import pattern as pat
 from sglang_indexcache import pattern_file, progress
-from sglang_indexcache.atomic import atomic_write_text
+from sglang_indexcache.atomic import atomic_write_text, staged_files
 from sglang_indexcache.errors import UsageError
 
 from . import greedy
@@ -104,13 +105,9 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
         candidates_bar.set_postfix_str(f"{text} of {state['start_pattern'].count(pat.FULL) - target}")
 
     steps = SimpleNamespace(set_postfix_str=postfix, update=steps_bar.update)
-    try:
+    try:  # Ctrl-C: the steps so far stay in the state file (the caller says how to resume)
         greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=steps,
                           screen_batches=screen_batches, screen_top=screen_top)
-    except KeyboardInterrupt:
-        if state["steps"]:
-            log.warning("interrupted: %d steps saved in %s; rerun with --resume", len(state["steps"]), side)
-        raise
     finally:
         steps_bar.close()
         candidates_bar.close()
@@ -126,12 +123,13 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
         seq_len=int(blocks.input_ids.shape[1]), options=options, seconds=round(state["seconds"], 2),
         backend=type(backend).__name__,
     )
-    pattern_file.write(out, document)
-    side.unlink(missing_ok=True)
-    if plot:
-        from .plots import plot_calibration
+    outputs = [out, plot_path(out)] if plot else [out]
+    with staged_files(*outputs, remove=[side]) as staged:  # pattern file and plot together, or neither
+        pattern_file.write(staged[0], document)
+        if plot:
+            from .plots import plot_calibration
 
-        plot_calibration(document, plot_path(out))
+            plot_calibration(document, staged[1])
     return document
 
 

@@ -17,6 +17,12 @@ import traceback
 from . import __version__, progress
 from .errors import UsageError
 
+DESCRIPTION = (
+    "IndexCache for DeepSeek-Sparse-Attention models served with SGLang: find which layers keep their"
+    " lightning indexer (calibrate, distill), check and evaluate such patterns, patch SGLang and serve"
+    " with one. `indexcache demo` shows it end to end on the embedded model; `indexcache VERB --help`"
+    " explains each verb."
+)
 VERBS = {
     "pattern": ("pattern_cmd", "print a canonical pattern or an engine's flag for it"),
     "validate": ("validate", "check a pattern or pattern file against a model"),
@@ -53,7 +59,7 @@ def _global_flags(parser, default=False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="indexcache", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="indexcache", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"sglang-indexcache {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True

@@ -30,6 +30,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from . import gpu_bundle_install, progress
+from .atomic import staged_dir
 from .errors import UsageError
 from .gpu_bundle_install import sha256_file
 from .resources import data_dir
@@ -266,7 +267,14 @@ def build_bundle(out, sglang_version: str, python: str, arch: str, part_size: in
     platforms = manylinux_platforms(glibc)
     cache = Path(cache) if cache else Path(".cache") / "gpu-wheels"  # under the working directory
     wheels = resolve_wheels(pins, wheelhouses, cache, python, platforms)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_dir(out) as target:  # Ctrl-C leaves no half-written bundle
+        manifest = _write_bundle(target, pins, wheels, sglang_version, python, arch, part_size, keep_fa3, strip,
+                                 preset, platforms)
+    return manifest
+
+
+def _write_bundle(out: Path, pins, wheels, sglang_version, python, arch, part_size, keep_fa3, strip, preset,
+                  platforms) -> dict:
     entries = []
     with tempfile.TemporaryDirectory(dir=out) as staging:
         repacked = []

@@ -48,6 +48,10 @@ def write(path, document: dict) -> None:
 def read(path) -> dict:
     """Read and check a pattern file's structure (not yet against a model)."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "pattern.json"
+        hint = f" (the pattern file inside it is {inside})" if inside.is_file() else ""
+        raise PatternFileError(f"pattern file {path} is a directory, not a pattern file{hint}")
     if not path.is_file():
         raise PatternFileError(f"pattern file {path} does not exist")
     try:
@@ -104,7 +108,8 @@ def check_matches(document: dict, model: ModelInfo, source="pattern file") -> No
 
 
 def looks_like_file(spec: str) -> bool:
-    return spec.endswith(".json") or os.sep in spec or Path(spec).is_file()
+    """A spec that names a path (``read`` then says what is wrong with it), not a pattern string."""
+    return spec.endswith(".json") or os.sep in spec or Path(spec).exists()
 
 
 ALL_F_NAMES = ("all-f", "allf", "full")

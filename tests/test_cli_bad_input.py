@@ -22,7 +22,7 @@ from sglang_indexcache.commands.eval_cmd import format_table
 from sglang_indexcache.configs import TINY_MODEL_DIR
 
 DRIVER = ("import json, sys\nfrom sglang_indexcache.cli import main\nrc = main(sys.argv[1:])\n"
-          "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+          "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'datasets': 'datasets' in sys.modules}))")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _distill(out="{tmp}/d", pattern="every-4", model="{model}"):
 
 CASES = {
     # outputs that would overwrite an input, the shipped model or an earlier output
-    "train-tiny into the shipped model": (["train-tiny", "--out", "{shipped}"], "is the input"),
+    "train-tiny into the shipped model": (["train-tiny", "--out", "{shipped}"], "which only --force replaces"),
     "train-tiny into a non-empty folder": (["train-tiny", "--out", "{nonempty}"], "exists and is not empty"),
     "calibrate over an existing file": (_cal("{existing}"), "exists: choose a new name (or pass --force"),
     "calibrate over its data": (_cal("{data}"), "is the input"),

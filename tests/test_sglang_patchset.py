@@ -145,11 +145,17 @@ def test_partly_patched_tree_is_refused(small_tree, sglang_release):
     ("nowhere", "does not exist"),
     ("empty", "neither an SGLang checkout"),
     ("unset", "no SGLang directory given"),  # make apply-patches without SGLANG_DIR
+    ("package", "is the sglang package itself: give the folder that holds it, {parent}"),
 ])
 def test_bad_directory_is_one_clear_error(tmp_path, where, message):
     directory = "" if where == "unset" else tmp_path / "d"
     if where == "empty":
         directory.mkdir()
+    if where == "package":  # SGLANG_DIR=.../site-packages/sglang instead of .../site-packages
+        directory = tmp_path / "site" / "sglang"
+        directory.mkdir(parents=True)
+        (directory / "__init__.py").write_text("")
+        message = message.format(parent=directory.parent)
     proc = subprocess.run([sys.executable, "-m", "sglang_indexcache", "apply-patches", str(directory)],
                           capture_output=True, text=True)
     assert proc.returncode == 2

@@ -70,10 +70,13 @@ def check_arguments(args) -> None:
     if args.resume and not state_path(args.out).is_file():
         raise UsageError(f"--resume: there is no interrupted search to continue ({state_path(args.out)}"
                          " does not exist); run without --resume to start one")
+    from ..calibration.data import check_source
+
     inputs = (args.model, args.data)
     check_output("--out", args.out, "file", force=args.force, inputs=inputs)
     if not args.no_plot:
         check_output("--out", plot_path(args.out), "file", force=args.force, inputs=inputs)
+    check_source(args.data)
 
 
 def _summary(document, out) -> str:
@@ -112,8 +115,16 @@ def run(args) -> int:
         backend = load_backend(args.model, threads=args.threads)
         tokenizer, config = backend.tokenizer, backend.config
     blocks = load_data(args, tokenizer, config)
-    document = calibrate(backend, blocks, info, args.keep, args.out, resume=args.resume,
-                         batch_size=args.batch_size, screen_batches=args.screen_batches,
-                         screen_top=args.screen_top or SCREEN_TOP, plot=not args.no_plot)
+    try:
+        document = calibrate(backend, blocks, info, args.keep, args.out, resume=args.resume,
+                             batch_size=args.batch_size, screen_batches=args.screen_batches,
+                             screen_top=args.screen_top or SCREEN_TOP, plot=not args.no_plot)
+    except KeyboardInterrupt:
+        from ..calibration.paths import state_path
+        from ..errors import Interrupted
+
+        saved = state_path(args.out)
+        raise Interrupted(f"the search so far is saved in {saved}: the same command with --resume continues it"
+                          if saved.is_file() else "") from None
     print(_summary(document, args.out))
     return 0

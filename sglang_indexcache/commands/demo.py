@@ -94,6 +94,7 @@ def _run(out_dir: Path) -> int:
     if not (TINY_MODEL_DIR / "config.json").is_file():
         raise ModelDirError(f"the embedded model is missing ({TINY_MODEL_DIR}): nothing to calibrate")
     from ..analysis.overlap import adjacent_mean, overlap_matrix
+    from ..atomic import atomic_write_text, staged_files
     from ..calibration.data import load_blocks
     from ..calibration.plots import plot_overlap
     from ..calibration.run import calibrate, plot_path, state_path
@@ -124,8 +125,9 @@ def _run(out_dir: Path) -> int:
     print(format_table(results) + "\n")
     overlap = overlap_matrix(backend, list(load_blocks(data / "evaluation.txt", backend.tokenizer, SEQ_LEN,
                                                        OVERLAP_TOKENS).batches(BATCH)))
-    (out_dir / "overlap.json").write_text(json.dumps(overlap, indent=1) + "\n")
-    plot_overlap(overlap["matrix"], out_dir / "overlap.png", f"{TINY_MODEL_DIR.name}: top-k overlap")
+    with staged_files(out_dir / "overlap.json", out_dir / "overlap.png") as (matrix_file, plot_file):
+        atomic_write_text(matrix_file, json.dumps(overlap, indent=1) + "\n")  # both files, or neither
+        plot_overlap(overlap["matrix"], plot_file, f"{TINY_MODEL_DIR.name}: top-k overlap")
     print(f"Mean adjacent-layer top-k overlap {adjacent_mean(overlap['matrix']):.3f} (paper, 30B model: 0.7-1.0)")
     print(f"Plots: {_rel(plot_path(out))}, {_rel(out_dir / 'overlap.png')}\n")
     model = _rel(TINY_MODEL_DIR)

@@ -59,9 +59,12 @@ def run(args) -> int:
     from ..calibration.session import load_backend, load_data
     from ..model_info import load_model_info
 
+    from ..calibration.data import check_source
+
     info = load_model_info(args.model)
     for spec in args.pattern:  # refuse a bad spec before loading anything heavy
         pattern_file.resolve(spec, info.num_dsa_layers, info)
+    check_source(args.data)
     backend = load_backend(args.model, threads=args.threads)
     blocks = load_data(args, backend.tokenizer, backend.config)
     results = evaluate(backend, blocks, args.pattern, info, args.batch_size)

@@ -29,6 +29,18 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from .options import check_output
+
+    from ..errors import UsageError
+
+    for folder in args.wheelhouse:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--wheelhouse {folder} " + ("is a file, not a folder of wheels" if Path(folder).exists()
+                                                          else "does not exist"))
+    check_output("--out", args.out, "dir", inputs=args.wheelhouse)
+    check_output("--cache", args.cache or Path(".cache") / "gpu-wheels", "dir", resume=True, inputs=args.wheelhouse)
     manifest = gpu_bundle.build_bundle(
         args.out, args.sglang, args.python, args.arch, gpu_bundle.parse_size(args.part_size),
         wheelhouses=args.wheelhouse, cache=args.cache, glibc=args.glibc, keep_fa3=args.keep_fa3, strip=not args.no_strip,

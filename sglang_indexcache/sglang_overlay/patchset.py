@@ -98,6 +98,9 @@ def locate(directory) -> Target:
         return Target(root, 1, "checkout")
     if (root / "sglang" / "__init__.py").is_file():
         return Target(root, 2, "installed")
+    if root.name == "sglang" and (root / "__init__.py").is_file():
+        raise PatchSetError(f"{directory} is the sglang package itself: give the folder that holds it,"
+                            f" {root.parent}")
     raise PatchSetError(
         f"{directory} is neither an SGLang checkout (python/sglang/) nor an installed package's"
         " parent directory (sglang/__init__.py)"
