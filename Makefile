@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m sglang_indexcache.demo
+	@$(VENV)/bin/indexcache demo
 
 test: install
 	$(PY) -m pytest -q
@@ -36,13 +36,13 @@ bench: install
 	$(VENV)/bin/indexcache bench prefill --config tiny
 
 apply-patches: install
-	$(PY) -m sglang_indexcache.sglang_overlay.patchset apply "$(SGLANG_DIR)"
+	$(VENV)/bin/indexcache apply-patches "$(SGLANG_DIR)"
 
 revert-patches: install
-	$(PY) -m sglang_indexcache.sglang_overlay.patchset revert "$(SGLANG_DIR)"
+	$(VENV)/bin/indexcache revert-patches "$(SGLANG_DIR)"
 
 check-patches: install
-	$(PY) -m sglang_indexcache.sglang_overlay.patchset check "$(SGLANG_DIR)"
+	$(VENV)/bin/indexcache check-patches "$(SGLANG_DIR)"
 
 # Offline wheel bundle for an air-gapped GPU host (docs/gpu.md). WHEELHOUSE: wheels already on disk.
 GPU_SGLANG ?= 0.5.17

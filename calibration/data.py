@@ -63,22 +63,43 @@ def _local_files(path: Path) -> tuple[str, list[str]]:
     return kinds.pop(), [str(p) for p in files]
 
 
+def _looks_local(source) -> bool:
+    """A source meant as a local path (not a hub dataset name)."""
+    text = str(source)
+    return Path(text).exists() or text.startswith((".", "/", "~")) or Path(text).suffix in BUILDERS
+
+
+def check_source(source) -> tuple[str, list[str]] | None:
+    """Every check of a local data source that needs neither ``datasets`` nor torch: it exists, is a
+    file or a folder of one kind of .txt/.jsonl/.parquet files, none empty, text ones UTF-8.
+
+    Returns ``(builder, files)`` for a local source, None for a hub dataset name. Commands call it
+    before loading anything, so a bad ``--data`` costs no model load and no ``datasets`` import.
+    """
+    if source is None:
+        return None
+    if not _looks_local(source):
+        return None
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        raise DataError(f"data source {source} does not exist")
+    return _local_files(path)
+
+
 def load_texts(source, text_field: str = "text", limit: int | None = None) -> list[str]:
     """The documents of ``source`` as a list of strings (empty documents dropped)."""
-    path = Path(str(source))
-    if path.exists():
+    local = check_source(source)  # before importing datasets: a bad path is refused at once
+    if local is not None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files: never ask the hub
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        if path.exists():
-            builder, files = _local_files(path)
+        if local is not None:
+            builder, files = local
             kwargs = {"sample_by": "document"} if builder == "text" else {}
             dataset = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
         else:
-            if str(source).startswith((".", "/")) or Path(str(source)).suffix in BUILDERS:
-                raise DataError(f"data source {source} does not exist")
             dataset = datasets.load_dataset(str(source), split="train")
     except DataError:
         raise

@@ -4,8 +4,9 @@ The search state is written atomically to ``OUT.state.json`` after every step, a
 ``SAVE_EVERY_S`` seconds while a step's candidates are scored (with the candidates scored so far,
 :mod:`.recorder`); ``resume=True`` continues from it (same model fingerprint, data hash, keep ratio
 and options required) and reaches the same pattern, re-using those candidates. ``max_seconds``
-stops the search at an evaluation boundary with the state saved. The state file is removed once
-the pattern file is written.
+stops the search at an evaluation boundary with the state saved. The pattern file and
+its plot are renamed into place together, and the state file removed, in one step that Ctrl-C
+cannot split.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 from sglang_indexcache import pattern as pat
 from sglang_indexcache import pattern_file, progress
-from sglang_indexcache.atomic import atomic_write_text
+from sglang_indexcache.atomic import atomic_write_text, staged_files
 from sglang_indexcache.errors import UsageError
 
 from . import greedy
@@ -129,10 +130,10 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
         why = "stopped (--max-seconds)" if isinstance(exc, SearchStopped) else "interrupted"
         if consistent(state):
             save(step_done=False)
-            log.warning("%s: %d steps and %d candidates of the next saved in %s; rerun with --resume", why,
+            log.info("%s: %d steps and %d candidates of the next saved in %s", why,
                         len(state["steps"]), len(state["partial"]["results"]), side)
         else:  # caught between a commit and its step record: the last saved state stands
-            log.warning("%s: %s holds the search up to its last save; rerun with --resume", why, side)
+            log.info("%s: %s holds the search up to its last save", why, side)
         raise
     finally:
         bars.close()
@@ -140,12 +141,13 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     uniform = {"pattern": uniform, "loss": evaluator_loss(backend, batches, uniform)}
     _add_server_timings(state, backend, timings_before)
     document = _document(state, backend, blocks, info, keep, batch_size, options, uniform)
-    pattern_file.write(out, document)
-    side.unlink(missing_ok=True)
-    if plot:
-        from .plots import plot_calibration
+    outputs = [out, plot_path(out)] if plot else [out]
+    with staged_files(*outputs, remove=[side]) as staged:  # pattern file and plot together, or neither
+        pattern_file.write(staged[0], document)
+        if plot:
+            from .plots import plot_calibration
 
-        plot_calibration(document, plot_path(out))
+            plot_calibration(document, staged[1])
     return document
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import pattern as pat
 from . import progress
+from .atomic import staged_dir
 from .configs import GLM_5, TINY_MODEL_DIR
 from .errors import UsageError
 from .model_info import INDEXER_MARK, LAYER_RE
@@ -158,16 +159,16 @@ def write_checkpoint(out, hidden: int, layers: int, intermediate: int, flavour: 
         pattern = pat.validate(pattern, layers)
     config = checkpoint_config(hidden, layers, intermediate, flavour, pattern, overrides)
     _check_device(device)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(TINY_MODEL_DIR / name, out / name)
     summary = {"path": str(out), "flavour": flavour, "pattern": pattern, "layers": layers, "hidden": hidden}
-    if weights == "random":
-        shapes = kept_weights(weight_shapes(config), pattern, flavour)
-        summary["shards"] = write_weights(out, shapes, device, seed, shard_bytes=shard_bytes)
-        summary["parameters"] = sum(math.prod(s) for s in shapes.values())
-        summary["indexer_layers"] = sorted({_layer(n) for n in shapes if INDEXER_MARK in n})
+    with staged_dir(out) as staged:  # Ctrl-C leaves no half-written checkpoint
+        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(TINY_MODEL_DIR / name, staged / name)
+        if weights == "random":
+            shapes = kept_weights(weight_shapes(config), pattern, flavour)
+            summary["shards"] = write_weights(staged, shapes, device, seed, shard_bytes=shard_bytes)
+            summary["parameters"] = sum(math.prod(s) for s in shapes.values())
+            summary["indexer_layers"] = sorted({_layer(n) for n in shapes if INDEXER_MARK in n})
     return summary
 
 

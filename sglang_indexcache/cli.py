@@ -17,6 +17,12 @@ import traceback
 from . import __version__, progress
 from .errors import UsageError
 
+DESCRIPTION = (
+    "IndexCache for DeepSeek-Sparse-Attention models served with SGLang: find which layers keep their"
+    " lightning indexer (calibrate, distill), check and evaluate such patterns, patch SGLang and serve"
+    " with one. `indexcache demo` shows it end to end on the embedded model; `indexcache VERB --help`"
+    " explains each verb."
+)
 VERBS = {
     "pattern": ("pattern_cmd", "print a canonical pattern or an engine's flag for it"),
     "validate": ("validate", "check a pattern or pattern file against a model"),
@@ -26,6 +32,10 @@ VERBS = {
     "distill": ("distill", "train the F layers' indexers with the multi-layer distillation loss"),
     "bench": ("bench", "prefill/decode/kernel speed tables"),
     "serve": ("serve", "launch the patched SGLang server with a pattern"),
+    "apply-patches": ("patches", "apply the SGLang patch series to an SGLang checkout or installed package"),
+    "revert-patches": ("patches", "revert the SGLang patch series (byte for byte)"),
+    "check-patches": ("patches", "check the patch series (and whether DIR is patched)"),
+    "demo": ("demo", "calibrate, evaluate and analyse the embedded model end to end (make demo)"),
     "train-tiny": ("train_tiny", "train the embedded tiny GlmMoeDsa model"),
     "make-checkpoint": ("make_checkpoint", "GLM-5-attention DSA checkpoint at real shapes, random weights"),
     "gpu-bundle": ("gpu_bundle", "offline wheel bundle for an air-gapped GPU host"),
@@ -49,7 +59,7 @@ def _global_flags(parser, default=False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="indexcache", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="indexcache", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"sglang-indexcache {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     verbs.required = True
@@ -77,8 +87,8 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"indexcache: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("indexcache: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # errors.Interrupted carries what was kept and how to go on
+        print(f"indexcache: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
     except SystemExit:
         raise

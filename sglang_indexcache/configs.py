@@ -8,12 +8,11 @@ accepts full-size shapes.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from .errors import UsageError
+from .resources import embedded_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL_DIR = REPO_ROOT / "models" / "tiny-glm-dsa"
+TINY_MODEL_DIR = embedded_model("tiny-glm-dsa")
 
 GLM_5 = {
     "architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa",

@@ -24,3 +24,7 @@ class ModelDirError(UsageError):
 
 class DataError(UsageError):
     """A data source that is missing, empty, unreadable or lacks the requested text field."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what was kept and how to go on: the CLI prints the message as its one line."""

@@ -30,13 +30,14 @@ from pathlib import Path
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from . import gpu_bundle_install, progress
-from .configs import REPO_ROOT
+from .atomic import staged_dir
 from .errors import UsageError
 from .gpu_bundle_install import sha256_file
+from .resources import data_dir
 
 log = logging.getLogger(__name__)
 
-REQUIREMENTS_DIR = REPO_ROOT / "requirements"
+REQUIREMENTS_DIR = data_dir("requirements")
 ARCHES = ("sm_90",)
 ARCHIVE = "wheels.tar.xz"
 
@@ -264,9 +265,16 @@ def build_bundle(out, sglang_version: str, python: str, arch: str, part_size: in
     if pins is None:
         pins = read_pins(pins_file(sglang_version))
     platforms = manylinux_platforms(glibc)
-    cache = Path(cache) if cache else REPO_ROOT / ".cache" / "gpu-wheels"
+    cache = Path(cache) if cache else Path(".cache") / "gpu-wheels"  # under the working directory
     wheels = resolve_wheels(pins, wheelhouses, cache, python, platforms)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_dir(out) as target:  # Ctrl-C leaves no half-written bundle
+        manifest = _write_bundle(target, pins, wheels, sglang_version, python, arch, part_size, keep_fa3, strip,
+                                 preset, platforms)
+    return manifest
+
+
+def _write_bundle(out: Path, pins, wheels, sglang_version, python, arch, part_size, keep_fa3, strip, preset,
+                  platforms) -> dict:
     entries = []
     with tempfile.TemporaryDirectory(dir=out) as staging:
         repacked = []

@@ -2,6 +2,10 @@
 
 The config comes from ``config.json``; the indexer weights' names and shapes come from the
 safetensors headers (8-byte little-endian length + JSON), so this is cheap on a 700B checkpoint.
+
+A config-only checkpoint (``make-checkpoint --weights none``, served with SGLang's ``--load-format
+dummy``) has no safetensors: where the caller allows it, its :class:`ModelInfo` carries no weights
+and says why in ``weights_note``; everything the config decides is still checked.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ class ModelInfo:
     path: Path
     config: dict
     indexer_weights: dict[str, list[int]] = field(default_factory=dict)  # name -> shape
+    weights_note: str | None = None  # why the weights were not read (None: they were)
+
+    @property
+    def weights_checked(self) -> bool:
+        return self.weights_note is None
 
     @property
     def architecture(self) -> str:
@@ -170,9 +179,25 @@ def weight_shapes(model_dir, select=lambda name: True) -> dict[str, list[int]]:
     return shapes
 
 
-def load_model_info(model_dir) -> ModelInfo:
-    """Config + indexer weight shapes of a DSA checkpoint; refuses a checkpoint with no indexer."""
+def has_safetensors(model_dir) -> bool:
+    """Whether the checkpoint has any safetensors weights (or their index) at all."""
+    path = Path(model_dir)
+    return (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
+
+
+def load_model_info(model_dir, weights: str = "required") -> ModelInfo:
+    """Config + indexer weight shapes of a DSA checkpoint; refuses a checkpoint with no indexer.
+
+    ``weights``: ``"required"`` (the default: commands that load the model refuse a checkpoint
+    without safetensors), ``"if-present"`` (a config-only checkpoint is accepted, unread weights
+    noted), ``"skip"`` (the loader reads no safetensors, e.g. SGLang's ``--load-format dummy``).
+    """
     config = read_config(model_dir)
+    if weights == "skip":
+        return ModelInfo(Path(model_dir), config, weights_note="the load format reads no safetensors weights")
+    if weights == "if-present" and not has_safetensors(model_dir):
+        return ModelInfo(Path(model_dir), config,
+                         weights_note=f"{model_dir} has no safetensors weights (a config-only checkpoint)")
     info = ModelInfo(Path(model_dir), config, weight_shapes(model_dir, lambda n: INDEXER_MARK in n))
     if not info.layers_with_indexer:
         raise ModelDirError(f"{model_dir} has no indexer weights ('{INDEXER_MARK}' tensors) in its safetensors")

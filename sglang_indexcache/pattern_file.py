@@ -20,6 +20,7 @@ from .model_info import ModelInfo
 FORMAT = "indexcache-pattern/v1"
 METHODS = ("greedy", "uniform", "distilled", "manual")
 EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)
+WEIGHT_FIELDS = ("indexer_weights", "indexer_layers")  # fingerprint fields read from the safetensors
 
 
 def make_document(pattern: str, model: ModelInfo, method: str = "manual", **calibration) -> dict:
@@ -47,6 +48,10 @@ def write(path, document: dict) -> None:
 def read(path) -> dict:
     """Read and check a pattern file's structure (not yet against a model)."""
     path = Path(path)
+    if path.is_dir():
+        inside = path / "pattern.json"
+        hint = f" (the pattern file inside it is {inside})" if inside.is_file() else ""
+        raise PatternFileError(f"pattern file {path} is a directory, not a pattern file{hint}")
     if not path.is_file():
         raise PatternFileError(f"pattern file {path} does not exist")
     try:
@@ -87,11 +92,15 @@ def check_matches(document: dict, model: ModelInfo, source="pattern file") -> No
         return
     fields = recorded.get("fingerprint_fields") or {}
     for key, value in model.fingerprint_fields().items():
+        if key in WEIGHT_FIELDS and not model.weights_checked:
+            continue
         if key in fields and fields[key] != value:
             raise PatternFileError(
                 f"{source} fingerprint does not match {model.path}: {key} is {fields[key]!r} in the"
                 f" file but {value!r} in the model"
             )
+    if not model.weights_checked:
+        return  # the config agrees; the weights' part of the fingerprint needs weights to compare
     raise PatternFileError(
         f"{source} fingerprint {recorded['fingerprint']} does not match {model.path}"
         f" ({model.fingerprint()}): its config or indexer weight names/shapes differ"
@@ -99,7 +108,8 @@ def check_matches(document: dict, model: ModelInfo, source="pattern file") -> No
 
 
 def looks_like_file(spec: str) -> bool:
-    return spec.endswith(".json") or os.sep in spec or Path(spec).is_file()
+    """A spec that names a path (``read`` then says what is wrong with it), not a pattern string."""
+    return spec.endswith(".json") or os.sep in spec or Path(spec).exists()
 
 
 ALL_F_NAMES = ("all-f", "allf", "full")

@@ -34,7 +34,9 @@ def require_indexers(pattern: str, have, owner: str, error: type[Exception] = Pa
 
 
 def check_against_model(pattern: str, model: ModelInfo) -> str:
-    """Validate ``pattern`` for ``model``: length, layer 0 F, an indexer in every F layer."""
+    """Validate ``pattern`` for ``model``: length, layer 0 F, an indexer in every F layer (when the
+    weights were read: ``model.weights_checked``)."""
     pattern = pat.validate(pattern, model.num_dsa_layers)
-    require_indexers(pattern, model.layers_with_indexer, str(model.path))
+    if model.weights_checked:
+        require_indexers(pattern, model.layers_with_indexer, str(model.path))
     return pattern

@@ -22,7 +22,7 @@ from sglang_indexcache.commands.eval_cmd import format_table
 from sglang_indexcache.configs import TINY_MODEL_DIR
 
 DRIVER = ("import json, sys\nfrom sglang_indexcache.cli import main\nrc = main(sys.argv[1:])\n"
-          "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules}))")
+          "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'datasets': 'datasets' in sys.modules}))")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def _distill(out="{tmp}/d", pattern="every-4", model="{model}"):
 
 CASES = {
     # outputs that would overwrite an input, the shipped model or an earlier output
-    "train-tiny into the shipped model": (["train-tiny", "--out", "{shipped}"], "is the input"),
+    "train-tiny into the shipped model": (["train-tiny", "--out", "{shipped}"], "which only --force replaces"),
     "train-tiny into a non-empty folder": (["train-tiny", "--out", "{nonempty}"], "exists and is not empty"),
     "calibrate over an existing file": (_cal("{existing}"), "exists: choose a new name (or pass --force"),
     "calibrate over its data": (_cal("{data}"), "is the input"),
@@ -183,16 +183,19 @@ def test_progress_lines_in_a_log(monkeypatch, caplog):
     assert messages[-1].startswith("work: 4/4 step (100%)") and messages[-1].endswith("(done)")
 
 
-def test_demo_ctrl_c_is_one_line(monkeypatch, capsys):
-    from sglang_indexcache import demo
+def test_demo_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
+    from sglang_indexcache import cli
+    from sglang_indexcache.commands import demo
 
-    def interrupted():
+    def interrupted(out_dir):
+        out_dir.mkdir(parents=True)
+        (out_dir / "pattern.json.state.json").write_text("{}")  # a search step was saved
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "run", interrupted)
-    assert demo.main() == 130
+    monkeypatch.setattr(demo, "_run", interrupted)
+    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 130
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "make demo" in err and "resumes" in err
+    assert len(err.splitlines()) == 1 and "the same command again resumes" in err and "--resume" not in err
 
 
 def test_outputs_are_readable_by_others(tmp_path):

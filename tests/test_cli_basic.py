@@ -100,3 +100,81 @@ def test_validate_missing_indexer(make_checkpoint):
 def test_validate_model_dir_errors(tmp_path):
     assert_usage_error(cli("validate", "F", "--model", str(tmp_path / "none")), "does not exist")
     assert_usage_error(cli("validate", "F", "--model", str(tmp_path)), "no config.json")
+
+
+def test_every_verb_is_documented():
+    from pathlib import Path
+
+    from sglang_indexcache.cli import VERBS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    missing = [verb for verb in VERBS if f"indexcache {verb} " not in text and f"indexcache {verb}\n" not in text]
+    assert not missing, f"docs/cli.md lacks a synopsis of {missing}"
+
+
+def test_embedded_model_by_name_from_any_folder(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sglang_indexcache", "validate", "every-4", "--model", "tiny-glm-dsa"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0 and "(12 DSA layers)" in result.stdout, result.stderr
+    (tmp_path / "tiny-glm-dsa").mkdir()  # a local folder of that name wins (and is refused: no config.json)
+    result = subprocess.run([sys.executable, "-m", "sglang_indexcache", "validate", "every-4", "--model", "tiny-glm-dsa"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert_usage_error(result, "has no config.json")
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory):
+    """What `make-checkpoint --weights none` writes (config and tokenizer, no safetensors)."""
+    out = tmp_path_factory.mktemp("config-only") / "m"
+    result = cli("make-checkpoint", str(out), "--layers", "8", "--hidden", "256", "--weights", "none")
+    assert result.returncode == 0, result.stderr
+    assert not list(out.glob("*.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("spec, ok, match", [
+    ("every-4", True, "FSSSFSSS (2/8 indexers kept"),
+    ("FFFFFFFF", True, "(8/8 indexers kept"),
+    ("SFFFFFFF", False, "layer 0 must be F"),
+    ("FSSF", False, "4 layers but the model has 8"),
+    ("FSxSFSSS", False, "'x' (U+0078) at position 3"),
+])
+def test_validate_config_only_checkpoint(config_only, spec, ok, match):
+    """No safetensors: layers, layer 0, characters and length are checked; one line says the indexer
+    weights were not."""
+    result = cli("validate", spec, "--model", str(config_only))
+    if not ok:
+        assert_usage_error(result, match)
+        return
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and match in lines[0], lines
+    assert lines[1].startswith("indexer weights not checked:") and "no safetensors" in lines[1]
+
+
+def test_config_only_checkpoint_and_pattern_files(config_only, tmp_path):
+    """A pattern file of the same config passes (the weights' part of the fingerprint cannot be
+    compared); one of another config is refused naming the field. Commands that load the weights
+    refuse the checkpoint in one line."""
+    import json
+    import shutil
+
+    weighted = tmp_path / "weighted"
+    shutil.copytree(config_only, weighted)
+    config = json.loads((config_only / "config.json").read_text())
+    from conftest import write_dsa_checkpoint  # indexer tensors for the same config
+
+    write_dsa_checkpoint(tmp_path / "w", num_layers=8, extra_config=config)
+    shutil.copyfile(tmp_path / "w" / "model.safetensors", weighted / "model.safetensors")
+    path = tmp_path / "p.json"
+    pattern_file.write(path, pattern_file.make_document("FSSFSSSF", load_model_info(weighted)))
+    result = cli("validate", str(path), "--model", str(config_only))
+    assert result.returncode == 0 and "indexer weights not checked" in result.stdout, result.stderr
+    other = tmp_path / "other"
+    shutil.copytree(config_only, other)
+    (other / "config.json").write_text(json.dumps(dict(config, num_attention_heads=32)))
+    assert_usage_error(cli("validate", str(path), "--model", str(other)), "num_attention_heads is 64 in the file but 32")
+    data = tmp_path / "d.txt"
+    data.write_text("text " * 100)
+    assert_usage_error(cli("eval", "--model", str(config_only), "--data", str(data), "--pattern", "all-F"),
+                       "has no model.safetensors")

@@ -14,12 +14,14 @@ import importlib.util
 import re
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 
 from sglang_indexcache import cli
-from sglang_indexcache.configs import REPO_ROOT, TINY_MODEL_DIR
+from sglang_indexcache.configs import TINY_MODEL_DIR
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (TINY_MODEL_DIR / "model.safetensors").is_file(),
                                 reason="embedded model not built")
 DATA = ["--seq-len", "128", "--max-tokens", "512", "--batch-size", "2", "--threads", "1"]

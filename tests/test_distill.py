@@ -204,6 +204,7 @@ def checkpoint(tmp_path):
     model_dir = tmp_path / "model"
     model.to(torch.bfloat16).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
+    (model_dir / "README.md").write_text("# base-model\n\nThe base model's card.\n")
     data = tmp_path / "text.txt"
     data.write_text("def f(x):\n    return x * 2 + 1\n" * 40)
     return model_dir, data
@@ -240,6 +241,10 @@ def test_cli_changes_only_f_layer_indexers(checkpoint, tmp_path):
     assert set(report["lm_loss"]) == {"all_f_before", "pattern_before", "pattern_after"}
     assert (out / "distill" / "loss.png").stat().st_size > 1000
     assert json.loads((out / "pattern.json").read_text())["calibration"]["method"] == "distilled"
+    card = (out / "README.md").read_text()  # describes the distilled model, not the base model's card
+    assert card.startswith("# out: model with distilled IndexCache indexers") and "`FSFS`" in card
+    assert "3 steps" in card and f"{report['lm_loss']['pattern_after']:.4f}" in card and "base model's card" not in card
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]  # the staging folder is gone
     # the written checkpoint is the trained model: it reproduces the report's LM loss after training
     from sglang_indexcache.calibration.backend import TransformersBackend
     from sglang_indexcache.calibration.data import load_blocks
@@ -265,9 +270,14 @@ def test_cli_resume_continues_exactly(checkpoint, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(Distiller, "step", interrupted)
     args = distill_args(model_dir, data, tmp_path / "resumed", "--steps", "4", "--save-every", "2")
     assert cli.main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "saved in" in err[0] and "the same command with --resume continues" in err[0], err
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     monkeypatch.setattr(Distiller, "step", original_step)
-    capsys.readouterr()
+    for again in ([], ["--force"]):  # rerun without --resume: told to resume (--force would throw the steps away)
+        assert cli.main(args + again) == 2
+        err = capsys.readouterr().err.strip()
+        assert "holds a saved run" in err and "pass --resume to continue it" in err, err
     assert cli.main(args + ["--resume", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 4 and "history" not in printed

@@ -221,8 +221,9 @@ def test_parse_size(text, size):
     (["--python", "3"], "--python must be 3.N"),
 ])
 def test_cli_errors(tmp_path, args, match):
+    (tmp_path / "wheels").mkdir()
     base = {"--sglang": "0.5.17", "--python": "3.12", "--arch": "sm_90", "--out": str(tmp_path / "o"),
-            "--wheelhouse": str(tmp_path)}
+            "--wheelhouse": str(tmp_path / "wheels"), "--cache": str(tmp_path / "cache")}
     base.update(dict(zip(args[::2], args[1::2])))
     argv = [x for kv in base.items() for x in kv]
     result = subprocess.run([sys.executable, "-m", "sglang_indexcache", "gpu-bundle", *argv],

@@ -13,6 +13,7 @@ the command line, resolve it, build ``ModelConfig`` and read ``dsa_layer_skips_t
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from sglang_support import checkpoints as ck
@@ -58,7 +59,14 @@ FLAG_CASES = [
     ("file-types", "types", ["--index-cache-pattern-file", "@file:types:FFSSFSSS"], "FFSSFSSS"),
     ("file-glm52", "glm52", ["--index-cache-pattern-file", "@file:glm52:FSSFSSSS"], "FSSFSSSS"),
     ("calibration", "types", ["--index-cache-calibration", "--index-cache-pattern", "FSSSFSSS"], "FFFFFFFF"),
+    # config-only checkpoints (make-checkpoint --weights none) and loaders that read no safetensors
+    ("config-only", "config_only", ["--index-cache-pattern", "FSSFSSSF"], "FSSFSSSF"),
+    ("config-only-dummy", "config_only", ["--index-cache-every", "4", "--load-format", "dummy"], "FSSSFSSS"),
+    ("config-only-file", "config_only", ["--index-cache-pattern-file", "@file:types:FFSSFSSS", "--load-format",
+                                         "dummy"], "FFSSFSSS"),
+    ("dummy-without-weights", "glm52", ["--index-cache-every", "2", "--load-format", "dummy"], "FSFSFSFS"),
 ]
+WEIGHTS_NOT_CHECKED = {"config-only", "config-only-dummy", "config-only-file", "dummy-without-weights"}
 # (id, checkpoint, flags, substring of the one-line error)
 BAD_CASES = [
     ("short", "types", ["--index-cache-pattern", "FSS"], "--index-cache-pattern: pattern has 3 layers but the model has 8"),
@@ -88,6 +96,11 @@ BAD_CASES = [
     ("two-batch-overlap", "types", ["--index-cache-pattern", "FSSSFSSS", "--enable-two-batch-overlap"],
      "--enable-two-batch-overlap cannot run IndexCache"),
     ("not-dsa", "not_dsa", ["--index-cache-pattern", "FSSSFSSS"], "is not a DSA model"),
+    ("config-only-layer0", "config_only", ["--index-cache-pattern", "SFFFFFFF", "--load-format", "dummy"],
+     "layer 0 must be F"),
+    ("config-only-short", "config_only", ["--index-cache-pattern", "FSSF"], "pattern has 4 layers but the model has 8"),
+    ("config-only-other-model", "config_only", ["--index-cache-pattern-file", "@other-model"],
+     "was made for another model: index_topk is 2048"),
 ]
 
 
@@ -128,6 +141,10 @@ def results(tmp_path_factory, sglang_release):
         config.pop(key)
     (not_dsa / "config.json").write_text(json.dumps(config))
     ckpts["not_dsa"] = not_dsa
+    config_only = work / "config_only"  # what make-checkpoint --weights none writes: no safetensors
+    config_only.mkdir()
+    shutil.copyfile(ckpts["types"] / "config.json", config_only / "config.json")
+    ckpts["config_only"] = config_only
     files = _pattern_files(work, ckpts)
     no_flag = [{"argv": _argv(ckpts, files, c, [] if o is None else ["--json-model-override-args", json.dumps(o)])}
                for _, c, o in NO_FLAG_CASES]
@@ -200,6 +217,13 @@ def test_flag_values_are_parsed(results):
     assert results["flagged"][ids.index("every-types")]["ours"]["index_cache_every"] == 4
     assert results["flagged"][ids.index("file-types")]["ours"]["index_cache_pattern_file"].endswith(".json")
     assert results["flagged"][ids.index("calibration")]["ours"]["index_cache_calibration"] is True
+
+
+def test_unchecked_weights_are_one_log_line(results):
+    """With no safetensors or a load format that reads none, one line says the weights were not checked."""
+    for index, (name, *_rest) in enumerate(FLAG_CASES):
+        lines = [line for line in results["flagged"][index]["logs"] if "indexer weights not checked" in line]
+        assert len(lines) == (1 if name in WEIGHTS_NOT_CHECKED else 0), (name, results["flagged"][index]["logs"])
 
 
 @pytest.mark.parametrize("index", range(len(BAD_CASES)), ids=[c[0] for c in BAD_CASES])

@@ -144,22 +144,45 @@ def test_partly_patched_tree_is_refused(small_tree, sglang_release):
 @pytest.mark.parametrize("where, message", [
     ("nowhere", "does not exist"),
     ("empty", "neither an SGLang checkout"),
+    ("unset", "no SGLang directory given"),  # make apply-patches without SGLANG_DIR
+    ("package", "is the sglang package itself: give the folder that holds it, {parent}"),
 ])
 def test_bad_directory_is_one_clear_error(tmp_path, where, message):
-    directory = tmp_path / "d"
+    directory = "" if where == "unset" else tmp_path / "d"
     if where == "empty":
         directory.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "sglang_indexcache.sglang_overlay.patchset", "apply", str(directory)],
+    if where == "package":  # SGLANG_DIR=.../site-packages/sglang instead of .../site-packages
+        directory = tmp_path / "site" / "sglang"
+        directory.mkdir(parents=True)
+        (directory / "__init__.py").write_text("")
+        message = message.format(parent=directory.parent)
+    proc = subprocess.run([sys.executable, "-m", "sglang_indexcache", "apply-patches", str(directory)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and message in proc.stderr
 
 
-def test_cli_apply_then_already_applied(small_tree):
-    def cli(action):
+def test_cli_apply_then_already_applied(small_tree, sglang_release):
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "sglang_indexcache", *argv], capture_output=True, text=True)
+    before = digest(small_tree)
+    assert cli("apply-patches", str(small_tree)).returncode == 0
+    second = cli("apply-patches", str(small_tree))
+    assert second.returncode == 0 and "already applied" in second.stdout
+    checked = cli("check-patches", str(small_tree))
+    assert checked.returncode == 0 and f"(SGLang {sglang_release}): applied" in checked.stdout
+    assert cli("revert-patches", str(small_tree)).returncode == 0
+    assert digest(small_tree) == before
+    series_only = cli("check-patches", "")  # make check-patches without SGLANG_DIR
+    assert series_only.returncode == 0 and series_only.stdout.startswith("series OK")
+
+
+def test_module_entry_point_is_the_same_command(small_tree):
+    """``python -m sglang_indexcache.sglang_overlay.patchset apply DIR`` (scripts use it) = apply-patches."""
+    def alias(action):
         return subprocess.run([sys.executable, "-m", "sglang_indexcache.sglang_overlay.patchset", action,
                                str(small_tree)], capture_output=True, text=True)
-    assert cli("apply").returncode == 0
-    second = cli("apply")
-    assert second.returncode == 0 and "already applied" in second.stdout
-    assert cli("revert").returncode == 0
+    assert alias("apply").returncode == 0
+    assert "already applied" in alias("apply").stdout
+    assert alias("revert").returncode == 0
+    assert alias("unknown").returncode == 2

@@ -45,7 +45,7 @@ def test_dry_run_prints_the_launch_command(model_and_file, tmp_path_factory):
 def test_dry_run_checks_the_installed_sglang(model_and_file, tmp_path_factory):
     model, path = model_and_file
     proc = serve("--model", model, "--pattern-file", path, "--dry-run", pythonpath=sgl.trees(tmp_path_factory).stock)
-    assert proc.returncode == 2 and "is not patched: make apply-patches" in proc.stderr and proc.stdout == ""
+    assert proc.returncode == 2 and "is not patched: indexcache apply-patches" in proc.stderr and proc.stdout == ""
 
 
 def test_pattern_file_of_another_model_is_refused(model_and_file, make_checkpoint):
@@ -66,4 +66,30 @@ def test_refuses_an_unpatched_sglang(model_and_file, tmp_path_factory, sglang_re
     model, path = model_and_file
     trees = sgl.trees(tmp_path_factory, sglang_release)
     proc = serve("--model", model, "--pattern-file", path, pythonpath=trees.stock)
-    assert proc.returncode == 2 and "is not patched: make apply-patches" in proc.stderr
+    assert proc.returncode == 2 and "is not patched: indexcache apply-patches" in proc.stderr
+
+
+@pytest.mark.sglang
+def test_config_only_checkpoint_serves_with_dummy_weights(model_and_file, tmp_path, tmp_path_factory, sglang_release):
+    """make-checkpoint --weights none is the checkpoint for --load-format dummy: serve checks what the
+    config decides and says in one line that the indexer weights were not checked."""
+    import shutil
+
+    model, path = model_and_file
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copyfile(model / "config.json", config_only / "config.json")
+    patched = sgl.trees(tmp_path_factory, sglang_release).patched
+    proc = serve("--model", config_only, "--pattern-file", path, "--dry-run", "--", "--load-format", "dummy",
+                 pythonpath=patched)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "indexer weights not checked: the load format reads no safetensors weights"]
+    assert proc.stdout.strip().endswith(f"--index-cache-pattern-file {path} --load-format dummy")
+    proc = serve("--model", config_only, "--calibration", "--dry-run", pythonpath=patched)
+    assert proc.returncode == 0 and "has no safetensors weights (a config-only checkpoint)" in proc.stderr
+    bad = tmp_path / "bad.json"  # layer 0 S is still refused
+    bad.write_text(path.read_text().replace('"pattern": "FSSFSSSF"', '"pattern": "SSSFSSSF"'))
+    proc = serve("--model", config_only, "--pattern-file", bad, "--dry-run", "--", "--load-format", "dummy",
+                 pythonpath=patched)
+    assert proc.returncode == 2 and "layer 0 must be F" in proc.stderr

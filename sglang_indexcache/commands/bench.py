@@ -97,8 +97,10 @@ def _config(name: str) -> dict:
 
     from ..configs import named_config
 
-    if name.endswith(".json") or Path(name).is_file():
+    if name.endswith(".json") or Path(name).exists():
         path = Path(name)
+        if path.is_dir():
+            raise UsageError(f"--config {path} is a directory; give a config.json file (or a named config)")
         if not path.is_file():
             raise UsageError(f"config file {path} does not exist")
         try:
@@ -134,9 +136,13 @@ def _patterns(args, layers: int, model_layers: int) -> list[tuple[str, str]]:
 
 def _check(args) -> None:
     """Checks before torch is imported: outputs, contexts, batches, config, patterns."""
+    inputs = list(getattr(args, "pattern_file", None) or [])
+    config = getattr(args, "config", None)
+    if config and (config.endswith(".json") or os.path.exists(config)):
+        inputs.append(config)
     for flag in ("save", "plot"):
         if getattr(args, flag, None):
-            check_output(f"--{flag}", getattr(args, flag), "file", force=args.force)
+            check_output(f"--{flag}", getattr(args, flag), "file", force=args.force, inputs=inputs)
     if args.mode == "kernels":
         if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
             raise UsageError("bench kernels --device cpu runs the Triton kernels in Triton's interpreter:"

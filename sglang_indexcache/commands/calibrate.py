@@ -14,14 +14,14 @@ CPU cores (docs/cli.md).
 
 from __future__ import annotations
 
-from .options import add_data_arguments, add_force, check_output, positive_float, positive_int
+from .options import add_data_arguments, add_force, add_model, check_output, positive_float, positive_int
 
 SCREEN_TOP = 3
 DEFAULT_CALIBRATION_TOKENS = 8192  # the demo's: minutes on 2 CPU cores (the cost grows with N^2 candidates)
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", metavar="DIR", help="HF-format DSA checkpoint directory")
+    add_model(parser, required=False)
     parser.add_argument("--url", metavar="URL", help="patched SGLang server in calibration mode")
     parser.add_argument("--api-key", metavar="KEY", default=None,
                         help="the server's API/admin key (default: $INDEXCACHE_API_KEY)")
@@ -77,10 +77,13 @@ def check_arguments(args) -> None:
     if args.resume and not state_path(args.out).is_file():
         raise UsageError(f"--resume: there is no interrupted search to continue ({state_path(args.out)}"
                          " does not exist); run without --resume to start one")
+    from ..calibration.data import check_source
+
     inputs = (args.model, args.data)
     check_output("--out", args.out, "file", force=args.force, inputs=inputs)
     if not args.no_plot:
         check_output("--out", plot_path(args.out), "file", force=args.force, inputs=inputs)
+    check_source(args.data)
 
 
 def _summary(document, out) -> str:
@@ -130,5 +133,11 @@ def run(args) -> int:
         print(f"{stop} (--max-seconds {args.max_seconds:g}); the search state is in {state_path(args.out)}:"
               " run the same command with --resume to continue")
         return 0
+    except KeyboardInterrupt:
+        from ..errors import Interrupted
+
+        saved = state_path(args.out)
+        raise Interrupted(f"the search so far is saved in {saved}: the same command with --resume continues it"
+                          if saved.is_file() else "") from None
     print(_summary(document, args.out))
     return 0

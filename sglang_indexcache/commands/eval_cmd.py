@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 
-from .options import add_data_arguments
+from .options import add_data_arguments, add_model
 
 DEFAULT_EVAL_TOKENS = 16384  # one whole forward per pattern and batch
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, metavar="DIR", help="HF-format DSA checkpoint directory")
+    add_model(parser)
     add_data_arguments(parser, DEFAULT_EVAL_TOKENS)
     parser.add_argument("--pattern", action="append", required=True, metavar="P",
                         help="all-F, every-N, a pattern string or a pattern file; repeat to compare")
@@ -58,9 +58,12 @@ def run(args) -> int:
     from ..calibration.session import load_backend, load_data
     from ..model_info import load_model_info
 
+    from ..calibration.data import check_source
+
     info = load_model_info(args.model)
     for spec in args.pattern:  # refuse a bad spec before loading anything heavy
         pattern_file.resolve(spec, info.num_dsa_layers, info)
+    check_source(args.data)
     backend = load_backend(args.model, threads=args.threads)
     blocks = load_data(args, backend.tokenizer, backend.config)
     results = evaluate(backend, blocks, args.pattern, info, args.batch_size)

@@ -20,7 +20,7 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, metavar="DIR", help="new or empty directory for the bundle")
     parser.add_argument("--wheelhouse", action="append", default=[], metavar="DIR",
                         help="directory of already-downloaded wheels to reuse (repeatable; only read)")
-    parser.add_argument("--cache", metavar="DIR", help="where missing wheels are downloaded (default .cache/gpu-wheels)")
+    parser.add_argument("--cache", metavar="DIR", help="where missing wheels are downloaded (default .cache/gpu-wheels under the working directory)")
     parser.add_argument("--glibc", default="2.39", help="the host's glibc: manylinux tags up to it are accepted")
     parser.add_argument("--keep-fa3", action="store_true", help="keep sglang-kernel's FA3 library (+1.1 GB unpacked)")
     parser.add_argument("--no-strip", action="store_true",
@@ -29,6 +29,18 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    from pathlib import Path
+
+    from .options import check_output
+
+    from ..errors import UsageError
+
+    for folder in args.wheelhouse:
+        if not Path(folder).is_dir():
+            raise UsageError(f"--wheelhouse {folder} " + ("is a file, not a folder of wheels" if Path(folder).exists()
+                                                          else "does not exist"))
+    check_output("--out", args.out, "dir", inputs=args.wheelhouse)
+    check_output("--cache", args.cache or Path(".cache") / "gpu-wheels", "dir", resume=True, inputs=args.wheelhouse)
     manifest = gpu_bundle.build_bundle(
         args.out, args.sglang, args.python, args.arch, gpu_bundle.parse_size(args.part_size),
         wheelhouses=args.wheelhouse, cache=args.cache, glibc=args.glibc, keep_fa3=args.keep_fa3, strip=not args.no_strip,

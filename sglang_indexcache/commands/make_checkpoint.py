@@ -34,6 +34,10 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name} must be positive, got {value}")
+    from ..configs import TINY_MODEL_DIR
+    from .options import check_output
+
+    check_output("OUT", args.out, "dir", inputs=(TINY_MODEL_DIR,))  # the tokenizer is read from there
     pattern = pattern_file.resolve(args.pattern, args.layers) if args.pattern else None
     intermediate = args.intermediate or args.hidden * 11 // 4
     summary = checkpoint_writer.write_checkpoint(

@@ -2,21 +2,23 @@
 
 Numeric flags use the argparse types below, so a bad value is refused while the command line is
 parsed (one line, exit 2, before torch is imported). Outputs go through :func:`check_output`:
-nothing is written into an input (the model, the data) or over an existing output unless the user
-passes ``--force``.
+nothing is ever written into an input (the model, the data, a pattern file), not even with
+``--force``, which only lets a command replace an earlier output; a folder that holds a saved,
+resumable run is continued with ``--resume``; writability is tested by writing, before any work.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from .. import checks
 from ..calibration import session
 from ..errors import UsageError
 
-FORCE_HELP = "write even if the output exists and is not empty, or lies inside an input (default: refused)"
+FORCE_HELP = "replace an existing output (a file, or a non-empty folder); never an input (default: refused)"
 
 
 def _int_at_least(low: int, what: str):
@@ -47,6 +49,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def model_dir(text: str) -> str:
+    """An argparse type for ``--model``: a checkpoint directory or an embedded model's name."""
+    from ..resources import model_dir as resolve
+
+    try:
+        return resolve(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model(parser, required: bool = True, what: str = "HF-format DSA checkpoint directory") -> None:
+    """``--model DIR``, shared by every verb that reads a checkpoint (one resolver: :func:`model_dir`)."""
+    from ..resources import EMBEDDED_MODELS
+
+    parser.add_argument("--model", required=required, type=model_dir, metavar="DIR",
+                        help=f"{what}, or {' / '.join(EMBEDDED_MODELS)} (the embedded model)")
+
+
 def add_force(parser) -> None:
     parser.add_argument("--force", action="store_true", help=FORCE_HELP)
 
@@ -55,50 +75,73 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _writable_parent(flag: str, path: Path) -> None:
-    """Refuse ``path`` if a parent is a file or the nearest existing parent is not writable."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise UsageError(f"{flag} {path}: cannot write in {parent} (permission denied)")
-            return
-
-
-def check_output(flag: str, path, kind: str, force: bool = False, inputs=(), resume: bool = False) -> Path:
-    """Refuse an output that cannot be written or would overwrite something, before any work.
-
-    ``kind`` is ``"dir"`` (a folder the command fills) or ``"file"``. ``inputs``: paths the command
-    reads (model folder, data file); the output may not be one of them or lie inside one unless
-    ``force``. An existing file, or an existing non-empty folder, is refused unless ``force`` (or
-    ``resume``: continuing a run there, which never allows writing into an input). Nothing is created.
-    """
-    path = Path(path)
-    target = path.resolve()
-    for source in inputs:
-        if source is None:
+def _check_writable(flag: str, path: Path) -> None:
+    """Refuse ``path`` unless a file can be created in its nearest existing folder: tested by
+    creating (and removing) one, since permission bits do not tell (root on /sys, read-only mounts)."""
+    for parent in (path, *path.parents):
+        if not parent.exists():
             continue
+        if parent != path and not parent.is_dir():
+            raise UsageError(f"{flag} {path}: {parent} is a file, not a folder")
+        if parent == path and not parent.is_dir():
+            continue  # an existing output file: what matters is its folder
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".indexcache-write-test.", dir=parent)
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: cannot write in {parent} ({exc.strerror.lower()})") from None
+        os.close(fd)
+        os.unlink(probe)
+        return
+
+
+def _check_inputs(flag: str, path: Path, target: Path, inputs, protected, force: bool, kind: str) -> None:
+    inputs = sorted((Path(source).resolve() for source in inputs), key=lambda source: source != target)
+    for source in inputs:  # the input the output is, named first; then folders it lies in
+        if source.exists() and _inside(target, source):
+            what = "is" if target == source else "lies inside"
+            raise UsageError(f"{flag} {path} {what} the input {source}: choose another place"
+                             " (--force never writes into an input)")
+        if force and kind == "dir" and source.exists() and _inside(source, target):
+            raise UsageError(f"{flag} {path} holds the input {source}: --force would write beside it;"
+                             " choose another folder")
+    for source in protected:
         source = Path(source).resolve()
         if source.exists() and _inside(target, source) and not force:
             what = "is" if target == source else "lies inside"
-            raise UsageError(f"{flag} {path} {what} the input {source}: choose another place"
-                             " (or pass --force to write there)")
-    _writable_parent(flag, target)
+            raise UsageError(f"{flag} {path} {what} {source}, which only --force replaces: choose another place")
+
+
+def check_output(flag: str, path, kind: str, force: bool = False, inputs=(), resume: bool = False,
+                 protected=(), saved_state=None) -> Path:
+    """Refuse an output that cannot be written or would overwrite something, before any work.
+
+    ``kind`` is ``"dir"`` (a folder the command fills) or ``"file"``. ``inputs``: paths the command
+    reads (model folder, data, pattern file): the output may never be one of them or lie inside one,
+    and with ``force`` an output folder may not hold one. ``protected``: paths the command does not
+    read but that only ``force`` may replace (the shipped model). ``saved_state``: the file in which
+    an interrupted run of this command left its progress: without ``resume`` it is refused, naming
+    ``--resume`` (``force`` does not throw it away). An existing file, or an existing non-empty
+    folder, is refused unless ``force`` (or ``resume``: continuing a run there). Nothing is left
+    behind by the checks.
+    """
+    path = Path(path)
+    target = path.resolve()
+    _check_inputs(flag, path, target, [i for i in inputs if i is not None], protected, force, kind)
+    if saved_state is not None and not resume and Path(saved_state).is_file():
+        raise UsageError(f"{flag} {path} holds a saved run ({saved_state}): pass --resume to continue it,"
+                         f" or delete {saved_state} to start over, or choose another place")
     if kind == "dir":
         if target.exists() and not target.is_dir():
             raise UsageError(f"{flag} {path} exists and is a file, not a folder")
-        if target.is_dir():
-            if not os.access(target, os.W_OK | os.X_OK):
-                raise UsageError(f"{flag} {path}: cannot write in it (permission denied)")
-            if any(target.iterdir()) and not (force or resume):
-                raise UsageError(f"{flag} {path} exists and is not empty: choose a new folder"
-                                 " (or pass --force to write into it)")
+        if target.is_dir() and any(target.iterdir()) and not (force or resume):
+            raise UsageError(f"{flag} {path} exists and is not empty: choose a new folder"
+                             " (or pass --force to write into it)")
     else:
         if target.is_dir():
             raise UsageError(f"{flag} {path} is a folder; give a file name such as {path / 'pattern.json'}")
         if target.exists() and not (force or resume):
             raise UsageError(f"{flag} {path} exists: choose a new name (or pass --force to overwrite it)")
+    _check_writable(flag, target)
     return path
 
 

@@ -7,13 +7,13 @@ candidate keys than k. --out must be a new or empty folder unless --force.
 
 from __future__ import annotations
 
-from .options import add_data_arguments, add_force, check_output
+from .options import add_data_arguments, add_force, add_model, check_output
 
 DEFAULT_OVERLAP_TOKENS = 8192
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, metavar="DIR", help="HF-format DSA checkpoint directory")
+    add_model(parser)
     add_data_arguments(parser, DEFAULT_OVERLAP_TOKENS)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for overlap.json and overlap.png (new or empty unless --force)")
     add_force(parser)
@@ -24,6 +24,7 @@ def run(args) -> int:
 
     from types import SimpleNamespace
 
+    from ..calibration.data import check_source
     from ..calibration.session import seq_len_for
     from ..errors import UsageError
     from ..model_info import load_model_info
@@ -36,8 +37,10 @@ def run(args) -> int:
     topk, seq_len = int(info.config["index_topk"]), seq_len_for(SimpleNamespace(**info.config), args.seq_len)
     if seq_len <= topk:
         raise UsageError(f"--seq-len {seq_len} must exceed the model's index_topk {topk}")
-    from .. import pattern_file, progress
+    check_source(args.data)
+    from .. import progress
     from ..analysis.overlap import adjacent_mean, overlap_matrix
+    from ..atomic import atomic_write_text, staged_dir
     from ..calibration.plots import plot_overlap
     from ..calibration.session import load_backend, load_data
 
@@ -47,10 +50,10 @@ def run(args) -> int:
     result = overlap_matrix(backend, batches, lambda it: progress.bar(it, total=len(it), desc="overlap", unit="batch"))
     result["adjacent_mean"] = adjacent_mean(result["matrix"])
     result["data"] = blocks.describe()
-    out.mkdir(parents=True, exist_ok=True)
-    pattern_file.atomic_write_text(out / "overlap.json", json.dumps(result, indent=1) + "\n")
     title = f"{info.path.name}: top-k overlap (k={result['topk']}, {result['tokens']} queries)"
-    plot_overlap(result["matrix"], out / "overlap.png", title)
+    with staged_dir(out) as staged:  # overlap.json and overlap.png appear together, or neither does
+        atomic_write_text(staged / "overlap.json", json.dumps(result, indent=1) + "\n")
+        plot_overlap(result["matrix"], staged / "overlap.png", title)
     print(f"wrote {out / 'overlap.json'} and {out / 'overlap.png'}: {result['layers']} layers,"
           f" {result['tokens']} queries; mean adjacent-layer overlap {result['adjacent_mean']:.3f}"
           " (paper, 30B model: 0.7-1.0)")

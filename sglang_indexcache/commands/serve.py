@@ -17,10 +17,11 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from .options import add_model
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="HF-format DSA checkpoint directory")
+    add_model(parser)
     parser.add_argument("--pattern-file", help="indexcache-pattern/v1 file (see `indexcache calibrate`)")
     parser.add_argument("--calibration", action="store_true",
                         help="calibration mode: every indexer loaded, /index_cache endpoints, no CUDA graphs")
@@ -36,11 +37,11 @@ def patched_sglang_dir() -> Path:
     spec = importlib.util.find_spec("sglang")
     if spec is None or not spec.submodule_search_locations:
         raise UsageError("SGLang is not installed for this Python; pip install sglang==0.5.23, then"
-                         " make apply-patches SGLANG_DIR=<its site-packages>")
+                         " indexcache apply-patches <its site-packages>")
     package = Path(list(spec.submodule_search_locations)[0])
     target, patches = patchset.prepare(package.parent)
     if patchset.status(target, patches) != "applied":
-        raise UsageError(f"SGLang at {package} is not patched: make apply-patches SGLANG_DIR={package.parent}")
+        raise UsageError(f"SGLang at {package} is not patched: indexcache apply-patches {package.parent}")
     return package
 
 
@@ -48,7 +49,12 @@ def build_command(args) -> list[str]:
     from ..model_info import load_model_info
     from ..pattern_file import check_matches, read
 
-    info = load_model_info(args.model)
+    extra = list(args.sglang_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    info = load_model_info(args.model, weights=weights_mode(extra))
+    if not info.weights_checked:
+        print(f"indexer weights not checked: {info.weights_note}", file=sys.stderr)
     if not args.pattern_file and not args.calibration:
         raise UsageError("give --pattern-file FILE (or --calibration to choose a pattern at run time)")
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(args.model)]
@@ -57,10 +63,21 @@ def build_command(args) -> list[str]:
         command += ["--index-cache-pattern-file", str(args.pattern_file)]
     if args.calibration:
         command.append("--index-cache-calibration")
-    extra = list(args.sglang_args or [])
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
     return command + extra
+
+
+def weights_mode(sglang_args) -> str:
+    """``load_model_info``'s ``weights`` for the server's ``--load-format`` (the same rule as the
+    patched server's: docs/sglang.md)."""
+    from ..sglang_overlay.settings import WEIGHTLESS_LOAD_FORMATS
+
+    load_format = None
+    for i, arg in enumerate(sglang_args):
+        if arg == "--load-format" and i + 1 < len(sglang_args):
+            load_format = sglang_args[i + 1]
+        elif arg.startswith("--load-format="):
+            load_format = arg.split("=", 1)[1]
+    return "skip" if load_format in WEIGHTLESS_LOAD_FORMATS else "if-present"
 
 
 def run(args) -> int:

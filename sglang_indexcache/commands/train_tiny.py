@@ -72,8 +72,9 @@ def parse_args(args):
         raise UsageError(f"--model-json is not valid JSON: {exc}") from exc
     if args.vocab_size < 260 or args.vocab_size > 65535:
         raise UsageError("--vocab-size must lie in 260..65535 (byte alphabet plus merges; uint16 ids)")
-    check_output("--out", args.out, "dir", force=args.force, resume=args.resume, inputs=(TINY_MODEL_DIR,))
-    check_output("--work-dir", args.work_dir, "dir", force=True)
+    check_output("--work-dir", args.work_dir, "dir", force=True, resume=args.resume,
+                 saved_state=Path(args.work_dir) / "state.pt")
+    check_output("--out", args.out, "dir", force=args.force, resume=args.resume, protected=(TINY_MODEL_DIR,))
     from sglang_indexcache.training.tiny import MODEL_DEFAULTS, STAGES, TrainArgs
 
     if not isinstance(overrides, dict) or set(overrides) - set(MODEL_DEFAULTS):
@@ -148,7 +149,14 @@ def run(args) -> int:
         print(json.dumps({"tokenizer": targs.out_dir, "vocab_size": len(tokenizer), "train_tokens": int(stream.size),
                           "stream": str(Path(targs.work_dir) / "train_tokens.npy")}, indent=2))
         return 0
-    summary = tiny.train(targs, stream, tokenizer, resume=args.resume)
+    try:
+        summary = tiny.train(targs, stream, tokenizer, resume=args.resume)
+    except KeyboardInterrupt:
+        from sglang_indexcache.errors import Interrupted
+
+        state = Path(targs.work_dir) / "state.pt"
+        raise Interrupted(f"the training so far is saved in {state}: the same command with --resume continues"
+                          " from the last saved step" if state.is_file() else "") from None
     summary["train_seconds"] = round(time.perf_counter() - t0, 1)
     summary["args"] = {k: v for k, v in vars(targs).items()}
     if not args.no_eval:

@@ -1,6 +1,8 @@
 """Apply, revert and check the SGLang patch series (``patches/sglang-<version>/`` + ``series``).
 
-``python -m sglang_indexcache.sglang_overlay.patchset {apply,revert,check} DIR``
+``indexcache {apply,revert,check}-patches DIR`` (``commands/patches.py``; ``python -m
+sglang_indexcache.sglang_overlay.patchset {apply,revert,check} DIR`` is the same). The series are
+package data (:func:`sglang_indexcache.resources.data_dir`), so this works from an installed wheel.
 
 DIR is a git checkout of SGLang (it has ``python/sglang/``) or the parent of an installed package
 (it has ``sglang/__init__.py``, e.g. ``site-packages``). The patches are git-format with paths
@@ -27,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from ..resources import data_dir
 
 logger = logging.getLogger(__name__)
 
-PATCHES_DIR = Path(__file__).resolve().parents[2] / "patches"
+PATCHES_DIR = data_dir("patches")
 VERSION_RE = re.compile(r"""^__version__\s*(?::\s*str\s*)?=\s*(?:version\s*=\s*)?['"]([^'"]+)['"]""", re.M)
 
 
@@ -87,7 +90,7 @@ class Target:
 
 def locate(directory) -> Target:
     if not directory:
-        raise PatchSetError("no SGLang directory given (make apply-patches SGLANG_DIR=DIR)")
+        raise PatchSetError("no SGLang directory given: indexcache apply-patches DIR (make apply-patches SGLANG_DIR=DIR)")
     root = Path(directory).resolve()
     if not root.is_dir():
         raise PatchSetError(f"SGLang directory {directory} does not exist")
@@ -95,6 +98,9 @@ def locate(directory) -> Target:
         return Target(root, 1, "checkout")
     if (root / "sglang" / "__init__.py").is_file():
         return Target(root, 2, "installed")
+    if root.name == "sglang" and (root / "__init__.py").is_file():
+        raise PatchSetError(f"{directory} is the sglang package itself: give the folder that holds it,"
+                            f" {root.parent}")
     raise PatchSetError(
         f"{directory} is neither an SGLang checkout (python/sglang/) nor an installed package's"
         " parent directory (sglang/__init__.py)"
@@ -193,20 +199,8 @@ def check(directory=None, patches_dir: Path = PATCHES_DIR) -> str:
     return message
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    actions = {"apply": apply, "revert": revert, "check": check}
-    if not argv or argv[0] not in actions or len(argv) > 2:
-        print("usage: python -m sglang_indexcache.sglang_overlay.patchset {apply,revert,check} [DIR]",
-              file=sys.stderr)
-        return 2
-    try:
-        print(actions[argv[0]](argv[1] if len(argv) > 1 else None))
-    except UsageError as exc:
-        print(f"patchset: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+if __name__ == "__main__":  # the older entry point: the same as `indexcache {apply,revert,check}-patches DIR`
+    from sglang_indexcache.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    action, rest = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    sys.exit(main([f"{action}-patches" if action in ("apply", "revert", "check") else action, *rest]))

@@ -36,6 +36,9 @@ FLAG_FIELDS = ("index_cache_pattern", "index_cache_every", "index_cache_pattern_
 # Keys of --json-model-override-args that would give a second, competing pattern.
 PATTERN_OVERRIDE_KEYS = ("indexer_types", "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset",
                          "cli_factor")
+# --load-format values that read no safetensors: the indexer weights are then not checked (nor is a
+# checkpoint without safetensors, e.g. make-checkpoint --weights none); everything else still is.
+WEIGHTLESS_LOAD_FORMATS = ("dummy", "pt", "npcache")
 
 
 class IndexCacheError(UsageError):
@@ -109,6 +112,7 @@ class Flags:
     pattern_file: str | None
     pattern_file_stamp: int | None  # mtime of the pattern file: an edited file is read again
     calibration: bool
+    load_format: str = "auto"
 
     @classmethod
     def of(cls, cfg) -> "Flags":
@@ -116,7 +120,7 @@ class Flags:
         stamp = os.stat(path).st_mtime_ns if path and os.path.isfile(path) else None
         return cls(str(cfg.model_path), getattr(cfg, "index_cache_pattern", None),
                    getattr(cfg, "index_cache_every", None), path, stamp,
-                   bool(getattr(cfg, "index_cache_calibration", False)))
+                   bool(getattr(cfg, "index_cache_calibration", False)), str(getattr(cfg, "load_format", "auto")))
 
     def given(self) -> list[str]:
         values = {"index_cache_pattern": self.pattern, "index_cache_every": self.every,
@@ -165,11 +169,15 @@ def _resolve_cached(flags: Flags) -> Settings:
             f"IndexCache flags need --model-path to be a local checkpoint directory, got {flags.model_path!r}"
             " (download it first, e.g. with huggingface-cli download)")
     try:
-        info = load_model_info(flags.model_path)
+        info = load_model_info(flags.model_path,
+                               weights="skip" if flags.load_format in WEIGHTLESS_LOAD_FORMATS else "if-present")
     except UsageError as exc:
         raise IndexCacheError(f"IndexCache: {exc}") from exc
+    if not info.weights_checked:
+        logger.warning("IndexCache: indexer weights not checked (--load-format %s): %s", flags.load_format,
+                       info.weights_note)
     resolved, source = _flag_pattern(flags, info)
-    if flags.calibration:
+    if flags.calibration and info.weights_checked:
         missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
         if missing:
             raise IndexCacheError(

@@ -129,3 +129,33 @@ def plot_losses(history: list[dict], path, title: str) -> None:
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def model_card(report: dict) -> str:
+    """README.md of a distilled checkpoint: what it is, how it was made, what it measured (the base
+    model's own card describes another model and is not kept)."""
+    loss, settings = report["lm_loss"], report["settings"]
+    base, out = Path(report["model"]), Path(report["out"])
+    gap = report["gap_closed"]
+    return "\n".join([
+        f"# {out.name}: {base.name} with distilled IndexCache indexers",
+        "",
+        f"This checkpoint is `{base}` with the lightning indexers of the F layers of the IndexCache pattern",
+        f"`{report['pattern']}` ({report['describe']}) trained by `indexcache distill`",
+        f"({'single-layer' if settings['single_layer'] else 'multi-layer'} distillation, form"
+        f" `{settings['form']}`, {report['steps']} steps, lr {settings['lr']:g}, batch {settings['batch_size']}"
+        f" x {settings['seq_len']} tokens of `{report['data']['source']}`). Every other tensor, the config",
+        "and the tokenizer are those of the base model; the S layers reuse the top-k of the F layer before them.",
+        "",
+        f"LM loss (nats/token) on {report['eval_data']['source']}: all-F {loss['all_f_before']:.4f} (base model),",
+        f"pattern before distillation {loss['pattern_before']:.4f}, after {loss['pattern_after']:.4f}"
+        + (f" (gap closed {100 * gap:.0f}%)." if gap is not None else "."),
+        "",
+        "Use it with its pattern (`pattern.json`, method `distilled`):",
+        "",
+        f"    indexcache serve --model {out} --pattern-file {out / 'pattern.json'}",
+        "",
+        "Settings, loss history and timings: `distill/report.json`. The base model's own card:",
+        f"`{base / 'README.md'}`.",
+        "",
+    ])

@@ -25,7 +25,7 @@ import torch
 
 from .. import pattern as pattern_mod
 from .. import checks, pattern_file, progress
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, staged_dir
 from ..errors import DataError, ModelDirError, UsageError
 from ..models import lm_loss
 from . import distill_io
@@ -202,33 +202,39 @@ def run(cfg: DistillConfig) -> dict:
 
 
 def _finish(cfg, info, pattern, distiller, state, after, train, eval_desc) -> dict:
+    """Write the checkpoint, its README, pattern.json and distill/{report.json, loss.png}: staged
+    beside ``out`` and moved in together, so Ctrl-C leaves either all of them or none (the state
+    file stays, and --resume finishes the run)."""
     from ..model_info import load_model_info
 
     out = Path(cfg.out)
-    rewritten = distill_io.write_checkpoint(cfg.model, out, {k: v.detach() for k, v in distiller.parameters().items()})
     before = state["before"]
     gap = before["pattern"] - before["all_f"]
     label = f"{'single-layer' if cfg.single_layer else 'multi-layer'} {cfg.form}, {pattern}"
-    report = {
-        "format": REPORT_FORMAT,
-        "model": str(cfg.model), "out": str(out), "pattern": pattern, "describe": pattern_mod.describe(pattern),
-        "settings": {**asdict(cfg), **state["settings"]},
-        "data": train.describe(), "eval_data": eval_desc,
-        "lm_loss": {"all_f_before": before["all_f"], "pattern_before": before["pattern"],
-                    "pattern_after": after["pattern"]},
-        "gap_closed": (before["pattern"] - after["pattern"]) / gap if gap > 0 else None,
-        "distill_loss": {"first": state["history"][0]["loss"] if state["history"] else None,
-                         "last": state["history"][-1]["loss"] if state["history"] else None},
-        "steps": state["step"], "train_seconds": state.get("train_seconds", 0.0),
-        "eval_seconds": state.get("eval_seconds", 0.0), "torch_threads": torch.get_num_threads(),
-        "rewritten_shards": rewritten, "history": state["history"],
-    }
-    document = pattern_file.make_document(
-        pattern, load_model_info(out), method="distilled", keep_ratio=pattern.count("F") / len(pattern),
-        data=train.describe(), baseline_loss=before["all_f"], loss=after["pattern"], distill_form=cfg.form,
-        single_layer=cfg.single_layer, steps=state["step"])
-    pattern_file.write(out / "pattern.json", document)
-    if state["history"]:
-        distill_io.plot_losses(state["history"], out / "distill" / "loss.png", label)
-    atomic_write_text(out / "distill" / "report.json", json.dumps(report, indent=2) + "\n")
+    with staged_dir(out) as staged:
+        tensors = {k: v.detach() for k, v in distiller.parameters().items()}
+        rewritten = distill_io.write_checkpoint(cfg.model, staged, tensors)
+        report = {
+            "format": REPORT_FORMAT,
+            "model": str(cfg.model), "out": str(out), "pattern": pattern, "describe": pattern_mod.describe(pattern),
+            "settings": {**asdict(cfg), **state["settings"]},
+            "data": train.describe(), "eval_data": eval_desc,
+            "lm_loss": {"all_f_before": before["all_f"], "pattern_before": before["pattern"],
+                        "pattern_after": after["pattern"]},
+            "gap_closed": (before["pattern"] - after["pattern"]) / gap if gap > 0 else None,
+            "distill_loss": {"first": state["history"][0]["loss"] if state["history"] else None,
+                             "last": state["history"][-1]["loss"] if state["history"] else None},
+            "steps": state["step"], "train_seconds": state.get("train_seconds", 0.0),
+            "eval_seconds": state.get("eval_seconds", 0.0), "torch_threads": torch.get_num_threads(),
+            "rewritten_shards": rewritten, "history": state["history"],
+        }
+        document = pattern_file.make_document(
+            pattern, load_model_info(staged), method="distilled", keep_ratio=pattern.count("F") / len(pattern),
+            data=train.describe(), baseline_loss=before["all_f"], loss=after["pattern"], distill_form=cfg.form,
+            single_layer=cfg.single_layer, steps=state["step"])
+        pattern_file.write(staged / "pattern.json", document)
+        atomic_write_text(staged / "README.md", distill_io.model_card(report))
+        if state["history"]:
+            distill_io.plot_losses(state["history"], staged / "distill" / "loss.png", label)
+        atomic_write_text(staged / "distill" / "report.json", json.dumps(report, indent=2) + "\n")
     return report

@@ -1,15 +1,16 @@
-"""``make demo``: training-free IndexCache on the embedded model, end to end, on the CPU.
+"""Training-free IndexCache on the embedded model, end to end, on the CPU (``make demo``).
 
 1. Pattern semantics in two lines: what ``every 4`` means and what an engine's ``index_topk_freq=4``
    really selects.
-2. Greedy calibration of ``models/tiny-glm-dsa`` at keep 1/4 on its bundled calibration text
-   (exact search with prefix reuse), written to ``out/demo/pattern.json`` + its loss plot.
+2. Greedy calibration of the embedded model (tiny-glm-dsa) at keep 1/4 on its bundled calibration
+   text (exact search with prefix reuse), written to OUT/pattern.json + its loss plot.
 3. LM loss on the held-out evaluation text: all-F, uniform every-4 and the calibrated pattern.
-4. The cross-layer overlap heatmap (``out/demo/overlap.png``) and the SGLang launch flags.
+4. The cross-layer overlap heatmap (OUT/overlap.png) and the SGLang launch flags.
 
-Token budgets are chosen so the whole demo stays under 3 minutes on 2 idle CPU cores (94 s on
-2026-12-02; on a busy machine torch gets one thread, which is faster there). Ctrl-C prints one line; the next run resumes the search from its last step, and a
-finished search (same model, data and keep ratio) is reused rather than run again.
+OUT is --out (default out/demo under the working directory). Token budgets are chosen so the whole
+demo stays under 3 minutes on 2 idle CPU cores (94 s on 2026-12-02). Ctrl-C prints one line; the same
+command again resumes the search from its last step, and a finished search (same model, data and
+keep ratio) is reused rather than run again.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
+from pathlib import Path
 
-from . import pattern as pat
-from .configs import NAMED, REPO_ROOT, TINY_MODEL_DIR
+from .. import pattern as pat
+from ..configs import NAMED, TINY_MODEL_DIR
+from ..errors import Interrupted
 
-OUT_DIR = REPO_ROOT / "out" / "demo"
+DEFAULT_OUT = "out/demo"
 KEEP = 0.25
 SEQ_LEN = 1024
 CAL_TOKENS = 8 * 1024
@@ -47,8 +49,8 @@ def _rel(path) -> str:
 
 def _earlier_result(out, info, cal) -> dict | None:
     """The pattern file of an earlier finished demo search with the same model, data and keep."""
-    from . import pattern_file
-    from .errors import UsageError
+    from .. import pattern_file
+    from ..errors import UsageError
 
     if not out.is_file():
         return None
@@ -62,33 +64,43 @@ def _earlier_result(out, info, cal) -> dict | None:
     return document if same and c.get("method") == "greedy" else None
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("sglang_indexcache.progress").setLevel(logging.INFO)  # progress lines in a log
-    from .errors import UsageError
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"folder for the pattern file, plots and overlap matrix (default: {DEFAULT_OUT},"
+                             " under the working directory); a finished search there is reused")
 
+
+def run(args) -> int:
+    from .options import check_output
+
+    out_dir = check_output("--out", args.out, "dir", resume=True, inputs=(TINY_MODEL_DIR,))
+    if not getattr(args, "verbose", False):  # the demo's story, plus progress lines in a log
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("sglang_indexcache.progress").setLevel(logging.INFO)
     try:
-        return run()
+        return _run(Path(out_dir))
     except KeyboardInterrupt:
-        print(f"\ndemo interrupted; `make demo` again resumes the search saved in {_rel(OUT_DIR)}", file=sys.stderr)
-        return 130
-    except UsageError as exc:
-        print(f"demo: error: {exc}", file=sys.stderr)
-        return 2
+        from ..calibration.paths import state_path
+
+        saved = state_path(Path(out_dir) / "pattern.json")
+        raise Interrupted(f"the same command again resumes the search saved in {_rel(saved)}"
+                          if saved.is_file() else "") from None
 
 
-def run() -> int:
+def _run(out_dir: Path) -> int:
+    from ..errors import ModelDirError
+
     show_semantics()
     if not (TINY_MODEL_DIR / "config.json").is_file():
-        print(f"the embedded model is missing ({TINY_MODEL_DIR}): nothing to calibrate", file=sys.stderr)
-        return 1
-    from .analysis.overlap import adjacent_mean, overlap_matrix
-    from .calibration.data import load_blocks
-    from .calibration.plots import plot_overlap
-    from .calibration.run import calibrate, plot_path, state_path
-    from .calibration.session import load_backend
-    from .commands.eval_cmd import evaluate, format_table
-    from .model_info import load_model_info
+        raise ModelDirError(f"the embedded model is missing ({TINY_MODEL_DIR}): nothing to calibrate")
+    from ..analysis.overlap import adjacent_mean, overlap_matrix
+    from ..atomic import atomic_write_text, staged_files
+    from ..calibration.data import load_blocks
+    from ..calibration.plots import plot_overlap
+    from ..calibration.run import calibrate, plot_path, state_path
+    from ..calibration.session import load_backend
+    from ..model_info import load_model_info
+    from .eval_cmd import evaluate, format_table
 
     started = time.monotonic()
     info = load_model_info(TINY_MODEL_DIR)
@@ -96,7 +108,7 @@ def run() -> int:
     data = TINY_MODEL_DIR / "data"
     cal = load_blocks(data / "calibration.txt", backend.tokenizer, SEQ_LEN, CAL_TOKENS)
     held_out = load_blocks(data / "evaluation.txt", backend.tokenizer, SEQ_LEN, EVAL_TOKENS)
-    out = OUT_DIR / "pattern.json"
+    out = out_dir / "pattern.json"
     print(f"Greedy calibration of {TINY_MODEL_DIR.name} ({backend.num_layers} DSA layers) at keep {KEEP:g}"
           f" on {cal.tokens} tokens of calibration.txt ...")
     document = _earlier_result(out, info, cal)
@@ -113,17 +125,15 @@ def run() -> int:
     print(format_table(results) + "\n")
     overlap = overlap_matrix(backend, list(load_blocks(data / "evaluation.txt", backend.tokenizer, SEQ_LEN,
                                                        OVERLAP_TOKENS).batches(BATCH)))
-    (OUT_DIR / "overlap.json").write_text(json.dumps(overlap, indent=1) + "\n")
-    plot_overlap(overlap["matrix"], OUT_DIR / "overlap.png", f"{TINY_MODEL_DIR.name}: top-k overlap")
+    with staged_files(out_dir / "overlap.json", out_dir / "overlap.png") as (matrix_file, plot_file):
+        atomic_write_text(matrix_file, json.dumps(overlap, indent=1) + "\n")  # both files, or neither
+        plot_overlap(overlap["matrix"], plot_file, f"{TINY_MODEL_DIR.name}: top-k overlap")
     print(f"Mean adjacent-layer top-k overlap {adjacent_mean(overlap['matrix']):.3f} (paper, 30B model: 0.7-1.0)")
-    print(f"Plots: {_rel(plot_path(out))}, {_rel(OUT_DIR / 'overlap.png')}\n")
+    print(f"Plots: {_rel(plot_path(out))}, {_rel(out_dir / 'overlap.png')}\n")
     model = _rel(TINY_MODEL_DIR)
     print("Serve the calibrated pattern with SGLang:")
-    print(f"  patched: python -m sglang.launch_server --model-path {model} --index-cache-pattern-file {_rel(out)}")
+    print(f"  patched: indexcache serve --model {TINY_MODEL_DIR.name} --pattern-file {_rel(out)}")
     print(f"  stock:   python -m sglang.launch_server --model-path {model} {pat.export(document['pattern'], 'sglang')}")
     print(f"\ndemo finished in {time.monotonic() - started:.0f} s")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
