@@ -26,6 +26,11 @@ GLM52_PATTERN = "FSSFSSFS"  # what the glm52 flavour keeps indexers for
 FLAVOURS = ("types", "plain", "glm52")
 
 
+def glm52_pattern(num_layers: int = NUM_LAYERS) -> str:
+    """The glm52 flavour's pattern at ``num_layers``: ``GLM52_PATTERN`` repeated."""
+    return (GLM52_PATTERN * (num_layers // len(GLM52_PATTERN) + 1))[:num_layers]
+
+
 def tiny_config_kwargs(num_layers: int = NUM_LAYERS) -> dict:
     """GlmMoeDsaConfig keyword arguments of a model small enough to build in well under a second."""
     return dict(
@@ -45,10 +50,12 @@ SGLANG_CONFIG_KEYS = {"moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_meth
 
 
 def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | None = None,
-                             num_layers: int = NUM_LAYERS, seed: int = 0) -> Path:
+                             num_layers: int = NUM_LAYERS, seed: int = 0, **config_kwargs) -> Path:
     """Write a bf16 transformers GlmMoeDsa checkpoint of the given flavour into ``path``.
 
-    ``extra_config`` is merged into config.json last (for example ``{"index_topk_freq": 2}``).
+    ``extra_config`` is merged into config.json last (for example ``{"index_topk_freq": 2}``);
+    ``config_kwargs`` replace :func:`tiny_config_kwargs` entries (for example GLM-5's latent sizes
+    ``kv_lora_rank=512, qk_rope_head_dim=64``).
     """
     import torch
     from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
@@ -58,9 +65,9 @@ def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | 
     path = Path(path)
     types = ["full"] * num_layers
     if flavour == "glm52":
-        types = ["full" if c == "F" else "shared" for c in GLM52_PATTERN[:num_layers]]
+        types = ["full" if c == "F" else "shared" for c in glm52_pattern(num_layers)]
     torch.manual_seed(seed)
-    config = GlmMoeDsaConfig(**tiny_config_kwargs(num_layers), indexer_types=types)
+    config = GlmMoeDsaConfig(**{**tiny_config_kwargs(num_layers), **config_kwargs}, indexer_types=types)
     model = GlmMoeDsaForCausalLM(config).to(torch.bfloat16)
     with torch.no_grad():  # transformers zero-initialises some tensors; make every one distinct
         for param in model.parameters():
@@ -75,7 +82,7 @@ def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | 
     if flavour == "plain":
         saved.pop("indexer_types", None)
     if flavour == "glm52":
-        saved["index_topk_pattern"] = GLM52_PATTERN[:num_layers]
+        saved["index_topk_pattern"] = glm52_pattern(num_layers)
     saved.update(extra_config or {})
     config_path.write_text(json.dumps(saved, indent=2))
     return path
