@@ -96,6 +96,7 @@ PLAIN_VARIANTS = {
     "plain_cli4": {"cli_factor": 4},  # SGLang 0.5.17's model class reads it before any pattern key
 }
 _SESSION: dict = {}
+_GLM5_SESSION: dict = {}
 
 
 def session_checkpoints(tmp_path_factory) -> dict[str, Path]:
@@ -114,6 +115,19 @@ def session_checkpoints(tmp_path_factory) -> dict[str, Path]:
             config_path.write_text(json.dumps(config, indent=2))
             _SESSION[name] = base / name
     return dict(_SESSION)
+
+
+GLM5_ATTENTION = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}  # GLM-5's latent KV: 1152 B/token/layer in bf16
+
+
+def glm5_attention_checkpoint(tmp_path_factory, num_layers: int = 32) -> Path:
+    """A ``types`` checkpoint with GLM-5's latent KV sizes (the rest tiny), written once per session:
+    what the KV-pool arithmetic depends on, at the live stack's 32 layers."""
+    if num_layers not in _GLM5_SESSION:
+        base = tmp_path_factory.mktemp(f"glm5-attention-{num_layers}")
+        _GLM5_SESSION[num_layers] = write_glm_dsa_checkpoint(base / "model", "types", num_layers=num_layers,
+                                                            **GLM5_ATTENTION)
+    return _GLM5_SESSION[num_layers]
 
 
 def sglang_config_gaps(config: dict) -> list[tuple]:

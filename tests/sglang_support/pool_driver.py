@@ -16,7 +16,8 @@ import inspect
 from types import SimpleNamespace
 
 
-def _configurator(server_args, model_config, draft_layers: int, layers: tuple[int, int] | None):
+def _configurator(server_args, model_config, draft_layers: int, layers: tuple[int, int] | None,
+                  draft_worker: bool = False):
     import torch
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.model_executor.model_runner_components.layer_setup import ModelLayerInfo
@@ -31,8 +32,8 @@ def _configurator(server_args, model_config, draft_layers: int, layers: tuple[in
         kv_cache_dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16,
         kv_cache_dtype_str="fp8_e4m3" if fp8 else "auto", model_dtype=torch.bfloat16, page_size=64,
         sliding_window_size=None,
-        spec_algorithm=SpeculativeAlgorithm.EAGLE if draft_layers else SpeculativeAlgorithm.NONE,
-        is_draft_worker=False, post_capture_kv_active=False,
+        spec_algorithm=SpeculativeAlgorithm.EAGLE if draft_layers or draft_worker else SpeculativeAlgorithm.NONE,
+        is_draft_worker=draft_worker, post_capture_kv_active=False,
         spec_aux_config=SpecAuxHiddenStateConfig(eagle_draft_num_layers=draft_layers or None),
         is_hybrid_swa=False, is_hybrid_swa_compress=False, use_mla_backend=True,
         layer_info=ModelLayerInfo(start_layer=start, end_layer=end, num_effective_layers=end - start),
@@ -61,12 +62,15 @@ def _ask(call) -> list[str] | None:
 
 
 def run(server_args, model_config, spec: dict) -> dict:
-    """``spec``: ``budget`` (bytes), ``tokens`` (pool size to build), ``draft_layers``, ``layers`` ([start, end])."""
+    """``spec``: ``budget`` (bytes), ``tokens`` (pool size to build), ``draft_layers`` (EAGLE/MTP layers
+    sized with the target), ``layers`` ([start, end], a pipeline stage), ``draft_worker`` (the MTP
+    draft's own one-layer pool, built from the target's config)."""
     import torch
     from sglang.srt.model_executor.pool_configurator import create_memory_pool_configurator
 
     layers = tuple(spec["layers"]) if spec.get("layers") else None
-    kvc = _configurator(server_args, model_config, spec.get("draft_layers", 0), layers)
+    kvc = _configurator(server_args, model_config, spec.get("draft_layers", 0), layers,
+                        spec.get("draft_worker", False))
     sizing = create_memory_pool_configurator(kvc)
     result = {"cell": sizing._cell_size,
               "max_total_num_tokens": sizing.calculate_pool_sizes(spec["budget"], 64).max_total_num_tokens}
