@@ -5,8 +5,9 @@ for the resolved server args, asks the release's ``create_memory_pool_configurat
 size (bytes per token) and ``max_total_num_tokens`` at a fixed byte budget (what
 ``--mem-fraction-static`` turns into on a GPU), then builds the DSA pool through the release's
 ``_build_dsa_kv_pool`` at a small token count and reads its index-K buffers. Every S layer's
-buffer is asked for once (it must raise), every F layer's once (reading must answer; writing runs SGLang's Triton store, which needs a GPU,
-so an F layer's write may fail here, but never with the S-layer error).
+buffer is asked for once (it must raise), every F layer's once (reading must answer; writing runs
+SGLang's Triton store, which needs a GPU, so an F layer's write may fail here, but never with the
+S-layer error).
 """
 
 from __future__ import annotations
