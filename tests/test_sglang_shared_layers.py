@@ -66,6 +66,8 @@ def _case(model, flags=(), **pool) -> dict:
             "pool": {"budget": BUDGET, "tokens": TOKENS, **pool}}
 
 
+CONFIG_EVERY4 = ("--json-model-override-args",  # stock's way: 0.5.17 reads the first key, 0.5.23 the second
+                 json.dumps({"index_topk_pattern": EVERY4, "indexer_types": pat.to_indexer_types(EVERY4)}))
 PATCHED = {  # name -> (flags, pool spec)
     "none": ((), {}),
     "none-fp8": (("--kv-cache-dtype", "fp8_e4m3"), {}),
@@ -76,13 +78,13 @@ PATCHED = {  # name -> (flags, pool spec)
     "every4-mtp": (("--index-cache-every", "4"), {"draft_layers": 1}),
     "none-stage": ((), {"layers": list(STAGE)}),
     "every4-stage": (("--index-cache-every", "4"), {"layers": list(STAGE)}),
+    "config-every4": (CONFIG_EVERY4, {}),  # no flag: a pattern in the config, as stock takes it
     "every4-draft-pool": (("--index-cache-every", "4"), {"draft_worker": True, "layers": [1, 2]}),
 }
 STOCK = {
     "none": ((), {}),
     "none-fp8": (("--kv-cache-dtype", "fp8_e4m3"), {}),
-    "every4": (("--json-model-override-args", json.dumps({"index_topk_pattern": EVERY4,
-                                                           "indexer_types": pat.to_indexer_types(EVERY4)})), {}),
+    "every4": (CONFIG_EVERY4, {}),
 }
 
 
@@ -183,6 +185,19 @@ def test_without_flags_the_pool_equals_stock(runs, name):
     assert patched.pop("skips") == [False] * N  # stock 0.5.17's pool has no such field
     stock.pop("skips")
     assert patched == stock
+
+
+@pytest.mark.sglang
+def test_without_a_flag_a_config_pattern_is_stock_and_nothing_raises(runs):
+    """0.5.23 stock frees S layers' index-K from the config alone; the patched server then behaves
+    as stock: its placeholders are handed out as stock does (the guard is armed by the flag only)."""
+    result = runs["patched"]["config-every4"]
+    patched, stock = dict(result["pool"]), dict(runs["stock"]["every4"]["pool"])
+    skips = patched.pop("skips")
+    assert skips == ([False] * N if runs["release"] == "0.5.17" else [c == pat.SHARED for c in EVERY4])
+    stock.pop("skips")
+    assert patched == stock and patched["get_errors"] == [None] * N
+    assert result["logs"] == []
 
 
 @pytest.mark.sglang

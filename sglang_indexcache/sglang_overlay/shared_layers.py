@@ -21,7 +21,8 @@ Hooks (``0006-index-cache-shared-layers-hold-nothing.patch``): the model class a
 :func:`builds_indexer` (SGLang 0.5.17; 0.5.23 builds none on S layers itself), the pool sizing asks
 :func:`index_k_layer_count` and :func:`draft_index_k_bytes` and the pool builder
 :func:`index_k_skips` (0.5.17; 0.5.23 has the same gate, ``dsa_layer_skips_topk``), and both
-releases' pools call :func:`no_index_k` when an S layer asks for its buffer, and
+releases' pools call :func:`no_index_k` when an S layer asks for its buffer (0.5.23: once
+:func:`on_pool_built` armed the pool, so that without a flag nothing changes), and
 :func:`on_pool_built` for the start-up line.
 """
 
@@ -216,11 +217,15 @@ def pool_summary(pool, draft_layers: int = 0) -> PoolBytes:
     return PoolBytes(len(skips), len(skips) - sum(skips), kv, per_index, draft_layers)
 
 
+GUARD_ATTR = "index_cache_guard"  # set on a pool whose S layers' buffers must raise when asked (0.5.23)
+
+
 def on_pool_built(pool, kvc) -> None:
-    """Pool-builder hook: the start-up line (only with a pattern flag; nothing otherwise)."""
+    """Pool-builder hook: arm the S-layer guard and log the start-up line (only with a pattern flag)."""
     pattern = config_pattern(kvc.model_config.hf_config)
     if pattern is None or kvc.is_draft_worker:
         return
+    setattr(pool, GUARD_ATTR, True)
     layers = _pool_layers(kvc)
     where = f"layers {layers.start}-{layers.stop - 1}" if len(layers) != len(pattern) else "all layers"
     if getattr(pool, "skip_topk_layers", None) is None or not any(pool.skip_topk_layers):
