@@ -44,3 +44,18 @@ def test_bad_flag_is_one_line_and_exit_2(tmp_path_factory, tmp_path, sglang_rele
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("IndexCache: error:")]
     assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_feature_copying_every_index_k_is_refused_with_a_pattern(tmp_path_factory, tmp_path, sglang_release):
+    """S layers hold no index-K: a server feature this release runs only with every layer's stops at
+    start-up (shared_layers.UNSUPPORTED; the first one of each release is launched here)."""
+    from sglang_indexcache.sglang_overlay.shared_layers import UNSUPPORTED
+
+    _, flag, _, _ = UNSUPPORTED[sglang_release][0]
+    trees = sgl.trees(tmp_path_factory, sglang_release)
+    model = ck.write_glm_dsa_checkpoint(tmp_path / "model", "types")
+    argv = ["--model-path", str(model), "--device", "cpu", "--index-cache-every", "4", flag]
+    proc = _launch(trees.patched, sglang_release, argv, tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("IndexCache: error:")]
+    assert len(lines) == 1 and f"{flag} cannot run with --index-cache-every 4" in lines[0], proc.stderr[-2000:]

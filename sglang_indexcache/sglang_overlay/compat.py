@@ -7,8 +7,10 @@ Supported releases are listed in ``patches/sglang-version``. What differs:
 | argument resolution | ``ServerArgs.__post_init__`` mutates the fields; a declaration overlay is read through ``overrides.resolved_view`` | lazy: ``overrides.resolving_view`` / ``declare_resolution`` |
 | CUDA graphs off | set ``cuda_graph_config.<phase>.backend`` on the fields | ``with_phase`` declared as a resolution |
 | config keys that select the pattern | ``cli_factor`` (the model class), then ``index_topk_pattern``, then the frequency | ``indexer_types`` first, then ``index_topk_pattern`` and the frequency |
-| S layers' indexer module | built (and loaded where weights exist), not run | not built |
+| S layers' indexer module (stock) | built (and loaded where weights exist), not run | not built |
+| S layers' index-K buffer (stock) | allocated and counted in the pool sizing, never used | 0-row, not counted |
 
+With a pattern flag both releases build neither (``shared_layers``; 0.5.17 through patch 0006).
 Everything else (flags, validation, endpoints, runtime switch) is the same code for both.
 """
 

@@ -29,13 +29,14 @@ from .. import pattern_file
 from ..errors import UsageError
 from ..model_info import ModelInfo, load_model_info
 from ..validation import check_against_model
+from . import shared_layers
 
 logger = logging.getLogger("sglang_indexcache.sglang")
 
 FLAG_FIELDS = ("index_cache_pattern", "index_cache_every", "index_cache_pattern_file")
 # Keys of --json-model-override-args that would give a second, competing pattern.
 PATTERN_OVERRIDE_KEYS = ("indexer_types", "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset",
-                         "cli_factor")
+                         "cli_factor", shared_layers.CONFIG_KEY)
 # --load-format values that read no safetensors: the indexer weights are then not checked (nor is a
 # checkpoint without safetensors, e.g. make-checkpoint --weights none); everything else still is.
 WEIGHTLESS_LOAD_FORMATS = ("dummy", "pt", "npcache")
@@ -203,7 +204,8 @@ def model_override_args(cfg, is_draft_model: bool = False) -> str:
 
     With a flag set, ``indexer_types`` and ``index_topk_pattern`` of the resolved model pattern are
     merged in, and ``cli_factor`` 1 where the release reads it first (the draft model is left alone:
-    MTP layers are not part of a pattern).
+    MTP layers are not part of a pattern). Outside calibration mode the pattern also goes in as
+    ``shared_layers.CONFIG_KEY``: its S layers hold no index-K buffer and no indexer.
     """
     text = cfg.json_model_override_args
     settings = None if is_draft_model else resolve(cfg)
@@ -217,6 +219,8 @@ def model_override_args(cfg, is_draft_model: bool = False) -> str:
 
     if compat.reads_cli_factor():  # 0.5.17's model class would follow a cli_factor > 1 instead
         overrides["cli_factor"] = 1
+    if not settings.calibration:
+        overrides[shared_layers.CONFIG_KEY] = settings.pattern
     return json.dumps(overrides)
 
 
@@ -237,6 +241,7 @@ def check_server_args(server_args) -> Settings | None:
     if settings is None:
         return None
     _check_no_competing_pattern(_override_dict(cfg))
+    shared_layers.check_server_args(cfg, settings, compat.release())
     if getattr(cfg, "enable_two_batch_overlap", False) and (settings.calibration or pat.SHARED in settings.pattern):
         raise IndexCacheError(
             "--enable-two-batch-overlap cannot run IndexCache: its op path does not carry top-k indices"

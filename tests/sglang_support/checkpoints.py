@@ -26,6 +26,11 @@ GLM52_PATTERN = "FSSFSSFS"  # what the glm52 flavour keeps indexers for
 FLAVOURS = ("types", "plain", "glm52")
 
 
+def glm52_pattern(num_layers: int = NUM_LAYERS) -> str:
+    """The glm52 flavour's pattern at ``num_layers``: ``GLM52_PATTERN`` repeated."""
+    return (GLM52_PATTERN * (num_layers // len(GLM52_PATTERN) + 1))[:num_layers]
+
+
 def tiny_config_kwargs(num_layers: int = NUM_LAYERS) -> dict:
     """GlmMoeDsaConfig keyword arguments of a model small enough to build in well under a second."""
     return dict(
@@ -45,10 +50,12 @@ SGLANG_CONFIG_KEYS = {"moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_meth
 
 
 def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | None = None,
-                             num_layers: int = NUM_LAYERS, seed: int = 0) -> Path:
+                             num_layers: int = NUM_LAYERS, seed: int = 0, **config_kwargs) -> Path:
     """Write a bf16 transformers GlmMoeDsa checkpoint of the given flavour into ``path``.
 
-    ``extra_config`` is merged into config.json last (for example ``{"index_topk_freq": 2}``).
+    ``extra_config`` is merged into config.json last (for example ``{"index_topk_freq": 2}``);
+    ``config_kwargs`` replace :func:`tiny_config_kwargs` entries (for example GLM-5's latent sizes
+    ``kv_lora_rank=512, qk_rope_head_dim=64``).
     """
     import torch
     from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
@@ -58,9 +65,9 @@ def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | 
     path = Path(path)
     types = ["full"] * num_layers
     if flavour == "glm52":
-        types = ["full" if c == "F" else "shared" for c in GLM52_PATTERN[:num_layers]]
+        types = ["full" if c == "F" else "shared" for c in glm52_pattern(num_layers)]
     torch.manual_seed(seed)
-    config = GlmMoeDsaConfig(**tiny_config_kwargs(num_layers), indexer_types=types)
+    config = GlmMoeDsaConfig(**{**tiny_config_kwargs(num_layers), **config_kwargs}, indexer_types=types)
     model = GlmMoeDsaForCausalLM(config).to(torch.bfloat16)
     with torch.no_grad():  # transformers zero-initialises some tensors; make every one distinct
         for param in model.parameters():
@@ -75,7 +82,7 @@ def write_glm_dsa_checkpoint(path, flavour: str = "types", extra_config: dict | 
     if flavour == "plain":
         saved.pop("indexer_types", None)
     if flavour == "glm52":
-        saved["index_topk_pattern"] = GLM52_PATTERN[:num_layers]
+        saved["index_topk_pattern"] = glm52_pattern(num_layers)
     saved.update(extra_config or {})
     config_path.write_text(json.dumps(saved, indent=2))
     return path
@@ -89,6 +96,7 @@ PLAIN_VARIANTS = {
     "plain_cli4": {"cli_factor": 4},  # SGLang 0.5.17's model class reads it before any pattern key
 }
 _SESSION: dict = {}
+_GLM5_SESSION: dict = {}
 
 
 def session_checkpoints(tmp_path_factory) -> dict[str, Path]:
@@ -107,6 +115,19 @@ def session_checkpoints(tmp_path_factory) -> dict[str, Path]:
             config_path.write_text(json.dumps(config, indent=2))
             _SESSION[name] = base / name
     return dict(_SESSION)
+
+
+GLM5_ATTENTION = {"kv_lora_rank": 512, "qk_rope_head_dim": 64}  # GLM-5's latent KV: 1152 B/token/layer in bf16
+
+
+def glm5_attention_checkpoint(tmp_path_factory, num_layers: int = 32) -> Path:
+    """A ``types`` checkpoint with GLM-5's latent KV sizes (the rest tiny), written once per session:
+    what the KV-pool arithmetic depends on, at the live stack's 32 layers."""
+    if num_layers not in _GLM5_SESSION:
+        base = tmp_path_factory.mktemp(f"glm5-attention-{num_layers}")
+        _GLM5_SESSION[num_layers] = write_glm_dsa_checkpoint(base / "model", "types", num_layers=num_layers,
+                                                            **GLM5_ATTENTION)
+    return _GLM5_SESSION[num_layers]
 
 
 def sglang_config_gaps(config: dict) -> list[tuple]:

@@ -11,6 +11,9 @@ SGLang tree. Each case is ``{"argv": [...], "build": bool, "switch": [patterns]}
   stock and patched compare directly;
 - ``layers`` (with ``build``): per layer ``[skip_topk, next_skip_topk, has_indexer,
   indexer weights equal to the checkpoint's]`` after SGLang's own ``load_weights``;
+  ``load_warnings``: what the weight loader warned about indexer weights;
+- ``draft`` (with ``draft``): the MTP/NextN model's config key and indexer (``_draft``);
+- ``pool`` (with ``pool``): the release's own KV-pool sizing and DSA pool (``pool_driver.py``);
 - ``switched`` (with ``switch``): per requested pattern, the layers after the overlay's switch
   function, or its error; ``logs``: the overlay's log lines.
 
@@ -123,17 +126,41 @@ def _model_config(server_args):
     return ModelConfig.from_server_args(server_args)
 
 
+def _runtime(server_args):
+    """A world of one process and (0.5.17) the attention-DP state the model runner sets up; the config."""
+    _init_dist()
+    config = _model_config(server_args)
+    from sglang.srt.layers import dp_attention
+
+    if getattr(dp_attention, "_ATTN_DP_SIZE", 1) is None:  # 0.5.17: the model runner sets it up
+        dp_attention.initialize_dp_attention(server_args, config)
+    return config
+
+
+def _draft(server_args) -> dict:
+    """The MTP/NextN side: the draft's own ModelConfig, and SGLang's NextN class built from the
+    *target's* config (the worst case: it carries the pattern key) with its decoder's indexer."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.utils import set_default_torch_dtype
+    from sglang.srt.models.glm4_moe import GlmMoeDsaForCausalLMNextN
+    from sglang_indexcache.sglang_overlay.shared_layers import CONFIG_KEY
+
+    target = _runtime(server_args)
+    draft = ModelConfig.from_server_args(server_args, is_draft_model=True)
+    with set_default_torch_dtype(target.dtype):
+        model = GlmMoeDsaForCausalLMNextN(target.hf_config, quant_config=None)
+    attn = model.model.decoder.self_attn
+    return {"target_key": getattr(target.hf_config, CONFIG_KEY, None),
+            "draft_key": getattr(draft.hf_config, CONFIG_KEY, None),
+            "indexer": attn.indexer is not None, "skip_topk": attn.skip_topk}
+
+
 def _build(result, case):
     from safetensors.torch import load_file
     from sglang.srt.model_loader.utils import set_default_torch_dtype
     from sglang.srt.models.glm4_moe import GlmMoeDsaForCausalLM
 
-    _init_dist()
-    config = _model_config(result["_server_args"])
-    from sglang.srt.layers import dp_attention
-
-    if getattr(dp_attention, "_ATTN_DP_SIZE", 1) is None:  # 0.5.17: the model runner sets it up
-        dp_attention.initialize_dp_attention(result["_server_args"], config)
+    config = _runtime(result["_server_args"])
     with set_default_torch_dtype(config.dtype):
         model = GlmMoeDsaForCausalLM(config.hf_config, quant_config=None)
     state_dict = load_file(os.path.join(case["argv"][case["argv"].index("--model-path") + 1], "model.safetensors"))
@@ -177,6 +204,12 @@ def run_case(case) -> dict:
         result["_server_args"] = server_args
         if case.get("build"):
             _build(result, case)
+        if case.get("draft"):
+            result["draft"] = _draft(server_args)
+        if case.get("pool"):
+            import pool_driver
+
+            result["pool"] = pool_driver.run(server_args, _runtime(server_args), case["pool"])
     except SystemExit as exc:
         lines = [line for line in stderr.getvalue().splitlines() if line.strip()]
         result["error"] = {"type": "SystemExit", "message": lines[-1] if lines else str(exc.code)}
@@ -189,14 +222,16 @@ def run_case(case) -> dict:
 
 def main(cases_path, results_path):
     _setup()
-    capture = _Capture()
+    capture, loader = _Capture(), _Capture()
     logging.getLogger("sglang_indexcache").addHandler(capture)
     logging.getLogger("sglang_indexcache").setLevel(logging.INFO)
+    logging.getLogger("sglang.srt.models").addHandler(loader)  # the weight loaders' warnings
     results = []
     for case in json.loads(open(cases_path).read()):
-        capture.lines = []
+        capture.lines, loader.lines = [], []
         result = run_case(case)
         result["logs"] = list(capture.lines)
+        result["load_warnings"] = [line for line in loader.lines if "indexer" in line]
         results.append(result)
     with open(results_path, "w") as f:
         json.dump(results, f)
