@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from ..errors import UsageError
+from .options import int_list
 
 MODES = ("serve", "serve-report")
 SERVE_DESCRIPTION = (
@@ -71,7 +72,6 @@ def _positive(value: int, flag: str) -> int:
 
 def _spec(args):
     from ..bench.serve_run import ServeSpec
-    from .bench import _ints
 
     if not _TAG.match(args.tag):
         raise UsageError(f"--tag {args.tag!r}: use letters, digits and . _ + - (at most 64)")
@@ -82,7 +82,7 @@ def _spec(args):
         raise UsageError(f"--decode-batch must be >= 0, got {args.decode_batch}")
     (decode_length,) = _one_int(args.decode_length, "--decode-length")
     (warmup_length,) = _one_int(args.warmup_length, "--warmup-length")
-    spec = ServeSpec(tag=args.tag, lengths=_ints(args.lengths, "--lengths"), prefill_repeats=args.prefill_repeats,
+    spec = ServeSpec(tag=args.tag, lengths=int_list(args.lengths, "--lengths"), prefill_repeats=args.prefill_repeats,
                      decode_batch=args.decode_batch, decode_length=decode_length, decode_tokens=args.decode_tokens,
                      warmup_length=warmup_length, seed=args.seed, vocab=args.vocab, server_log=args.server_log)
     requests = 1 + len(spec.lengths) * spec.prefill_repeats + spec.decode_batch
@@ -94,9 +94,7 @@ def _spec(args):
 
 
 def _one_int(text: str, flag: str) -> list[int]:
-    from .bench import _ints
-
-    values = _ints(text, flag)
+    values = int_list(text, flag)
     if len(values) != 1:
         raise UsageError(f"{flag} takes one length, got {text!r}")
     return values
