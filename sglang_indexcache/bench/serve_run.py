@@ -218,30 +218,55 @@ def _v1_server_log(log_: dict | None) -> dict | None:
                 spread=None if spread is None else spread / log_["tok_s_median"])
 
 
+def compact(doc: dict) -> dict:
+    """The document without its per-request samples (what a report reads; ``merge`` still joins them)."""
+    out = dict(doc, warmup={"samples": []}, compact=True)
+    out["prefill"] = [{k: v for k, v in row.items() if k != "samples"} for row in doc["prefill"]]
+    out["decode"] = [{k: v for k, v in run_.items() if k != "samples"} for run_ in doc["decode"]]
+    return out
+
+
 def merge(docs: list[dict]) -> dict:
-    """One document from several runs of the same tag (prefill rows, decode runs and samples joined)."""
+    """One document from several runs of the same tag (prefill rows, decode runs and samples joined).
+
+    Compact documents (no samples) merge when no prompt length appears in two of them; their lost
+    counts add up."""
     docs = [normalize(d) for d in docs]
     tags = {d["tag"] for d in docs}
     if len(tags) != 1:
         raise ValueError(f"merge: documents of several tags {sorted(tags)}")
     out = dict(docs[0], settings=dict(docs[0]["settings"]), warmup={"samples": []}, prefill=[], decode=[])
-    rows: dict[int, dict] = {}
+    rows: dict[int, list[dict]] = {}
     for doc in docs:
         out["warmup"]["samples"] += doc["warmup"]["samples"]
         for row in doc["prefill"]:
-            merged = rows.setdefault(row["length"], {"length": row["length"], "samples": []})
-            merged["samples"] = merged["samples"] + row["samples"]
+            rows.setdefault(row["length"], []).append(row)
         out["decode"] += doc["decode"]
         if doc["settings"].get("pattern"):
             out["settings"]["pattern"] = doc["settings"]["pattern"]
+    compacted = any(d.get("compact") for d in docs)
     for length in sorted(rows):
-        row = rows[length]
-        ok = [s["ttft_s"] for s in row["samples"] if s["ok"]]
-        out["prefill"].append({"length": length, "ttft_s": summary(ok), "lost": sum(not s["ok"] for s in row["samples"]),
-                               "samples": row["samples"]})
+        if len(rows[length]) == 1:
+            out["prefill"].append(rows[length][0])
+            continue
+        if compacted:
+            raise ValueError(f"merge: length {length} appears in two compact documents")
+        samples = [s for row in rows[length] for s in row["samples"]]
+        ok = [s["ttft_s"] for s in samples if s["ok"]]
+        out["prefill"].append({"length": length, "ttft_s": summary(ok), "lost": sum(not s["ok"] for s in samples),
+                               "samples": samples})
     out["settings"]["lengths"] = [row["length"] for row in out["prefill"]]
-    out["settings"]["prefill_repeats"] = [len(row["samples"]) for row in out["prefill"]]
+    repeats = {length: n for d in docs for length, n in zip(d["settings"]["lengths"], d["settings"]["prefill_repeats"])}
+    out["settings"]["prefill_repeats"] = [len(row["samples"]) if "samples" in row else repeats[row["length"]]
+                                          for row in out["prefill"]]
     out["settings"]["decodes"] = [[d["batch"], d["length"]] for d in out["decode"]]
     out["parts"] = [d["date"] for d in docs]
-    out["lost"] = _lost(out)
+    out["lost"] = _summed_lost(docs) if compacted else _lost(out)
     return out
+
+
+def _summed_lost(docs: list[dict]) -> dict:
+    lost = [d["lost"] for d in docs]
+    return {"requests": sum(x["requests"] for x in lost), "lost": sum(x["lost"] for x in lost),
+            "errors": sorted({e for x in lost for e in x.get("errors", [])}),
+            "cached_hits": sum(x["cached_hits"] for x in lost)}
