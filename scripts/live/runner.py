@@ -54,6 +54,7 @@ class Phase:
     needs: tuple = ()
     kind: str | None = None  # phases of one kind share measured durations (default: the name)
     gpu: bool = True  # False: host-only work (comparisons) that may run beside any server
+    checkpoints: tuple = ()  # checkpoints it needs beyond its server's (the set-up phase writes them)
 
 
 class RealClock:
@@ -312,6 +313,26 @@ class Runner:
             return 3
         self.log("queue empty" + (f"; failed or blocked: {', '.join(failed)}" if failed else ""))
         return 1 if failed else 0
+
+
+def forecast(phases: list[Phase], state: State, start_estimate: Callable) -> list[str]:
+    """The queue as the runner would walk it: each phase's server start and own estimate, cumulated.
+
+    ``start_estimate(spec, warm)``: seconds to start ``spec``'s server (``warm``: JIT caches exist)."""
+    rows = [f"{'phase':34} {'server':24} {'start s':>7} {'own s':>6} {'total s':>8}"]
+    running, warm, total = state.data["server"] and state.data["server"]["key"], bool(state.data.get("warm")), 0.0
+    for phase in phases:
+        if state.status(phase.name) in FINAL:
+            continue
+        start = 0.0
+        if phase.server is not None and phase.server.key != running:
+            start, running, warm = start_estimate(phase.server, warm), phase.server.key, True
+        elif phase.server is None and phase.gpu:
+            running = None
+        own = state.estimate(phase)
+        total += start + own
+        rows.append(f"{phase.name:34} {phase.server.key if phase.server else '-':24} {start:7.0f} {own:6.0f} {total:8.0f}")
+    return rows
 
 
 def table(phases: list[Phase], state: State) -> list[str]:

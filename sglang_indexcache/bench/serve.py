@@ -138,13 +138,17 @@ class Client:
         return headers
 
     def get_json(self, path: str, timeout: float = 10.0):
-        return self._json("GET", path, None, timeout)
+        return self._parse(self.request("GET", path, None, timeout))
+
+    def get_text(self, path: str, timeout: float = 10.0) -> str:
+        """A plain-text answer (e.g. Prometheus ``/metrics``); raises ServeError unless 200."""
+        return self.request("GET", path, None, timeout)
 
     def post_json(self, path: str, body: dict, timeout: float | None = None):
         """One non-streamed request (e.g. ``/generate`` with ``return_logprob``); raises ServeError unless 200."""
-        return self._json("POST", path, body, self.timeout_s if timeout is None else timeout)
+        return self._parse(self.request("POST", path, body, self.timeout_s if timeout is None else timeout))
 
-    def _json(self, method: str, path: str, body, timeout: float):
+    def request(self, method: str, path: str, body, timeout: float) -> str:
         conn = self._connect(timeout)
         data = None if body is None else json.dumps(body).encode()
         try:
@@ -157,6 +161,10 @@ class Client:
             conn.close()
         if response.status != 200:
             raise ServeError(f"{method} {path}: HTTP {response.status}: {text[:200]}")
+        return text
+
+    @staticmethod
+    def _parse(text: str):
         try:
             return json.loads(text) if text.strip() else {}
         except ValueError:
