@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from sglang_indexcache.bench import serve_log
+from sglang_indexcache.bench import serve_log, serve_run
 from sglang_indexcache.bench.serve import PromptMaker, Sample, run_concurrent
 
 from . import memory
@@ -76,7 +76,8 @@ def saturation(role: str, stock_phase: str | None = None):
         else:
             stock = ctx.result(stock_phase)
             plan = dict(stock["plan"], stock_max_running=stock["max_running"], stock_tok_s=stock["tok_s"])
-        ctx.check("saturation prompt length within 128K-200K", 128 * 1024 <= plan["length"] <= 200_000, plan)
+        low, high = SATURATION["length_range"]
+        ctx.check(f"saturation prompt length within {low:,}-{high:,}", low <= plan["length"] <= high, plan)
         result = _concurrent(ctx, server, plan)
         result.update(plan=plan, pool=pool, startup=server.startup, server=server.spec.key, role=role)
         ctx.check(f"{server.spec.key}: saturation, no request lost", result["lost"] == 0, result["errors"])
@@ -102,7 +103,7 @@ def _concurrent(ctx, server, plan: dict) -> dict:
     t0 = time.perf_counter()
     samples = run_concurrent(server.client(timeout_s=900), jobs)
     wall = time.perf_counter() - t0
-    time.sleep(1.0)  # the scheduler's last lines
+    time.sleep(serve_run.LOG_SETTLE_S)
     text = window.read()
     crowd = serve_log.concurrency(text)
     decode = serve_log.summarize(text, n)

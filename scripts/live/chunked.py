@@ -67,13 +67,15 @@ def difference(reference: list, other: list, chunk: int = 16384) -> dict:
 def verdict(diff: dict, control: dict | None) -> tuple[str, str]:
     """("pass" | "fail" | "inconclusive", why) for one chunked-vs-reference difference."""
     if diff["mean_abs"] > BF16_MEAN_TOL:
-        return "fail", f"mean |diff| {diff['mean_abs']:.4f} > bf16 tolerance {BF16_MEAN_TOL}"
+        return "fail", f"mean abs diff {diff['mean_abs']:.4f} > bf16 tolerance {BF16_MEAN_TOL}"
     if control is None:
         return "inconclusive", "no every-4 vs all-F control"
     if control["mean_abs"] < CONTROL_FLOOR:
         return "inconclusive", f"the control moves log-probabilities by only {control['mean_abs']:.2e}"
     if diff["mean_abs"] * CONTROL_FACTOR > control["mean_abs"]:
-        return "fail", (f"mean |diff| {diff['mean_abs']:.4f} is more than 1/{CONTROL_FACTOR:.0f} of the control"
+        return "fail", (f"mean abs diff {diff['mean_abs']:.4f} is more than 1/{CONTROL_FACTOR:.0f} of the control"
                         f" {control['mean_abs']:.4f}")
-    return "pass", (f"mean |diff| {diff['mean_abs']:.4f} within bf16 and {control['mean_abs'] / max(diff['mean_abs'], 1e-12):.0f}x"
+    if diff["max_abs"] == 0:
+        return "pass", "identical log-probabilities"
+    return "pass", (f"mean abs diff {diff['mean_abs']:.2e}: within bf16, {control['mean_abs'] / diff['mean_abs']:.0f}x"
                     " below the control")

@@ -35,7 +35,7 @@ ESTIMATES = {("prefill", "every-4"): 25, ("prefill", "all-F"): 38, ("prefill", "
              ("decode-32x32k", "every-4"): 42, ("decode-32x32k", "all-F"): 50, ("decode-32x32k", "every-8"): 40,
              ("prefill-deep", "every-4"): 40, ("chunk40k", "every-4"): 8, ("chunk40k", "all-F"): 10,
              ("prefill", "8 layers"): 12, ("decode-8x200k", "8 layers"): 40}
-SATURATION = {"n": 4, "new_tokens": 256, "target_length": 180_000}
+SATURATION = {"n": 4, "new_tokens": 256, "target_length": 180_000, "length_range": (128 * 1024, 200_000)}
 
 
 def pattern_class(pattern: str) -> str:
@@ -120,14 +120,18 @@ def _merge_server_docs(ctx, folder, key: str) -> None:
     atomic_write_json(folder / f"serve_{key}.json", merged)
 
 
+def _tokens(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else f"{n:,}"
+
+
 def headline(doc: dict) -> str:
-    bits = [f"TTFT {row['length'] // 1024}K {row['ttft_s']['min']:.2f} s" for row in doc["prefill"]
+    bits = [f"TTFT {_tokens(row['length'])} {row['ttft_s']['min']:.2f} s" for row in doc["prefill"]
             if row["ttft_s"]["min"] is not None]
     for run_ in doc["decode"]:
         log = run_["server_log"] or {}
         if log.get("tok_s_median"):
-            bits.append(f"{run_['batch']}x{run_['length'] // 1024}K: {log['tok_s_median']:.0f} tok/s,"
-                        f" {log['step_ms_median']:.2f} ms/step at {log['running_reached']}")
+            bits.append(f"{run_['batch']} x {_tokens(run_['length'])}: {log['tok_s_median']:.0f} tok/s,"
+                        f" {log['step_ms_median']:.2f} ms/step at {log['running_reached']} running")
     return "; ".join(bits)
 
 
@@ -216,7 +220,7 @@ def compare_logprobs(phases: dict, reference_phase: str, layers: int = 32) -> tu
         for pattern, logprobs in result["_logprobs"].items():
             if pattern not in reference:
                 continue
-            diff = chunked.difference(reference[pattern], logprobs)
+            diff = chunked.difference(reference[pattern], logprobs, chunk=result.get("chunk") or 16384)
             verdict, why = chunked.verdict(diff, control)
             rows.append({"phase": name, "server": result.get("server"), "tree": result.get("tree"),
                          "calibration": result.get("calibration"), "chunk": result.get("chunk"),

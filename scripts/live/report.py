@@ -138,10 +138,10 @@ def _chunked(phases: dict) -> list[str]:
               "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r["diff"]
-        segments = " / ".join("–" if x is None else f"{x:.4f}" for x in d["segment_mean_abs"])
+        segments = " / ".join("–" if x is None else f"{x:.3g}" for x in d["segment_mean_abs"])
         where = r["server"] + (" (calibration mode)" if r.get("calibration") else "")
-        lines.append(f"| {where} | {r['tree']} | {r['chunk']} | {r['label']} | {d['mean_abs']:.4f} | {d['p99_abs']:.4f} |"
-                     f" {d['max_abs']:.4f} | {segments} | {r['verdict']}: {r['why']} |")
+        lines.append(f"| {where} | {r['tree']} | {r['chunk']} | {r['label']} | {d['mean_abs']:.3g} | {d['p99_abs']:.3g} |"
+                     f" {d['max_abs']:.3g} | {segments} | {r['verdict']}: {r['why']} |")
     return lines
 
 

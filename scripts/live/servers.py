@@ -122,6 +122,7 @@ class ServerManager:
         """Start ``spec`` in its own session (it survives the call) without waiting for it."""
         args = spec.resolved_args(self.state) if args is None else args
         self.stop()
+        launched = self.clock.now()
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"server_{spec.key}.log"
         offset = log_path.stat().st_size if log_path.is_file() else 0
@@ -132,7 +133,8 @@ class ServerManager:
             self._proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                           start_new_session=True)
         self.state.data["server"] = {"key": spec.key, "pid": self._proc.pid, "args": args, "log": str(log_path),
-                                     "log_offset": offset, "launched": self.clock.now(), "healthy": False,
+                                     "log_offset": offset, "launched": launched, "healthy": False,
+                                     "launched_call": len(self.state.data["calls"]),
                                      "start_kind": spec.start_kind if self.state.data.get("warm") else "first"}
         self.state.save()
         self.log(f"server {spec.key} launched (pid {self._proc.pid})")
@@ -169,17 +171,21 @@ class ServerManager:
                 self.stop()
                 raise ServerError(f"no /health after {START_LIMIT_S:.0f} s")
             self.clock.sleep(1.0)
-        seconds = self.clock.now() - entry["launched"]
+        # a server launched by an earlier call (at its end) started partly between the calls: its
+        # start is no estimate of a start (and that call's clock is not this one's)
+        same_call = entry.get("launched_call") == len(self.state.data["calls"])
+        seconds = self.clock.now() - entry["launched"] if same_call else None
         entry["healthy"] = True
         text = Path(entry["log"]).read_bytes()[entry["log_offset"]:].decode("utf-8", "replace")
         record = self.state.data["servers"].setdefault(spec.key, {})
-        record["startup"] = dict(serve_log.startup(text), startup_s=round(seconds, 1), args=entry["args"],
-                                 tree=spec.tree, checkpoint=spec.checkpoint, pattern=spec.pattern)
-        record.setdefault("starts", []).append(round(seconds, 1))
-        self.state.add_duration(f"start:{entry['start_kind']}", seconds)
+        record["startup"] = dict(serve_log.startup(text), startup_s=None if seconds is None else round(seconds, 1),
+                                 args=entry["args"], tree=spec.tree, checkpoint=spec.checkpoint, pattern=spec.pattern)
+        record.setdefault("starts", []).append(None if seconds is None else round(seconds, 1))
+        if seconds is not None:
+            self.state.add_duration(f"start:{entry['start_kind']}", seconds)
         self.state.data["warm"] = True
         self.state.save()
-        self.log(f"server {spec.key} healthy after {seconds:.0f} s")
+        self.log(f"server {spec.key} healthy" + ("" if seconds is None else f" after {seconds:.0f} s"))
 
     def stop(self) -> None:
         entry = self._entry()

@@ -22,6 +22,7 @@ from .serve import Client, PromptMaker, Sample, decode_stats, run_concurrent, su
 log = logging.getLogger(__name__)
 
 FORMAT = "indexcache-bench-serve/v2"
+LOG_SETTLE_S = 1.0  # after a decode run, for the scheduler's last lines to reach the log file
 FORMAT_V1 = "indexcache-bench-serve/v1"
 # server arguments worth keeping next to the numbers (from GET /server_info)
 SERVER_KEYS = ("model_path", "version", "disable_radix_cache", "decode_log_interval", "chunked_prefill_size",
@@ -120,7 +121,7 @@ def _decode(spec: ServeSpec, batch: int, length: int, client: Client, prompts: P
     stats = decode_stats(samples)
     server = concurrency = None
     if window:
-        time.sleep(1.0)  # let the scheduler's last lines reach the file
+        time.sleep(LOG_SETTLE_S)
         text = window.read()
         server, concurrency = serve_log.summarize(text, batch, interval), serve_log.concurrency(text)
     lost = sum(not s.ok for s in samples)
