@@ -79,7 +79,7 @@ def prepare(args, state: runner.State) -> list[runner.Phase]:
         if state.status(name) in ("failed", "blocked"):
             state.record(name, status=None, error=None)
     for key, record in state.data["servers"].items():
-        if record.get("broken") and any(p.server is not None and p.server.key == key and p.name in retry for p in phases):
+        if record.get("broken") and any(p.server and p.server.key == key and p.name in retry for p in phases):
             record.pop("broken")
     return phases
 

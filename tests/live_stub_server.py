@@ -8,7 +8,8 @@ calibration mode, max running requests, max total tokens), prints SGLang 0.5.17'
 log-probabilities with ``return_logprob``), and, in calibration mode, ``/index_cache``. It admits a
 request only while its pages fit in the pool and fewer than ``--max-running-requests`` - 1 run (a
 smaller pool runs fewer long requests at once; 0.5.17 ran 31 with 32 allowed), and logs ``Decode
-batch`` lines whose step time grows with the kept indexers. Only the runner's plumbing is tested with it; the numbers are made up.
+batch`` lines whose step time grows with the kept indexers. Only the runner's plumbing is tested
+with it; the numbers are made up.
 """
 
 from __future__ import annotations
@@ -134,7 +135,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/metrics":
             return self._send(200, f"sglang:index_cache_kept_indexers {s.pattern.count('F')}.0\n", "text/plain")
         if self.path == "/index_cache" and s.calibration:
-            return self._send(200, {"pattern": s.pattern, "calibration": True}) if self._admin() else self._send(401, {})
+            if not self._admin():
+                return self._send(401, {})
+            return self._send(200, {"pattern": s.pattern, "calibration": True})
         return self._send(404, {"detail": "Not Found"})
 
     def do_POST(self):

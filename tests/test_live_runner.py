@@ -172,6 +172,7 @@ def test_issue21_plan_end_to_end(tmp_path, monkeypatch, toy):
     assert "live/servers/server_stock-e4.log" in names and "live/serve/serve_stock-e4.json" in names
     text = (out / "summary.md").read_text()
     assert text == report.markdown(report.load(out))
+    assert bf16["gain_equal_bytes"] == pytest.approx(memory.expected_gain(32, 8, "bf16"), abs=0.002)
     for expected in ("## 32 layers, live server", "31 (of 32 sent)", "each indexer costs", "| fp8 | 32 (8) |",
                      "| stock-e4-fp8 |", "## Chunked prefill", "| stock-e4 | stock | 1024 | every-4 |",
                      "| 0 / 0.0001 / 0 | pass: mean abs diff 3.", "## 78 layers, live server"):
@@ -185,7 +186,8 @@ def _plan(names_servers, estimate=50.0):
         def run(ctx, name=name):
             if name.startswith("boom"):
                 raise RuntimeError("boom")
-            return {"headline": f"ran {name}", "server_pid": ctx.state.data["server"] and ctx.state.data["server"]["pid"]}
+            server = ctx.state.data["server"]
+            return {"headline": f"ran {name}", "server_pid": server and server["pid"]}
         phases.append(runner.Phase(name, run, estimate, server=spec, needs=needs))
     return phases
 
@@ -227,13 +229,34 @@ def test_queue_deadline_detached_server_and_failures(tmp_path, monkeypatch):
         harness.fail_start.clear()
         rc, out = harness.call("--retry", "never-starts")
         assert harness.state()["phases"]["never-starts"]["status"] == "done"
-        fresh = Harness(tmp_path / "fresh", monkeypatch, extra_phases=plan) if (tmp_path / "fresh").mkdir() is None else None
+        (tmp_path / "fresh").mkdir()
+        fresh = Harness(tmp_path / "fresh", monkeypatch, extra_phases=plan)
         rc, _ = fresh.call("--resume-from", str(out))
         seeded = fresh.state()["phases"]
         assert seeded["a1"].get("seeded") and seeded["setup"]["status"] == "done" and not seeded["setup"].get("seeded")
         fresh.stop()
     finally:
         harness.stop()
+
+
+def test_interrupted_phase_runs_again_with_a_longer_estimate(tmp_path, monkeypatch):
+    plan = _plan([("x1", None, ()), ("x2", None, ())], estimate=100.0)
+    harness = Harness(tmp_path, monkeypatch, extra_phases=plan)
+    harness.call(budget=300)  # setup 38 + x1 100 + x2 100 fit in 285
+    data = harness.state()
+    data["phases"]["x2"]["status"] = "running"  # as if the call had been killed while x2 ran
+    harness.state_path.write_text(json.dumps(data))
+    rc, _ = harness.call(budget=200)  # x2 now estimated 2 x 100: does not fit in 185
+    state = harness.state()
+    assert rc == 3 and state["phases"]["x2"]["interrupted"] == 1 and state["durations"]["x2"][-1] == 200
+    assert "x2 needs ~220 s" in state["calls"][-1]["note"]
+    rc, _ = harness.call(budget=300)
+    assert rc == 0 and harness.state()["phases"]["x2"]["status"] == "done"
+    data = harness.state()
+    data["phases"]["x2"].update(status="running", interrupted=1)
+    harness.state_path.write_text(json.dumps(data))
+    rc, _ = harness.call(budget=300)
+    assert rc == 1 and harness.state()["phases"]["x2"]["status"] == "failed"  # interrupted twice
 
 
 def _zombie(pid: int) -> bool:

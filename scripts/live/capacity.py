@@ -31,16 +31,23 @@ def memory_compare(stock: str, patched: str, kv: str, pattern: str):
         if not s or not p:
             raise Blocked(f"needs the start-up lines of {stock} and {patched}")
         layers, kept = len(pattern), _kept(pattern)
-        ctx.check(f"{stock} and {patched} ran at the same --mem-fraction-static",
-                  s["mem_fraction_static"] == p["mem_fraction_static"], (s["mem_fraction_static"], p["mem_fraction_static"]))
+        fractions = (s["mem_fraction_static"], p["mem_fraction_static"])
+        ctx.check(f"{stock} and {patched} ran at the same --mem-fraction-static", fractions[0] == fractions[1],
+                  fractions)
         gain = p["max_total_num_tokens"] / s["max_total_num_tokens"] - 1
         expected = memory.expected_gain(layers, kept, kv)
+        # bytes per token from the logged KV size: the gain at equal bytes, whatever memory the starts found
+        per_token = [x["kv_size_gb"] * memory.GIB / x["kv_tokens"] if x.get("kv_size_gb") and x.get("kv_tokens")
+                     else None for x in (s, p)]
         return {"kv": kv, "stock": stock, "patched": patched, "layers": layers, "kept": kept,
                 "mem_fraction_static": s["mem_fraction_static"],
                 "stock_tokens": s["max_total_num_tokens"], "patched_tokens": p["max_total_num_tokens"],
                 "stock_kv_gb": s["kv_size_gb"], "patched_kv_gb": p["kv_size_gb"],
                 "stock_weights_gb": s["weights_gb"], "patched_weights_gb": p["weights_gb"],
                 "gain": gain, "expected_gain": expected,
+                "stock_bytes_per_token": per_token[0], "patched_bytes_per_token": per_token[1],
+                "gain_equal_bytes": per_token[0] / per_token[1] - 1 if all(per_token) else None,
+                "stock_avail_before_gb": s["avail_before_load_gb"], "patched_avail_before_gb": p["avail_before_load_gb"],
                 "headline": f"{kv} KV: {s['max_total_num_tokens']:,} -> {p['max_total_num_tokens']:,} tokens"
                             f" ({gain:+.1%}; formula {expected:+.1%})"}
     return run
@@ -87,7 +94,8 @@ def saturation(role: str, stock_phase: str | None = None):
             ctx.check("patched throughput above stock's", result["tok_s"] > plan["stock_tok_s"],
                       (result["tok_s"], plan["stock_tok_s"]))
         result["headline"] = (f"pool {pool:,}, {plan['n']} x {plan['length']:,}: {result['max_running']} at once,"
-                              f" {result['retractions']} retractions, {result['wall_s']:.0f} s, {result['tok_s']:.0f} tok/s")
+                              f" {result['retractions']} retractions, {result['wall_s']:.0f} s,"
+                              f" {result['tok_s']:.0f} tok/s")
         return result
     return run
 
@@ -101,7 +109,7 @@ def _concurrent(ctx, server, plan: dict) -> dict:
         jobs.append((Sample(prompt_len=length, new_tokens=new, first_token=ids[0]), ids))
     window = server.window()
     t0 = time.perf_counter()
-    samples = run_concurrent(server.client(timeout_s=900), jobs)
+    samples = run_concurrent(server.client(timeout_s=ctx.timeout()), jobs)
     wall = time.perf_counter() - t0
     time.sleep(serve_run.LOG_SETTLE_S)
     text = window.read()

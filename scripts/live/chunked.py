@@ -36,7 +36,7 @@ def prompt_logprobs(client, ids: list[int]) -> list[float | None]:
     """The log-probability of each prompt token under the server's model (index 0: None)."""
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 1, "temperature": 0.0},
             "return_logprob": True, "logprob_start_len": 0}
-    reply = client.post_json("/generate", body, timeout=900)
+    reply = client.post_json("/generate", body)
     if isinstance(reply, list):
         reply = reply[0]
     entries = (reply.get("meta_info") or {}).get("input_token_logprobs")

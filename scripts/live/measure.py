@@ -97,7 +97,8 @@ def serve_part(part: str):
                                    pattern=server.spec.pattern, first_offset=first_offset(part))
         folder = ctx.root / "serve"
         path = folder / f"{key}__{part}.json"
-        doc = serve_run.run(spec, server.client(), on_update=lambda d: atomic_write_json(path, d))
+        client = server.client(timeout_s=ctx.timeout())
+        doc = serve_run.run(spec, client, on_update=lambda d: atomic_write_json(path, d))
         _merge_server_docs(ctx, folder, key)
         lost = doc["lost"]
         ctx.check(f"{key} {part}: no request lost", lost["lost"] == 0, "; ".join(lost["errors"]))
@@ -155,7 +156,7 @@ def chunk_part(ctx) -> dict:
     """The fixed prompt's log-probabilities on a bench server (chunk 16384)."""
     server = ctx.server
     t = time.monotonic()
-    logprobs = chunked.prompt_logprobs(server.client(), chunked.prompt())
+    logprobs = chunked.prompt_logprobs(server.client(timeout_s=ctx.timeout()), chunked.prompt())
     return {"server": server.spec.key, "tree": server.spec.tree, "calibration": False,
             "chunk": server.startup.get("chunked_prefill_size"), "request_s": round(time.monotonic() - t, 2),
             "startup": server.startup, "_logprobs": {server.spec.pattern: logprobs},
@@ -182,8 +183,9 @@ def calibration_logprobs(patterns: list[str]):
         for pattern in patterns:
             if admin.get_json("/index_cache", timeout=30).get("pattern") != pattern:
                 reply = admin.post_json("/index_cache/pattern", {"pattern": pattern}, timeout=300)
-                ctx.check(f"{server.spec.key}: switched to {pat.describe(pattern)}", reply.get("pattern") == pattern, reply)
-            out[pattern] = chunked.prompt_logprobs(server.client(), chunked.prompt())
+                ctx.check(f"{server.spec.key}: switched to {pat.describe(pattern)}", reply.get("pattern") == pattern,
+                          reply)
+            out[pattern] = chunked.prompt_logprobs(server.client(timeout_s=ctx.timeout()), chunked.prompt())
         chunk = server.startup.get("chunked_prefill_size")
         return {"server": server.spec.key, "tree": "patched", "calibration": True, "chunk": chunk,
                 "startup": server.startup, "_logprobs": out,

@@ -56,8 +56,9 @@ def saturation_plan(stock_pool: int, gain: float, n: int, new: int, page: int = 
     length = int((per_request - new - 1) // page * page)
     length = min(length, (context - new - page) // page * page)
     need = footprint(length, new, page)
-    return {"n": n, "new_tokens": new, "length": length, "stock_pool": stock_pool, "patched_pool_predicted": patched_pool,
-            "footprint": need, "stock_holds": stock_pool // need, "patched_holds_predicted": patched_pool // need}
+    return {"n": n, "new_tokens": new, "length": length, "stock_pool": stock_pool,
+            "patched_pool_predicted": patched_pool, "footprint": need, "stock_holds": stock_pool // need,
+            "patched_holds_predicted": patched_pool // need}
 
 
 def pool_for_saturation(length: int, new: int, n: int, gain: float, page: int = 64) -> int:

@@ -64,7 +64,8 @@ def markdown(summary: dict) -> str:
 
 
 def _phase_table(phases: dict) -> list[str]:
-    lines = ["| phase | status | estimate s | took s | server start s | checks | result |", "|---|---|---|---|---|---|---|"]
+    lines = ["| phase | status | estimate s | took s | server start s | checks | result |",
+             "|---|---|---|---|---|---|---|"]
     for name, entry in phases.items():
         checks = entry.get("checks") or []
         bad = sum(not c["ok"] for c in checks)
@@ -94,13 +95,19 @@ def _memory(phases: dict) -> list[str]:
     rows = [(e.get("result") or {}) for n, e in phases.items() if n.startswith("memory-") and e.get("status") == "done"]
     if not rows:
         return []
-    lines = ["| KV dtype | layers (kept indexers) | --mem-fraction-static | stock tokens | patched tokens | gain |"
-             " formula | target |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| KV dtype | layers (kept indexers) | --mem-fraction-static | free at start, stock / patched (GiB) |"
+             " stock tokens | patched tokens | gain | bytes per token, stock / patched | gain at equal bytes |"
+             " formula | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = TARGETS.get(r["kv"]) if r["layers"] == 32 else None
         met = "" if target is None else f"{target:+.0%} ({'met' if r['gain'] >= target else 'missed'})"
-        lines.append(f"| {r['kv']} | {r['layers']} ({r['kept']}) | {r['mem_fraction_static']} | {r['stock_tokens']:,} |"
-                     f" {r['patched_tokens']:,} | {r['gain']:+.1%} | {r['expected_gain']:+.1%} | {met} |")
+        per_token = ("–" if not r.get("gain_equal_bytes") else
+                     f"{r['stock_bytes_per_token']:,.0f} / {r['patched_bytes_per_token']:,.0f}")
+        equal = "–" if r.get("gain_equal_bytes") is None else f"{r['gain_equal_bytes']:+.1%}"
+        lines.append(f"| {r['kv']} | {r['layers']} ({r['kept']}) | {r['mem_fraction_static']} |"
+                     f" {r.get('stock_avail_before_gb')} / {r.get('patched_avail_before_gb')} | {r['stock_tokens']:,} |"
+                     f" {r['patched_tokens']:,} | {r['gain']:+.1%} | {per_token} | {equal} | {r['expected_gain']:+.1%} |"
+                     f" {met} |")
     return lines
 
 
@@ -140,8 +147,8 @@ def _chunked(phases: dict) -> list[str]:
         d = r["diff"]
         segments = " / ".join("–" if x is None else f"{x:.3g}" for x in d["segment_mean_abs"])
         where = r["server"] + (" (calibration mode)" if r.get("calibration") else "")
-        lines.append(f"| {where} | {r['tree']} | {r['chunk']} | {r['label']} | {d['mean_abs']:.3g} | {d['p99_abs']:.3g} |"
-                     f" {d['max_abs']:.3g} | {segments} | {r['verdict']}: {r['why']} |")
+        lines.append(f"| {where} | {r['tree']} | {r['chunk']} | {r['label']} | {d['mean_abs']:.3g} |"
+                     f" {d['p99_abs']:.3g} | {d['max_abs']:.3g} | {segments} | {r['verdict']}: {r['why']} |")
     return lines
 
 

@@ -142,6 +142,10 @@ class Context:
     def left(self) -> float:
         return self.deadline - self.clock.now()
 
+    def timeout(self) -> float:
+        """Seconds a request of this phase may take: past the deadline, but before the call is killed."""
+        return max(60.0, self.left() + RESERVE_S + 10.0)
+
     def check(self, name: str, ok, detail="") -> bool:
         self.checks.append({"name": name, "ok": bool(ok), "detail": str(detail)[:2000]})
         self.log(f"{'PASS' if ok else 'FAIL'} {name}" + (f": {str(detail)[:300]}" if detail and not ok else ""))
@@ -195,6 +199,7 @@ class Runner:
         call = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "budget_s": self.budget_s, "ran": [],
                 "fresh_state": self.state.fresh}
         self.state.data["calls"].append(call)
+        self._interrupted()
         self.servers.adopt()
         for phase in self.pending():
             if self.state.status(phase.name) in FINAL:
@@ -217,6 +222,20 @@ class Runner:
                 break
         self._leave_or_stop()
         return self._finish()
+
+    def _interrupted(self) -> None:
+        """Phases still 'running' were killed with their call (its time limit): estimate them longer."""
+        for phase in self.phases:
+            entry = self.state.phase(phase.name)
+            if entry.get("status") != "running":
+                continue
+            tries = entry.get("interrupted", 0) + 1
+            self.state.add_duration(phase.kind or phase.name, 2 * (entry.get("estimate_s") or phase.estimate_s))
+            status = "failed" if tries >= 2 else None
+            self.state.record(phase.name, status=status, interrupted=tries,
+                              error=f"interrupted {tries} time(s): its call ended (killed?) while it ran")
+            self.log(f"{phase.name} was interrupted in call {entry.get('call')}" + ("; failed" if status else
+                     "; its estimate doubles"))
 
     def _stop_here(self, phase: Phase, own: float, start: float, left: float) -> None:
         self.note = (f"{phase.name} needs ~{own + start:.0f} s ({own:.0f} s + {start:.0f} s server start),"
@@ -270,6 +289,7 @@ class Runner:
             return True
         t1 = self.clock.now()
         fields["server_start_s"] = round(t1 - t0, 1) if t1 - t0 >= 0.05 else 0.0
+        self.state.record(phase.name, status="running", started=time.strftime("%H:%M:%S"), **fields)
         try:
             result = phase.run(ctx) or {}
         except Blocked as exc:
@@ -291,6 +311,8 @@ class Runner:
 
     def _failed(self, phase: Phase, fields: dict, since: float, error: str, work: Path) -> None:
         (work / "error.txt").write_text(traceback.format_exc())
+        if self.clock.now() - since > self.state.estimate(phase):  # a retry gets the time it took
+            self.state.add_duration(phase.kind or phase.name, self.clock.now() - since)
         self.state.record(phase.name, status="failed", error=error[:2000],
                           seconds=round(self.clock.now() - since, 1), **fields)
         self.log(f"FAILED {phase.name}: {error[:300]}")
@@ -331,7 +353,8 @@ def forecast(phases: list[Phase], state: State, start_estimate: Callable) -> lis
             running = None
         own = state.estimate(phase)
         total += start + own
-        rows.append(f"{phase.name:34} {phase.server.key if phase.server else '-':24} {start:7.0f} {own:6.0f} {total:8.0f}")
+        server = phase.server.key if phase.server else "-"
+        rows.append(f"{phase.name:34} {server:24} {start:7.0f} {own:6.0f} {total:8.0f}")
     return rows
 
 

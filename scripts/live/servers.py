@@ -192,7 +192,7 @@ class ServerManager:
         if not entry:
             return
         pid = entry["pid"]
-        if self._alive(pid):
+        if self._alive(pid) or _group_members(pid):
             self._signal(pid, signal.SIGTERM)
             if not self._gone(pid, 30):
                 self._signal(pid, signal.SIGKILL)
@@ -215,9 +215,25 @@ class ServerManager:
             pass
 
     def _gone(self, pid: int, seconds: float) -> bool:
+        """Whether the server and every process of its group (scheduler, detokenizer) exited in time.
+
+        The group matters: a scheduler still holding GPU memory would shrink the next server's pool."""
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            if not self._alive(pid):
+            if not self._alive(pid) and not _group_members(pid):
                 return True
             time.sleep(0.2)
-        return not self._alive(pid)
+        return not self._alive(pid) and not _group_members(pid)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members

@@ -49,7 +49,8 @@ def add_arguments(modes) -> None:
                    " (0: no decode run)")
     p.add_argument("--decode-length", default="200000", help="prompt tokens per decode request, one per decode"
                    " setup or one for all, e.g. 200000,32k (default %(default)s)")
-    p.add_argument("--decode-tokens", type=positive_int, default=256, help="new tokens per decode request (default 256)")
+    p.add_argument("--decode-tokens", type=positive_int, default=256,
+                   help="new tokens per decode request (default 256)")
     p.add_argument("--pattern", metavar="P", help="the F/S pattern the server runs, recorded for the report's"
                    " Amdahl bound when the server does not say it (stock all-F; a patched server reports its own)")
     p.add_argument("--server-log", metavar="FILE", help="the server's log file: SGLang's own per-step 'gen"
@@ -58,8 +59,8 @@ def add_arguments(modes) -> None:
     p.add_argument("--warmup-length", default="2048", help="prompt tokens of the one warm-up request (default 2048)")
     p.add_argument("--vocab", type=int, default=4000, help="token ids are drawn from [1, VOCAB) (default 4000)")
     p.add_argument("--seed", type=int, default=0, help="mixed into every request's seed with tag, length, index")
-    p.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per request, in all and without data (default 900); a"
-                   " request over it is recorded as lost")
+    p.add_argument("--timeout", type=positive_float, default=900.0, help="seconds per request, in all and without"
+                   " data (default 900); a request over it is recorded as lost")
     p.add_argument("--api-key", default=os.environ.get("INDEXCACHE_API_KEY"),
                    help="Bearer key if the server needs one (default $INDEXCACHE_API_KEY)")
     p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/serve_<tag>.json (after each phase)")
