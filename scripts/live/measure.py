@@ -170,7 +170,7 @@ def calibration_server(key: str, chunk: int, checkpoint: str = "l32") -> ServerS
     capture (256 KiB per token at 32 layers): the pool is capped at 45,056 tokens (11.8 GB)."""
     args = [*host.BF16_KV, "--index-cache-calibration", "--admin-api-key", host.ADMIN_KEY, "--context-length", "45056",
             "--max-total-tokens", "45056", "--mem-fraction-static", "0.7", "--chunked-prefill-size", str(chunk),
-            "--max-prefill-tokens", str(max(chunk, 16384)), "--skip-tokenizer-init"]
+            "--max-prefill-tokens", str(max(chunk, 16384))]
     return ServerSpec(key=key, tree="patched", checkpoint=checkpoint, args=tuple(args), start_kind="nograph",
                       pattern="F" * host.layers(checkpoint))
 

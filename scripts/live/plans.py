@@ -10,6 +10,7 @@ which is packed with the rest).
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import time
 
@@ -17,7 +18,6 @@ from sglang_indexcache import pattern as pat
 
 from . import capacity, checks, host, measure
 from .runner import Phase
-from .servers import ServerSpec
 
 ALL_PARTS = ["prefill", "decode-8x200k", "chunk40k", "decode-32x32k"]
 
@@ -72,9 +72,10 @@ def bench8() -> list[Phase]:
         (measure.bench_server("patched-every-4-8", "patched", "FSSSFSSS", checkpoint="own", batch=16,
                               extra=["--enable-metrics"]), checks.flag_wins),
         (measure.bench_server("stock-FSSSFSSS-8", "stock", "FSSSFSSS", checkpoint="plain", batch=16), None),
-        (ServerSpec(key="patched-calibrated-8", tree="patched", checkpoint="plain", via_serve=str(calibrated),
-                    pattern="FSSSSSSS", args=tuple(measure.bench_server("x", "stock", "F" * 8, batch=16).args)
-                    + ("--enable-metrics",)),
+        # through `indexcache serve --pattern-file` (the bench flags without a pattern flag)
+        (dataclasses.replace(measure.bench_server("patched-calibrated-8", "patched", "F" * 8, checkpoint="plain",
+                                                  batch=16, extra=["--enable-metrics"]),
+                             via_serve=str(calibrated), pattern="FSSSSSSS"),
          checks.observability("FSSSSSSS", "--index-cache-pattern-file")),
     ]
     phases = []

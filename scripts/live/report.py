@@ -116,11 +116,15 @@ def _saturation(phases: dict) -> list[str]:
     if not rows:
         return []
     lines = ["| server | pool tokens | requests x prompt + new | ran at once | longest queue | retractions |"
-             " wall s | tok/s | lost |", "|---|---|---|---|---|---|---|---|---|"]
+             " wall s | new tokens / wall s | decode tok/s at the count reached (ms/step) | lost |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
+        decode = r.get("decode") or {}
+        at = ("–" if not decode.get("tok_s_median") else
+              f"{decode['tok_s_median']:.0f} at {decode['running_reached']} ({decode['step_ms_median']:.2f})")
         lines.append(f"| {r['server']} | {r['pool']:,} | {r['n']} x {r['length']:,} + {r['new_tokens']} |"
                      f" {r['max_running']} | {r['max_queue']} | {r['retractions']} | {r['wall_s']:.1f} |"
-                     f" {r['tok_s']:.0f} | {r['lost']} |")
+                     f" {r['tok_s']:.0f} | {at} | {r['lost']} |")
     return lines
 
 

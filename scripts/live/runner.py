@@ -241,8 +241,11 @@ class Runner:
         self.note = (f"{phase.name} needs ~{own + start:.0f} s ({own:.0f} s + {start:.0f} s server start),"
                      f" {max(left, 0):.0f} s left in this call")
         if phase.server is not None and start and start <= left:
-            self.servers.launch(phase.server)
-            self.note += f"; server {phase.server.key} launched for the next call"
+            try:
+                self.servers.launch(phase.server)
+                self.note += f"; server {phase.server.key} launched for the next call"
+            except Exception as exc:  # noqa: BLE001 - e.g. its arguments need a result not there yet
+                self.note += f"; server {phase.server.key} not launched ahead: {exc}"
         self.log(self.note)
 
     def _leave_or_stop(self) -> None:
