@@ -38,6 +38,7 @@ def options(argv):
     p.add_argument("--json-model-override-args", default="{}")
     p.add_argument("--index-cache-every", type=int)
     p.add_argument("--index-cache-pattern")
+    p.add_argument("--index-cache-pattern-file")
     p.add_argument("--index-cache-calibration", action="store_true")
     p.add_argument("--admin-api-key")
     args, _ = p.parse_known_args(argv)
@@ -54,6 +55,9 @@ class Stub(ThreadingHTTPServer):
         self.args, self.lock, self.active, self.queued, self.used = args, threading.Lock(), 0, 0, 0
         if args.index_cache_every:
             pattern = "".join("F" if i % args.index_cache_every == 0 else "S" for i in range(layers))
+        elif args.index_cache_pattern_file:
+            with open(args.index_cache_pattern_file) as handle:
+                pattern = json.load(handle)["pattern"]
         else:
             pattern = args.index_cache_pattern or json.loads(args.json_model_override_args).get("index_topk_pattern")
         self.pattern = pattern or "F" * layers

@@ -134,6 +134,9 @@ def toy(monkeypatch):
 
 
 def test_issue21_plan_end_to_end(tmp_path, monkeypatch, toy):
+    calibrated = tmp_path / "calibrated-l32.json"  # as a calibration phase on the host would leave it
+    calibrated.write_text(json.dumps({"pattern": "F" + "S" * 5 + "F" + "S" * 25}))
+    monkeypatch.setattr(host, "CALIBRATED_L32", calibrated)
     harness = Harness(tmp_path, monkeypatch)
     try:
         results = [harness.call() for _ in range(8)]
@@ -161,6 +164,8 @@ def test_issue21_plan_end_to_end(tmp_path, monkeypatch, toy):
     assert (stock["max_running"], patched["max_running"], stock["lost"], patched["lost"]) == (3, 4, 0, 0)
     assert stock["length"] == patched["length"] and stock["plan"]["stock_holds"] == 3
     assert phases["chunk-compare"]["result"]["control"]["mean_abs"] > 0.01
+    calibrated_doc = phases["patched-calibrated:decode-8x200k"]["result"]["serve"]
+    assert calibrated_doc["server"]["index_cache"]["pattern"].count("F") == 2
     # what comes back: four files, the last call's summary covering every call
     rc, out = results[-1]
     assert sorted(p.name for p in out.iterdir()) == ["arrays.json", "live.tar.gz", "summary.json", "summary.md"]
@@ -175,7 +180,8 @@ def test_issue21_plan_end_to_end(tmp_path, monkeypatch, toy):
     assert bf16["gain_equal_bytes"] == pytest.approx(memory.expected_gain(32, 8, "bf16"), abs=0.002)
     for expected in ("## 32 layers, live server", "31 (of 32 sent)", "each indexer costs", "| fp8 | 32 (8) |",
                      "| stock-e4-fp8 |", "## Chunked prefill", "| stock-e4 | stock | 1024 | every-4 |",
-                     "| 0 / 0.0001 / 0 | pass: mean abs diff 3.", "## 78 layers, live server"):
+                     "| 0 / 0.0001 / 0 | pass: mean abs diff 3.", "## 78 layers, live server",
+                     "| patched-calibrated | 2/32 |"):
         assert expected in text, expected
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SITE, OURS, PATCHED, CK = Path("/tmp/ic-site"), Path("/tmp/ic-ours"), Path("/tmp/ic-patched"), Path("/tmp/ic-ck")
+CALIBRATED_L32 = Path("/tmp/ic-work/calibrated-l32.json")  # where a calibration phase on the host leaves its file
 PORT = 30000
 URL = f"http://127.0.0.1:{PORT}"
 ADMIN_KEY = "live-admin-key"

@@ -72,6 +72,16 @@ def bench_server(key: str, tree: str, pattern: str, checkpoint: str = "l32", kv:
                       start_kind=start_kind, pattern=pattern)
 
 
+def calibrated_file(candidates):
+    """A ServerSpec ``resolve``: ``--index-cache-pattern-file`` of the first existing candidate file."""
+    def resolve(state) -> list[str]:
+        found = next((path for path in candidates if path.is_file()), None)
+        if found is None:
+            raise Blocked("no calibrated pattern file for this checkpoint: " + ", ".join(map(str, candidates)))
+        return ["--index-cache-pattern-file", str(found)]
+    return resolve
+
+
 def startup_of(state, key: str) -> dict | None:
     """A server's start-up memory lines: from this machine's record, else from a (seeded) phase result."""
     record = state.data["servers"].get(key, {}).get("startup")
@@ -139,8 +149,8 @@ def headline(doc: dict) -> str:
 def bench_phases(spec: ServerSpec, parts) -> list:
     from .runner import Phase
 
-    cls = pattern_class(spec.pattern)
-    layers = len(spec.pattern)
+    cls = pattern_class(spec.pattern) if spec.pattern else "every-8"  # a pattern file's: known once it runs
+    layers = len(spec.pattern) if spec.pattern else host.layers(spec.checkpoint)
     phases = []
     for part in parts:
         run = chunk_part if part == "chunk40k" else serve_part(part)

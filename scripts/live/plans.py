@@ -50,6 +50,12 @@ def issue21() -> list[Phase]:
         *measure.bench_phases(measure.bench_server("stock-all-F", "stock", f32), ALL_PARTS),
         *measure.bench_phases(measure.bench_server("stock-e8", "stock", e8),
                               ["prefill", "decode-8x200k", "decode-32x32k"]),
+        # a calibrated pattern file for the 32-layer checkpoint, where another phase or a commit put one
+        *measure.bench_phases(dataclasses.replace(
+            measure.bench_server("patched-calibrated", "patched", f32), pattern=None,
+            resolve=measure.calibrated_file([host.REPO / "docs" / "results" / "calibrated-l32.json",
+                                             host.CALIBRATED_L32])),
+            ["prefill", "decode-8x200k"]),
         Phase("chunk-compare-final", measure.chunk_compare("chunk-ref"), 2, gpu=False, needs=("chunk-ref",)),
         *measure.bench_phases(measure.bench_server("stock-e4-l78", "stock", e4_78, **deep), ["prefill-deep"]),
         *measure.bench_phases(measure.bench_server("patched-e4-l78", "patched", e4_78, **deep), ["prefill-deep"]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sglang_indexcache.bench import serve_report, serve_run
+from sglang_indexcache.bench import serve_analysis, serve_report, serve_run
 
 from . import chunked
 from .measure import compare_logprobs
@@ -86,7 +86,7 @@ def _serve_docs(phases: dict) -> dict[int, dict]:
     grouped: dict[int, dict] = {}
     for key, docs in parts.items():
         doc = serve_run.merge(docs)
-        pattern = doc["settings"].get("pattern") or ""
+        pattern = serve_analysis.pattern_of(doc) or ""
         grouped.setdefault(len(pattern), {})[key] = doc
     return grouped
 
