@@ -10,8 +10,8 @@ results it reads (``needs``). A call of the runner walks the queue in order and
 - keeps its state in a JSON file (``/tmp/ic-live/state.json`` on the GPU host): which phases are done,
   failed or blocked, their results, measured durations, which server runs with which arguments;
   the next call continues where this one stopped;
-- leaves the server running (in its own process session, so it outlives the call) when the next
-  queued phase needs the same one, and stops it otherwise;
+- leaves the server running (in its own process session, so it outlives the call) while GPU work is
+  queued: the next call reuses it when its first phase needs the same one, or stops it first;
 - packs everything measured so far after every phase (``pack(state)``), and prints a short table.
 
 Estimates: a phase's estimate is 1.1 x the last measured duration of its ``kind`` (phases of one kind
@@ -111,8 +111,8 @@ class State:
 
     def bias(self) -> float:
         ratios = [p["seconds"] / p["default_estimate_s"] for p in self.data["phases"].values()
-                  if p.get("status") == "done" and p.get("default_estimate_s") and p.get("seconds") is not None
-                  and not p.get("seeded")]
+                  if p.get("status") == "done" and (p.get("default_estimate_s") or 0) >= 5
+                  and p.get("seconds") is not None and not p.get("seeded")]
         return min(1.6, max(0.8, statistics.median(ratios))) if ratios else 1.0
 
     def add_duration(self, kind: str, seconds: float) -> None:
@@ -249,14 +249,19 @@ class Runner:
         self.log(self.note)
 
     def _leave_or_stop(self) -> None:
+        """Keep the server up while GPU work is queued: the next call reuses it or stops it first.
+
+        Stopping takes seconds that the end of a call may not have; only an empty queue stops it."""
         running = self.servers.running_key()
         if running is None:
             return
         following = next((p for p in self.pending() if self._blocker(p) is None and p.gpu), None)
-        if following is not None and following.server is not None and following.server.key == running:
+        if following is None:
+            self.servers.stop()
+        elif following.server is not None and following.server.key == running:
             self.log(f"server {running} left running for {following.name}")
-            return
-        self.servers.stop()
+        else:
+            self.log(f"server {running} left running; the next call stops it before {following.name}")
 
     # ---------------------------------------------------------------- one phase
     def _run(self, phase: Phase, call: dict) -> bool:
