@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+sys.path.insert(0, str(REPO / "scripts"))
+if str(REPO) not in sys.path:  # last: the checkout's kernels/ and calibration/ must not shadow installed packages
+    sys.path.append(str(REPO))
 
 from live import host, plans, report, runner  # noqa: E402 - after the path above
 from live.servers import ServerManager, start_estimate  # noqa: E402

@@ -318,3 +318,16 @@ def test_chunked_verdicts():
     assert chunked.verdict(far, control)[0] == "fail"  # within bf16 but as large as a pattern change
     assert chunked.verdict(close, chunked.difference(reference, reference))[0] == "inconclusive"
     assert chunked.verdict(close, None)[0] == "inconclusive"
+
+
+def test_runner_imports_no_torch():
+    """The runner runs on the GPU host with plain python3: no torch, numpy or SGLang in its process."""
+    import subprocess
+
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1]);"
+            " import live.capacity, live.checks, live.chunked, live.host, live.measure, live.memory, live.plans,"
+            " live.report, live.runner, live.servers;"
+            " print([m for m in ('torch', 'numpy', 'sglang', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "scripts" / "gpu_live.py")], capture_output=True,
+                         text=True, check=True, cwd="/")
+    assert out.stdout.strip().splitlines()[-1] == "[]"
