@@ -135,7 +135,10 @@ def summarize(text: str, running: int | None, log_interval: int | None = None) -
 
 
 def concurrency(text: str) -> dict:
-    """How many requests decoded at once, the longest queue, and the retractions in a log excerpt."""
+    """How many requests decoded at once, the longest queue, and the retractions in a log excerpt.
+
+    Retractions: 0.5.17's scheduler warns ``KV cache pool is full. Retract requests. #retracted_reqs:
+    N, ...`` when running requests no longer fit (``scheduler.py``, after ``retract_decode``)."""
     events = parse_lines(text)
     decodes = [e for e in events if e["kind"] == "decode"]
     queues = [e["queue"] for e in events if e.get("queue") is not None]
@@ -167,7 +170,12 @@ _STARTUP = {  # key -> (pattern, converter); the last match wins (a post-capture
 def startup(text: str) -> dict:
     """What SGLang's start-up lines say about memory: weights, KV pool, ``max_total_num_tokens``.
 
-    GB are SGLang's (GiB: bytes / 2^30). Keys absent from the log are ``None``.
+    SGLang 0.5.17 logs ``Load weight begin/end`` (model_runner), ``KV Cache is allocated. dtype: ...,
+    #tokens: N, KV size: X GB`` (``memory_pool._finalize_allocation_log``; again as ``Post-capture KV
+    sizing: KV cache allocated`` when the pool is resized after the CUDA-graph capture) and, last,
+    ``max_total_num_tokens=N, chunked_prefill_size=..., max_running_requests=..., context_len=...,
+    available_gpu_mem=X GB`` (``scheduler.py``). GB are SGLang's (GiB: bytes / 2^30). Keys absent
+    from the log are ``None``.
     """
     out = {}
     for key, (pattern, kind) in _STARTUP.items():
