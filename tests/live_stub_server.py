@@ -41,6 +41,7 @@ def options(argv):
     p.add_argument("--index-cache-pattern-file")
     p.add_argument("--index-cache-calibration", action="store_true")
     p.add_argument("--admin-api-key")
+    p.add_argument("--load-format", default="auto")
     args, _ = p.parse_known_args(argv)
     return args
 
@@ -132,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/server_info":
             info = {"model_path": "stub", "disable_radix_cache": True, "decode_log_interval": 8,
                     "chunked_prefill_size": s.args.chunked_prefill_size, "kv_cache_dtype": s.args.kv_cache_dtype,
-                    "mem_fraction_static": s.args.mem_fraction_static}
+                    "mem_fraction_static": s.args.mem_fraction_static, "load_format": s.args.load_format}
             if s.args.stub_tree == "patched" and "S" in s.pattern or s.calibration:
                 info["index_cache"] = {"pattern": s.pattern, "kept_indexers": s.pattern.count("F")}
             return self._send(200, info)

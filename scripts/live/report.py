@@ -52,7 +52,9 @@ def markdown(summary: dict) -> str:
     out = ["## Live runs: phases", ""] + _phase_table(phases)
     for depth, docs in sorted(_serve_docs(phases).items()):
         baseline = next((t for t in ("stock-all-F", "stock-e4", "stock-e4-l78") if t in docs), next(iter(docs)))
-        table = serve_report.markdown(docs, baseline).replace("## Live server:", f"## {depth} layers, live server:")
+        dummy = any((d.get("server") or {}).get("load_format") == "dummy" for d in docs.values())
+        title = f"## {depth} layers{' (SGLang dummy weights: every layer alike)' if dummy else ''}, live server:"
+        table = serve_report.markdown(docs, baseline).replace("## Live server:", title)
         out += ["", table.rstrip()]
     for title, lines in (("KV tokens: stock against patched at the same --mem-fraction-static", _memory(phases)),
                          ("Memory saturation (fp8 KV): more long requests than stock holds", _saturation(phases)),

@@ -28,7 +28,7 @@ FORMAT_V1 = "indexcache-bench-serve/v1"
 SERVER_KEYS = ("model_path", "version", "disable_radix_cache", "decode_log_interval", "chunked_prefill_size",
                "context_length", "cuda_graph_backend_decode", "cuda_graph_max_bs_decode", "cuda_graph_bs_decode",
                "json_model_override_args", "dsa_prefill_backend", "dsa_decode_backend", "kv_cache_dtype",
-               "mem_fraction_static", "skip_tokenizer_init", "index_cache")
+               "mem_fraction_static", "skip_tokenizer_init", "load_format", "index_cache")
 
 
 @dataclass
