@@ -33,9 +33,10 @@ PREFILL_LINE = ("[2026-12-02 10:11:{s:02d}] Prefill batch, #new-seq: 1, #new-tok
 class Stub(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, prefill_s_per_token=2e-5, prefill_base_s=0.01, itl_s=0.02, log_path=None):
+    def __init__(self, prefill_s_per_token=2e-5, prefill_base_s=0.01, itl_s=0.02, log_path=None, max_running=64):
         super().__init__(("127.0.0.1", 0), Handler)
         self.prefill_s_per_token, self.prefill_base_s, self.itl_s = prefill_s_per_token, prefill_base_s, itl_s
+        self.slots = threading.Semaphore(max_running)  # SGLang may run fewer requests at once than sent
         self.bodies, self.lock, self.active = [], threading.Lock(), 0
         self.fail = {}  # first token -> "http500" | "stream-error" | "short" | "hang" | "drip"
         self.log_path = log_path
@@ -117,6 +118,7 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(5)
         new = params["max_new_tokens"] - (1 if fail == "short" else 0)
         out = []
+        s.slots.acquire()
         with s.lock:
             s.active += 1
         try:
@@ -137,6 +139,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             with s.lock:
                 s.active -= 1
+            s.slots.release()
 
     def _send(self, obj):
         self._chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
@@ -146,8 +149,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-SPEC = dict(lengths=[256, 1024], prefill_repeats=2, decode_batch=4, decode_length=512, decode_tokens=20,
-            warmup_length=64)
+SPEC = dict(lengths=[256, 1024], prefill_repeats=2, decodes=[(4, 512)], decode_tokens=20, warmup_length=64)
 
 
 def test_ttft_itl_and_server_log(tmp_path):
@@ -162,14 +164,16 @@ def test_ttft_itl_and_server_log(tmp_path):
         expected = 0.01 + 2e-5 * row["length"]
         assert expected <= row["ttft_s"]["min"] <= row["ttft_s"]["median"] < expected + 0.1
         assert [s["completion_tokens"] for s in row["samples"]] == [1, 1]
-    client = doc["decode"]["client"]
+    client = doc["decode"][0]["client"]
     assert client["measured"] == 4
     assert 0.02 <= client["itl_median_s"] < 0.03
     assert 4 / 0.03 < client["tok_s"] <= 4 / 0.02 * 1.05
-    server = doc["decode"]["server_log"]
+    server = doc["decode"][0]["server_log"]
     assert server["steady_lines"] >= 3 and 99999.0 not in server["tok_s"]
     assert server["tok_s_median"] == pytest.approx(4 / 0.02)
     assert server["decode_log_interval"] == 2 and server["cuda_graph"] is True
+    assert server["running_reached"] == 4 and "note" not in server
+    assert server["step_ms_median"] == pytest.approx(20.0)  # 4 running / (4 / 0.02 s) tok/s
 
 
 def test_prompts_share_no_prefix(tmp_path):
@@ -204,13 +208,13 @@ def test_failures_are_counted_not_raised(tmp_path):
     assert rc == 0
     doc = json.loads((tmp_path / "serve_f.json").read_text())
     assert doc["lost"]["lost"] == 5 and doc["lost"]["requests"] == 9
-    assert [r["lost"] for r in doc["prefill"]] == [1, 1] and doc["decode"]["lost"] == 3
+    assert [r["lost"] for r in doc["prefill"]] == [1, 1] and doc["decode"][0]["lost"] == 3
     errors = " | ".join(doc["lost"]["errors"])
     assert "HTTP 500" in errors and "injected stream error" in errors and "returned 7 of 8" in errors
     assert "TimeoutError: timed out" in errors  # no data for --timeout seconds
     assert "timed out: still streaming after 1 s" in errors  # data, but longer than --timeout in all
     assert doc["prefill"][0]["ttft_s"]["min"] is not None  # the other request of that length still counts
-    assert doc["decode"]["client"]["measured"] == 1
+    assert doc["decode"][0]["client"]["measured"] == 1
 
 
 def test_decode_stats_window_and_itl():
@@ -290,7 +294,10 @@ def test_report_speedups_and_baseline(tmp_path, capsys):
     (["--url", "http://127.0.0.1:9"], "is not answering /health"),
     (["--lengths", "32k,x"], "--lengths: 'x' is not an integer"),
     (["--lengths", "0"], "--lengths must be positive"),
-    (["--decode-length", "1,2"], "--decode-length takes one length"),
+    (["--warmup-length", "1,2"], "--warmup-length takes one length"),
+    (["--decode-batch", "8,32", "--decode-length", "1,2,3"], "--decode-batch gives 2 setups but --decode-length 3"),
+    (["--prefill-repeats", "2,1"], "--prefill-repeats gives 2 counts for 4 --lengths"),
+    (["--pattern", "SFFF"], "--pattern: layer 0 must be F"),
     (["--tag", "a b"], "--tag 'a b'"),
     (["--server-log", "missing.log"], "--server-log missing.log: no such file"),
 ])

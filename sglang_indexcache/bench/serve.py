@@ -87,19 +87,25 @@ def request_seed(seed: int, tag: str, phase: str, length: int, index: int) -> in
 
 
 class PromptMaker:
-    """Random prompts whose first tokens are all different (so no two share a prefix)."""
+    """Random prompts whose first tokens are all different (so no two share a prefix).
 
-    def __init__(self, seed: int, tag: str, vocab: int, capacity: int):
-        if capacity >= vocab - 1:
-            raise ValueError(f"{capacity} prompts need a vocabulary of more than {capacity + 1} ids")
+    The first tokens are a fixed permutation of the vocabulary (seeded by seed and tag); prompt i of
+    this maker takes entry ``start + i``, so runs of one tag with disjoint ``[start, start +
+    capacity)`` ranges (the parts of one server's measurement) share no first token either.
+    """
+
+    def __init__(self, seed: int, tag: str, vocab: int, capacity: int, start: int = 0):
+        if start + capacity >= vocab - 1:
+            raise ValueError(f"{start + capacity} prompts need a vocabulary of more than {start + capacity + 1} ids")
         self.seed, self.tag, self.vocab = seed, tag, vocab
-        order = random.Random(request_seed(seed, tag, "first-tokens", 0, 0))
-        self._firsts = order.sample(range(1, vocab), capacity)
+        order = list(range(1, vocab))
+        random.Random(request_seed(seed, tag, "first-tokens", 0, 0)).shuffle(order)
+        self._firsts = order[start:start + capacity]
         self._used: set[int] = set()
 
     def make(self, phase: str, length: int, index: int) -> list[int]:
         first = self._firsts[len(self._used)]
-        if first in self._used:  # the sample() above makes this impossible; keep the promise checked
+        if first in self._used:  # the permutation above makes this impossible; keep the promise checked
             raise AssertionError(f"prompt {phase}/{length}/{index} would share its first token {first}")
         self._used.add(first)
         rng = random.Random(request_seed(self.seed, self.tag, phase, length, index))
@@ -132,21 +138,37 @@ class Client:
         return headers
 
     def get_json(self, path: str, timeout: float = 10.0):
+        return self._parse(self.request("GET", path, None, timeout))
+
+    def get_text(self, path: str, timeout: float = 10.0) -> str:
+        """A plain-text answer (e.g. Prometheus ``/metrics``); raises ServeError unless 200."""
+        return self.request("GET", path, None, timeout)
+
+    def post_json(self, path: str, body: dict, timeout: float | None = None):
+        """One non-streamed request (e.g. ``/generate`` with ``return_logprob``); raises ServeError unless 200."""
+        return self._parse(self.request("POST", path, body, self.timeout_s if timeout is None else timeout))
+
+    def request(self, method: str, path: str, body, timeout: float) -> str:
         conn = self._connect(timeout)
+        data = None if body is None else json.dumps(body).encode()
         try:
-            conn.request("GET", self.base + path, headers=self._headers())
+            conn.request(method, self.base + path, body=data, headers=self._headers())
             response = conn.getresponse()
-            body = response.read().decode("utf-8", "replace")
+            text = response.read().decode("utf-8", "replace")
         except (OSError, http.client.HTTPException) as exc:
             raise ServeError(f"cannot reach {self.scheme}://{self.host}:{self.port}{path}: {exc}") from None
         finally:
             conn.close()
         if response.status != 200:
-            raise ServeError(f"GET {path}: HTTP {response.status}: {body[:200]}")
+            raise ServeError(f"{method} {path}: HTTP {response.status}: {text[:200]}")
+        return text
+
+    @staticmethod
+    def _parse(text: str):
         try:
-            return json.loads(body) if body.strip() else {}
+            return json.loads(text) if text.strip() else {}
         except ValueError:
-            return {"text": body[:200]}
+            return {"text": text[:200]}
 
     def generate(self, sample: Sample, input_ids: list[int]) -> Sample:
         """Send one streamed request; fills ``sample`` in place and never raises for server errors."""

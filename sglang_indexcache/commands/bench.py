@@ -19,7 +19,7 @@ import os
 from ..bench import kernels as kernel_bench
 from ..errors import PatternError, UsageError
 from . import bench_serve
-from .options import add_force, check_output, non_negative_int, positive_int
+from .options import add_force, check_output, int_list, non_negative_int, positive_int
 
 CONFIG_NAMES = ("tiny", "glm-5", "deepseek-v3.2", "glm-30b-a3b")
 DEFAULT_PATTERNS = "all-F,every-2,every-4,every-8"
@@ -35,21 +35,6 @@ MODES = {
                 "Times the sparse MLA decode and indexer kernels against the device's measured ceilings"
                 " (a CUDA GPU; --device cpu smoke-tests it under TRITON_INTERPRET=1 at tiny sizes)."),
 }
-
-
-def _ints(text: str, what: str) -> list[int]:
-    values = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        scale = 1024 if part.endswith("k") else 1
-        try:
-            value = int(part[:-1] if scale > 1 else part) * scale
-        except ValueError:
-            raise UsageError(f"{what}: {part!r} is not an integer (give e.g. 4096,8192 or 4k,8k)") from None
-        if value <= 0:
-            raise UsageError(f"{what} must be positive, got {value}")
-        values.append(value)
-    return values
 
 
 def _common(p, mode: str):
@@ -148,9 +133,9 @@ def _check(args) -> None:
             raise UsageError("bench kernels --device cpu runs the Triton kernels in Triton's interpreter:"
                              " set TRITON_INTERPRET=1 (TRITON_INTERPRET=1 indexcache bench kernels --device cpu)")
         return
-    _ints(args.contexts or "1", "--contexts")
+    int_list(args.contexts or "1", "--contexts")
     if args.mode == "decode":
-        _ints(args.batch, "--batch")
+        int_list(args.batch, "--batch")
 
 
 def _spec(args):
@@ -172,9 +157,9 @@ def _spec(args):
     default_contexts = "4k,8k,16k" if device.type == "cpu" else "8k,32k,64k,128k"
     return BenchSpec(
         mode=args.mode, config_name=args.config, config=config, layers=layers,
-        contexts=_ints(args.contexts or default_contexts, "--contexts"),
+        contexts=int_list(args.contexts or default_contexts, "--contexts"),
         patterns=patterns, device=device, dtype=DTYPES[args.dtype], kernels=args.kernels,
-        batches=_ints(args.batch, "--batch") if args.mode == "decode" else [1],
+        batches=int_list(args.batch, "--batch") if args.mode == "decode" else [1],
         repeats=args.repeats, warmup=args.warmup,
         chunk=args.chunk or (1024 if device.type == "cpu" else 16384), topk=args.topk, seed=args.seed,
     )

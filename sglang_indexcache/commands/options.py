@@ -67,6 +67,24 @@ def add_model(parser, required: bool = True, what: str = "HF-format DSA checkpoi
                         help=f"{what}, or {' / '.join(EMBEDDED_MODELS)} (the embedded model)")
 
 
+def int_list(text: str, what: str) -> list[int]:
+    """Comma-separated positive integers, ``4k`` = 4096: ``"32k,200000"`` -> ``[32768, 200000]``.
+
+    Refused as :class:`UsageError` (one line, exit 2) naming ``what`` (the flag)."""
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        scale = 1024 if part.endswith("k") else 1
+        try:
+            value = int(part[:-1] if scale > 1 else part) * scale
+        except ValueError:
+            raise UsageError(f"{what}: {part!r} is not an integer (give e.g. 4096,8192 or 4k,8k)") from None
+        if value <= 0:
+            raise UsageError(f"{what} must be positive, got {value}")
+        values.append(value)
+    return values
+
+
 def add_force(parser) -> None:
     parser.add_argument("--force", action="store_true", help=FORCE_HELP)
 
