@@ -41,9 +41,10 @@ BAD_FLAGS = [  # (id, checkpoint, flags, part of the one error line)
 ]
 CALIBRATION_SERVER = ServerSpec(
     key="calibration-8", tree="patched", checkpoint="plain", start_kind="nograph", pattern="F" * LAYERS,
-    # --max-total-tokens: the indexer top-k capture of calibration mode keeps a pinned host buffer of
-    # (KV tokens x layers x top-k) int32, 64 KiB per token here
-    args=(*host.BF16_KV, "--index-cache-calibration", "--admin-api-key", host.ADMIN_KEY, "--enable-metrics",
+    # --enable-return-indexer-topk for /index_cache/overlap; --max-total-tokens: that capture keeps a pinned
+    # host buffer of (KV tokens x layers x top-k) int32, 64 KiB per token here
+    args=(*host.BF16_KV, "--index-cache-calibration", "--enable-return-indexer-topk", "--admin-api-key",
+          host.ADMIN_KEY, "--enable-metrics",
           "--context-length", "32768", "--max-total-tokens", "65536", "--mem-fraction-static", "0.6"))
 
 

@@ -92,15 +92,21 @@ def install_bundle(ctx) -> float | None:
 
 
 def lay_out_package() -> None:
-    """This checkout as the installed package (pyproject maps kernels/ and calibration/ into it)."""
+    """This checkout as the installed package (pyproject maps kernels/, calibration/ and, under data/,
+    patches/, models/ and requirements/ into it)."""
     package = OURS / "sglang_indexcache"
-    if package.is_dir():
+    if (package / "data").is_dir():
         return
-    package.mkdir(parents=True)
+    package.mkdir(parents=True, exist_ok=True)
     for entry in (REPO / "sglang_indexcache").iterdir():
-        (package / entry.name).symlink_to(entry)
-    (package / "kernels").symlink_to(REPO / "kernels")
-    (package / "calibration").symlink_to(REPO / "calibration")
+        if not (package / entry.name).is_symlink():
+            (package / entry.name).symlink_to(entry)
+    for name in ("kernels", "calibration"):
+        if not (package / name).is_symlink():
+            (package / name).symlink_to(REPO / name)
+    (package / "data").mkdir()
+    for name in ("patches", "models", "requirements"):
+        (package / "data" / name).symlink_to(REPO / name)
 
 
 def patch_sglang(ctx) -> float | None:
