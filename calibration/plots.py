@@ -54,10 +54,36 @@ def plot_overlap(matrix, path, title: str) -> Path:
     return _save(plt, fig, path)
 
 
+def plot_stride_calibration(document: dict, path) -> Path:
+    """Loss versus effective decode stride along the greedy stride path; uniform stride marked."""
+    from sglang_indexcache import pattern as pat
+
+    plt = _pyplot()
+    cal, pattern = document["decode_stride_calibration"], document["pattern"]
+    xs = [1.0] + [pat.effective_stride(pattern, s["decode_stride"]) for s in cal["steps"]]
+    ys = [cal["baseline_loss"]] + [s["loss"] for s in cal["steps"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(xs, ys, marker="o", markersize=3, label="greedy path (one F layer's stride raised per step)")
+    ax.axhline(cal["baseline_loss"], color="grey", linestyle=":", linewidth=1, label="stride 1")
+    if cal.get("uniform"):
+        ax.scatter([cal["stride_target"]], [cal["uniform"]["loss"]], color="red", marker="x", s=60, zorder=3,
+                   label=f"uniform stride {cal['stride_target']:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("effective decode stride (harmonic mean over F layers)")
+    ax.set_ylabel("calibration LM loss (nats/token)")
+    ax.set_title(f"greedy decode-stride search on {pattern}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path) -> Path:
+    """Write the figure atomically (``atomic.atomic_path``), in the format of ``path``'s suffix."""
+    from sglang_indexcache.atomic import atomic_path
+
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

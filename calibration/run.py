@@ -18,6 +18,7 @@ from sglang_indexcache.atomic import atomic_write_text
 from sglang_indexcache.errors import UsageError
 
 from . import greedy
+from .moves import SharedMoves
 from .paths import plot_path, state_path  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -85,35 +86,10 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     state = load_or_create_state(out, resume, keep, options, identity)
     batches = list(blocks.batches(batch_size))
     target = greedy.target_full(backend.num_layers, keep)
-    steps_total = max(0, state["start_pattern"].count(pat.FULL) - target)
-    side = state_path(out)
-
-    def save(current):
-        atomic_write_text(side, json.dumps(current, indent=1) + "\n")
-        if on_step is not None:
-            on_step(current)
-
     ticks = expected_ticks(state["pattern"].count(pat.FULL), target, len(batches), screen_batches, screen_top)
-    candidates_bar = progress.bar(total=ticks, desc="candidates x batches", unit="fwd", position=1)
-    evaluator = greedy.make_evaluator(backend, batches, tick=lambda: candidates_bar.update(1))
-    steps_bar = progress.bar(total=steps_total, initial=len(state["steps"]), desc=f"greedy keep {keep:g}",
-                             unit="step", position=0, log_lines=False)
-
-    def postfix(text):  # the step and candidate on both bars: in a log only the evaluations' bar reports
-        steps_bar.set_postfix_str(text)
-        candidates_bar.set_postfix_str(f"{text} of {state['start_pattern'].count(pat.FULL) - target}")
-
-    steps = SimpleNamespace(set_postfix_str=postfix, update=steps_bar.update)
-    try:
-        greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=steps,
-                          screen_batches=screen_batches, screen_top=screen_top)
-    except KeyboardInterrupt:
-        if state["steps"]:
-            log.warning("interrupted: %d steps saved in %s; rerun with --resume", len(state["steps"]), side)
-        raise
-    finally:
-        steps_bar.close()
-        candidates_bar.close()
+    steps_total = max(0, state["start_pattern"].count(pat.FULL) - target)
+    search(backend, batches, state, target, out, SharedMoves(), ticks, steps_total, f"greedy keep {keep:g}",
+           screen_batches, screen_top, on_step)
     uniform = uniform_at(backend.num_layers, keep)
     uniform_loss = evaluator_loss(backend, batches, uniform)
     document = pattern_file.make_document(
@@ -127,7 +103,7 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
         backend=type(backend).__name__,
     )
     pattern_file.write(out, document)
-    side.unlink(missing_ok=True)
+    state_path(out).unlink(missing_ok=True)
     if plot:
         from .plots import plot_calibration
 
@@ -135,15 +111,55 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     return document
 
 
-def evaluator_loss(backend, batches, pattern: str) -> float:
-    """Loss of one pattern (whole forwards), leaving the backend's pattern as it was."""
-    previous = backend.pattern
-    backend.set_pattern(pattern)
+def search(backend, batches, state, target, out, moves, ticks, steps_total, desc, screen_batches=None,
+           screen_top=3, on_step=None) -> dict:
+    """:func:`greedy.run_search` with progress bars, the state saved atomically to ``OUT.state.json``
+    after every step (``on_step(state)`` called after it), and a resume hint on interruption."""
+    side = state_path(out)
+
+    def save(current):
+        atomic_write_text(side, json.dumps(current, indent=1) + "\n")
+        if on_step is not None:
+            on_step(current)
+
+    candidates_bar = progress.bar(total=ticks, desc="candidates x batches", unit="fwd", position=1)
+    evaluator = greedy.make_evaluator(backend, batches, tick=lambda: candidates_bar.update(1), moves=moves)
+    steps_bar = progress.bar(total=steps_total, initial=len(state["steps"]), desc=desc, unit="step", position=0,
+                             log_lines=False)
+
+    def postfix(text):  # the step and candidate on both bars: in a log only the evaluations' bar reports
+        steps_bar.set_postfix_str(text)
+        candidates_bar.set_postfix_str(f"{text} of {steps_total}" if steps_total else text)
+
+    steps = SimpleNamespace(set_postfix_str=postfix, update=steps_bar.update)
+    try:
+        return greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=steps,
+                                 screen_batches=screen_batches, screen_top=screen_top)
+    except KeyboardInterrupt:
+        if state["steps"]:
+            log.warning("interrupted: %d steps saved in %s; rerun with --resume", len(state["steps"]), side)
+        raise
+    finally:
+        steps_bar.close()
+        candidates_bar.close()
+
+
+def plan_loss(backend, batches, moves, plan) -> float:
+    """Loss of one plan (whole forwards), leaving the backend's pattern and strides as they were."""
+    previous = backend.pattern, list(getattr(backend, "decode_stride", []))
+    moves.apply(backend, plan)
     try:
         nll, tokens = 0.0, 0
         for ids in batches:
             part, count = backend.batch_nll(ids)
             nll, tokens = nll + part, tokens + count
     finally:
-        backend.set_pattern(previous)
+        backend.set_pattern(previous[0])
+        if previous[1]:
+            backend.set_decode_stride(previous[1])
     return nll / tokens
+
+
+def evaluator_loss(backend, batches, pattern: str) -> float:
+    """Loss of one pattern (whole forwards), leaving the backend's pattern as it was."""
+    return plan_loss(backend, batches, SharedMoves(), pattern)
