@@ -194,3 +194,31 @@ def test_effective_stride():
     assert pat.effective_stride("FSFS", [4, 1, 4, 9]) == 4.0                  # S entries unused
     assert pat.effective_stride("FFF", [1, 2, 2]) == pytest.approx(1.5)        # harmonic mean
     assert pat.describe_strides("FSFF", [8, 1, 4, 2]) == "8/4/2" and pat.describe_strides("FS", [2, 7]) == "2"
+
+
+def test_study_script_smoke(tmp_path):
+    """scripts/decode_stride_study.py end to end on a micro checkpoint: every section, resumable."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from dsa_models import save_micro_checkpoint, write_text
+
+    model = save_micro_checkpoint(tmp_path / "m", layers=4, topk=4, seed=1)
+    data = write_text(tmp_path / "d.txt", n_docs=20)
+    spec = importlib.util.spec_from_file_location("study", Path(__file__).parents[1] / "scripts" / "decode_stride_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    prefix = tmp_path / "out" / "s"
+    argv = ["--model", str(model), "--eval-data", str(data), "--cal-data", str(data), "--eval-tokens", "256",
+            "--cal-tokens", "128", "--cal-tokens-all-f", "128", "--seq-len", "32", "--strides", "1,2",
+            "--patterns", "all-F,every-2", "--target", "2", "--search-all-f", "--out-prefix", str(prefix)]
+    assert study.main(argv) == 0
+    doc = json.loads((tmp_path / "out" / "s.json").read_text())
+    assert sorted(doc["uniform"]) == ["all-F@1", "all-F@2", "every-2@1", "every-2@2"]
+    sens = doc["sensitivity"]["all-F"]
+    assert sens["base_loss"] == pytest.approx(doc["uniform"]["all-F@1"]["loss"], rel=1e-9) and len(sens["loss"]) == 4
+    assert doc["search"]["all-F"]["effective_stride"] >= 2 and (tmp_path / "out" / "s-search-all-F.json").exists()
+    assert (tmp_path / "out" / "s.png").stat().st_size > 1000
+    assert study.main(argv) == 0  # a rerun measures nothing again
+    assert json.loads((tmp_path / "out" / "s.json").read_text())["uniform"] == doc["uniform"]
