@@ -10,7 +10,9 @@ total nats over total predicted tokens, on the same held-out blocks:
    through the search's exact prefix-reuse evaluator (candidate j runs layers j..N-1 only);
 3. ``search``: per-layer strides chosen by the greedy search (``calibrate --stride-target``) on the
    calibration text, over greedy 1/4 (and all-F with ``--search-all-f``), then scored held-out;
-4. the gate of the issue: stride 4 on greedy 1/4 against greedy 1/8 (both over all-F at stride 1).
+4. the gate of the issue: stride 4 on greedy 1/4 against greedy 1/8 (both over all-F at stride 1);
+5. ``drop``: some settings of 1. again with the stored entries dropped in a random order instead of
+   the lowest-scored first (``--drop-keys``): does a server need the scores of its stored top-k?
 
 Every measurement is written to ``PREFIX.json`` as soon as it is taken; a rerun skips what is there
 (same model and data), so an interrupted study loses at most one measurement. ``PREFIX.png`` is the
@@ -51,6 +53,8 @@ def parse_args(argv=None):
                    help="labels; greedy-1/4 and greedy-1/8 are the pattern files in docs/results, else a spec")
     p.add_argument("--target", type=float, default=4.0, help="effective stride of the searches")
     p.add_argument("--search-all-f", action="store_true", help="also search strides over all-F")
+    p.add_argument("--drop-keys", default="greedy-1/4@2,greedy-1/4@4,greedy-1/4@8,all-F@4",
+                   help="uniform settings also scored with random drop order ('' for none)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-prefix", required=True)
     return p.parse_args(argv)
@@ -79,17 +83,33 @@ def spec_of(label: str) -> str:
     return str(GREEDY[label]) if label in GREEDY else label
 
 
-def held_out(backend, blocks, batch_size, pattern, strides) -> dict:
+def held_out(backend, blocks, batch_size, pattern, strides, drop="lowest") -> dict:
     """Loss of ``blocks`` under ``pattern`` and per-layer ``strides`` (whole forwards)."""
     started = time.monotonic()
     backend.set_pattern(pattern)
     backend.set_decode_stride(strides)
+    for ix in backend.indexers:
+        if ix is not None:
+            ix.decode_drop = drop
     try:
         result = backend.loss(blocks, batch_size)
     finally:
         backend.set_decode_stride(1)
+        for ix in backend.indexers:
+            if ix is not None:
+                ix.decode_drop = "lowest"
     return {"pattern": pattern, "decode_stride": list(strides), "loss": result.mean, "tokens": result.tokens,
-            "seconds": round(time.monotonic() - started, 1)}
+            "seconds": round(time.monotonic() - started, 1), "drop": drop}
+
+
+def drop_section(study, backend, blocks, args, patterns, keys):
+    for key in keys:
+        label, stride = key.rsplit("@", 1)
+        if label in patterns and study.have("drop_random", key) is None:
+            row = held_out(backend, blocks, args.batch_size, patterns[label],
+                           pat.uniform_strides(len(patterns[label]), int(stride)), drop="random")
+            study.put("drop_random", key, row)
+            log.info("%s, random drop: %.4f (%.0f s)", key, row["loss"], row["seconds"])
 
 
 def uniform_section(study, backend, blocks, args, patterns, strides):
@@ -184,6 +204,7 @@ def main(argv=None) -> int:
         search_section(study, backend, info, blocks, args, prefix, "greedy-1/4", args.cal_tokens)
     if args.search_all_f and "all-F" in patterns:
         search_section(study, backend, info, blocks, args, prefix, "all-F", args.cal_tokens_all_f)
+    drop_section(study, backend, blocks, args, patterns, [k for k in args.drop_keys.split(",") if k])
     study.put("finished", "at", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     plot_decode_stride_study(study.doc, prefix.with_name(prefix.name + ".png"))
     log.info("gate: %s", study.doc["gate"]["result"])

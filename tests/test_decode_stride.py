@@ -212,13 +212,31 @@ def test_study_script_smoke(tmp_path):
     prefix = tmp_path / "out" / "s"
     argv = ["--model", str(model), "--eval-data", str(data), "--cal-data", str(data), "--eval-tokens", "256",
             "--cal-tokens", "128", "--cal-tokens-all-f", "128", "--seq-len", "32", "--strides", "1,2",
-            "--patterns", "all-F,every-2", "--target", "2", "--search-all-f", "--out-prefix", str(prefix)]
+            "--patterns", "all-F,every-2", "--target", "2", "--search-all-f", "--drop-keys", "all-F@2",
+            "--out-prefix", str(prefix)]
     assert study.main(argv) == 0
     doc = json.loads((tmp_path / "out" / "s.json").read_text())
     assert sorted(doc["uniform"]) == ["all-F@1", "all-F@2", "every-2@1", "every-2@2"]
     sens = doc["sensitivity"]["all-F"]
     assert sens["base_loss"] == pytest.approx(doc["uniform"]["all-F@1"]["loss"], rel=1e-9) and len(sens["loss"]) == 4
     assert doc["search"]["all-F"]["effective_stride"] >= 2 and (tmp_path / "out" / "s-search-all-F.json").exists()
-    assert (tmp_path / "out" / "s.png").stat().st_size > 1000
+    assert doc["drop_random"]["all-F@2"]["drop"] == "random" and (tmp_path / "out" / "s.png").stat().st_size > 1000
     assert study.main(argv) == 0  # a rerun measures nothing again
     assert json.loads((tmp_path / "out" / "s.json").read_text())["uniform"] == doc["uniform"]
+
+
+def test_random_drop_keeps_the_rule_but_not_the_order():
+    from sglang_indexcache.models.decode_reuse import drop_order
+
+    gen = torch.Generator().manual_seed(7)
+    seq, k, stride = 24, 6, 4
+    scores = torch.randn(1, seq, seq, generator=gen).masked_fill(torch.ones(seq, seq, dtype=torch.bool).triu(1), NEG)
+    stored = scores[:, refresh_rows(seq, stride)].topk(k, dim=-1)
+    idx, val = drop_order(stored.indices, stored.values, "random")
+    assert torch.equal(idx.sort(-1).values, stored.indices.sort(-1).values)             # the same stored sets
+    assert torch.isfinite(val[0, 0, :1]).all() and not torch.isfinite(val[0, 0, 1:]).any()  # empty slots last
+    got = visible_sets(reuse_topk(idx, val, stride, seq, seq))
+    lowest = visible_sets(reuse_topk(stored.indices, stored.values, stride, seq, seq))
+    assert got != lowest and all(len(g) == len(w) for g, w in zip(got[0], lowest[0]))
+    with pytest.raises(ValueError, match="unknown drop order"):
+        drop_order(idx, val, "oldest")

@@ -18,6 +18,9 @@ request (the prompt is decoded too), which is pessimistic for a real request who
 prefilled with exact top-k. Refreshes at absolute positions ``0, N, 2N, ...`` stand for "every N
 decode steps"; a server counts steps per request instead.
 
+``drop="random"`` (:func:`drop_order`, for comparison) drops stored entries in a random order
+instead of the lowest-scored first: what a server would do with an unsorted top-k and no scores.
+
 Slots that hold no key (queries with fewer than ``k`` visible keys) point after the query
 (``keys - 1``), as transformers' own top-k does: the attention masks them (index ``> t``).
 """
@@ -26,12 +29,30 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["refresh_rows", "reuse_topk"]
+__all__ = ["DROPS", "drop_order", "refresh_rows", "reuse_topk"]
+DROPS = ("lowest", "random")
 
 
 def refresh_rows(seq: int, stride: int, device=None) -> torch.Tensor:
     """Refresh positions ``[0, N, 2N, ...] < seq`` (int64 ``[R]``, ``R = ceil(seq / N)``)."""
     return torch.arange(0, seq, stride, device=device)
+
+
+def drop_order(stored_idx: torch.Tensor, stored_score: torch.Tensor, drop: str, seed: int = 0):
+    """Reorder a sorted stored top-k ``[B, R, k]`` so that :func:`reuse_topk` drops by ``drop``.
+
+    ``"lowest"``: as given (best first). ``"random"``: the entries with a key in a random order (a
+    fixed ``seed``), the empty slots (``-inf``) still last.
+    """
+    if drop == "lowest":
+        return stored_idx, stored_score
+    if drop != "random":
+        raise ValueError(f"unknown drop order {drop!r}; one of {', '.join(DROPS)}")
+    gen = torch.Generator(device=stored_score.device).manual_seed(seed)
+    keys = torch.rand(stored_score.shape, generator=gen, device=stored_score.device)
+    keys = keys.masked_fill(~torch.isfinite(stored_score), -1.0)                 # empty slots last
+    order = keys.argsort(dim=-1, descending=True)
+    return stored_idx.gather(-1, order), stored_score.gather(-1, order)
 
 
 def reuse_topk(stored_idx: torch.Tensor, stored_score: torch.Tensor, stride: int, seq: int,

@@ -18,7 +18,7 @@ import torch
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 
 from ..kernels.reference import index_scores as reference_scores
-from .decode_reuse import refresh_rows, reuse_topk
+from .decode_reuse import drop_order, refresh_rows, reuse_topk
 from .swap import IndexerWrapper, unwrap_indexers, wrap_indexers
 
 MAX_CHUNK_ELEMENTS = 1 << 26  # bound on the [B, chunk, H, T] intermediate (256 MiB in fp32)
@@ -109,6 +109,7 @@ class FastIndexer(IndexerWrapper):
         super().__init__(inner)
         self.recorder = None
         self.decode_stride = 1
+        self.decode_drop = "lowest"  # which stored entries go first when over budget (decode_reuse.DROPS)
 
     def scores(self, q, k, w, attention_mask, prefill: bool) -> torch.Tensor:
         """Masked index scores ``[B, S, T]`` from the indexer's ``q``, ``k``, ``w``; ``prefill``: no
@@ -139,7 +140,8 @@ class FastIndexer(IndexerWrapper):
         scores = apply_mask(index_scores(q[:, rows], k, w[:, rows], self.inner.softmax_scale),
                             attention_mask[..., rows, :])              # [B, R, T]
         stored = scores.topk(min(self.inner.index_topk, scores.shape[-1]), dim=-1)  # sorted, best first
-        return reuse_topk(stored.indices, stored.values, stride, seq, scores.shape[-1])
+        indices, values = drop_order(stored.indices, stored.values, self.decode_drop)
+        return reuse_topk(indices, values, stride, seq, scores.shape[-1])
 
 
 class CausalIndexer(FastIndexer):
