@@ -95,6 +95,10 @@ def plot_decode_stride_study(doc: dict, path) -> Path:
     for label, row in doc.get("search", {}).items():
         left.scatter([row["effective_stride"]], [row["loss"]], marker="*", s=140, zorder=3,
                      color=colors.get(label, "black"), label=f"{label}, greedy per-layer strides")
+    for i, (key, row) in enumerate(doc.get("drop_random", {}).items()):
+        label, stride = key.rsplit("@", 1)
+        left.scatter([int(stride)], [row["loss"]], marker="x", s=40, color=colors.get(label, "black"),
+                     label="random drop order (not lowest score)" if i == 0 else None)
     if base is not None:
         left.axhline(base, color="grey", linestyle=":", linewidth=1)
     left.set_xscale("log", base=2)
@@ -102,7 +106,7 @@ def plot_decode_stride_study(doc: dict, path) -> Path:
     left.set_ylabel("held-out LM loss (nats/token)")
     left.set_title("top-k reused across decode steps (teacher-forced)")
     left.grid(alpha=0.3)
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="upper left")
     width = 0.4
     for offset, (label, row) in zip((-width / 2, width / 2), doc.get("sensitivity", {}).items()):
         layers = sorted(int(j) for j in row["loss"])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -34,13 +35,15 @@ from sglang_indexcache.configs import TINY_MODEL_DIR
 
 log = logging.getLogger("decode_stride_study")
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+FILE_LABELS = {"greedy-1/4": "greedy-keep0.25", "greedy-1/8": "greedy-keep0.125"}
 GREEDY = {"greedy-1/4": RESULTS / "quality-cpu-2026-11-23-greedy-keep0.25.json",
           "greedy-1/8": RESULTS / "quality-cpu-2026-11-23-greedy-keep0.125.json"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(TINY_MODEL_DIR))
+    p.add_argument("--model", default=os.path.relpath(TINY_MODEL_DIR),
+                   help="default: the embedded model (relative paths keep the results free of this machine's)")
     p.add_argument("--eval-data", default=None, help="default: MODEL/data/evaluation.txt")
     p.add_argument("--cal-data", default=None, help="default: MODEL/data/calibration.txt")
     p.add_argument("--eval-tokens", type=int, default=1_000_000)
@@ -152,7 +155,7 @@ def search_section(study, backend, info, eval_blocks, args, prefix, label, cal_t
     if study.have("search", label) is not None:
         return
     cal = load_blocks(args.cal_data, backend.tokenizer, args.seq_len, cal_tokens)
-    out = Path(f"{prefix}-search-{label.replace('/', '')}.json")
+    out = Path(f"{prefix}-search-{FILE_LABELS.get(label, label)}.json")
     document = calibrate_stride(backend, cal, info, spec_of(label), args.target, out, resume=state_path(out).exists(),
                                 batch_size=args.batch_size)
     row = held_out(backend, eval_blocks, args.batch_size, document["pattern"], document["decode_stride"])
