@@ -11,6 +11,7 @@ Layer-wise API (exact prefix reuse for the greedy search)::
 
     st = b.begin(input_ids)            # embeddings, causal mask, RoPE of a batch [B, S]
     st = b.layer(i, st, full=True)     # layer i with its own indexer, or reusing st.topk
+    st = b.layer(i, st, full=True, stride=4)  # ... reusing its top-k across 4 decode steps
     nll_sum, tokens = b.end(st, input_ids)
 """
 
@@ -76,6 +77,7 @@ class TransformersBackend:
         # all-F, or as close as the checkpoint allows (F exactly where it has an indexer)
         self.pattern = "".join(pat.FULL if i in self.indexer_layers else pat.SHARED for i in range(self.num_layers))
         self.set_pattern(self.pattern)
+        self.decode_stride = [1] * self.num_layers
 
     # ------------------------------------------------------------------ construction ----------
     @classmethod
@@ -151,6 +153,19 @@ class TransformersBackend:
         self.pattern = swap.apply_pattern(self.model, self.indexers, pattern)
         return pattern
 
+    def set_decode_stride(self, strides) -> list[int]:
+        """Per-layer decode strides (a list, one per layer, or one int for all; 1 = today's top-k).
+
+        Simulated teacher-forced (``models/decode_reuse.py``); only F layers' entries matter.
+        """
+        if isinstance(strides, int) and not isinstance(strides, bool):
+            strides = pat.uniform_strides(self.num_layers, strides)
+        self.decode_stride = pat.validate_strides(strides, self.num_layers)
+        for indexer, stride in zip(self.indexers, self.decode_stride):
+            if indexer is not None:
+                indexer.decode_stride = stride
+        return self.decode_stride
+
     @property
     def start_pattern(self) -> str:
         """All F, or F exactly where the checkpoint has an indexer (the greedy search's start)."""
@@ -179,14 +194,17 @@ class TransformersBackend:
         return LayerState(hidden, None, mask, pos, position_ids)
 
     @torch.inference_mode()
-    def layer(self, i: int, state: LayerState, full: bool) -> LayerState:
+    def layer(self, i: int, state: LayerState, full: bool, stride: int | None = None) -> LayerState:
         """Run decoder layer ``i``: ``full`` -> its own indexer, else reuse ``state.topk``.
 
-        Leaves the layer's indexer attached as the current pattern says.
+        ``stride`` (F layers): this call's decode stride instead of ``decode_stride[i]``. Leaves the
+        layer's indexer attached as the current pattern says, with its own stride.
         """
         if not full and state.topk is None:
             raise PatternError(f"layer {i} is S but no earlier F layer produced a top-k")
         self._attach(i, full)
+        if full and stride is not None:
+            self.indexers[i].decode_stride = stride
         layer = self.model.model.layers[i]
         try:
             if self.sparse_attention:
@@ -199,6 +217,8 @@ class TransformersBackend:
                 )
         finally:
             self._attach(i, self.pattern[i] == pat.FULL)
+            if self.indexers[i] is not None:
+                self.indexers[i].decode_stride = self.decode_stride[i]
         return replace(state, hidden=hidden, topk=topk)
 
     @torch.inference_mode()

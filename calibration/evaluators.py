@@ -18,6 +18,10 @@ server) evaluates every candidate with whole forwards; a backend with ``batches_
 backend) gets all of a candidate's batches in one call, to keep several requests in flight.
 
 Cost is counted in layer-forwards: one decoder layer applied to one batch.
+
+What a candidate changes comes from a moves object (:mod:`.moves`): the keep search's F -> S
+flips (default) or the decode-stride search's raises; the evaluators hold a *plan* (the pattern, or
+the per-layer strides) and never look inside it.
 """
 
 from __future__ import annotations
@@ -26,16 +30,13 @@ import math
 
 import torch
 
-from sglang_indexcache import pattern as pat
 from sglang_indexcache.errors import UsageError
+
+from .moves import SharedMoves, flip  # noqa: F401 (flip re-exported)
 
 
 class NonFiniteLossError(UsageError):
     """A NaN or infinite loss / hidden state during the search (names the step and layer)."""
-
-
-def flip(pattern: str, j: int) -> str:
-    return pattern[:j] + pat.SHARED + pattern[j + 1:]
 
 
 def check_finite(value: float, what: str) -> float:
@@ -45,27 +46,28 @@ def check_finite(value: float, what: str) -> float:
 
 
 class _Evaluator:
-    """State both evaluators share: the backend, the batches, the current pattern, a work count."""
+    """State both evaluators share: the backend, the batches, the moves, the current plan, a work count."""
 
-    def __init__(self, backend, batches, tick=None):
+    def __init__(self, backend, batches, tick=None, moves=None):
         self.backend, self.batches = backend, list(batches)
+        self.moves = moves or SharedMoves()
         self.num_layers = backend.num_layers
         self.layer_forwards = 0
         self.tick = tick or (lambda: None)
-        self.pattern = None
+        self.plan = None
 
 
 class PatternEvaluator(_Evaluator):
-    """Whole forwards per candidate through ``backend.set_pattern`` + ``backend.batch_nll``."""
+    """Whole forwards per candidate through ``moves.apply`` (``backend.set_pattern``) + ``backend.batch_nll``."""
 
-    def reset(self, pattern: str, what: str) -> float:
-        """Make ``pattern`` current; returns its loss."""
-        self.pattern = pattern
-        return self.loss_of(pattern, range(len(self.batches)), what)[0]
+    def reset(self, plan, what: str) -> float:
+        """Make ``plan`` current; returns its loss."""
+        self.plan = plan
+        return self.loss_of(plan, range(len(self.batches)), what)[0]
 
-    def loss_of(self, pattern, batch_ids, what):
+    def loss_of(self, plan, batch_ids, what):
         """Sums in batch order whether or not the backend keeps several requests in flight."""
-        self.backend.set_pattern(pattern)
+        self.moves.apply(self.backend, plan)
         batch_ids = list(batch_ids)
         nll, tokens = 0.0, 0
 
@@ -86,30 +88,30 @@ class PatternEvaluator(_Evaluator):
         return nll / tokens, nll, tokens
 
     def candidate(self, j, batch_ids, what, save_at=None):
-        """``(mean, nll_sum, tokens)`` of the current pattern with layer ``j`` made S."""
-        return self.loss_of(flip(self.pattern, j), batch_ids, what)
+        """``(mean, nll_sum, tokens)`` of the current plan with move ``j`` (layer ``j`` made S)."""
+        return self.loss_of(self.moves.move(self.plan, j), batch_ids, what)
 
     def commit(self, j: int) -> None:
-        self.pattern = flip(self.pattern, j)
+        self.plan = self.moves.move(self.plan, j)
 
 
 class PrefixEvaluator(_Evaluator):
     """Exact candidate losses with cached per-layer states (see the module docstring)."""
 
-    def __init__(self, backend, batches, tick=None):
-        super().__init__(backend, batches, tick)
+    def __init__(self, backend, batches, tick=None, moves=None):
+        super().__init__(backend, batches, tick, moves)
         self.main = []    # [batch][layer 0..N] LayerState entering that layer (N: after the last)
         self.saved = {}   # candidate j -> {batch: (L, LayerState entering L with j shared)}
 
-    def _run(self, b, state, start, pattern, what, save_at=None, keep=None):
-        """Layers ``start..N-1`` of batch ``b`` under ``pattern``; returns (nll, tokens, saved)."""
+    def _run(self, b, state, start, plan, what, save_at=None, keep=None):
+        """Layers ``start..N-1`` of batch ``b`` under ``plan``; returns (nll, tokens, saved)."""
         saved = None
         for i in range(start, self.num_layers):
             if i == save_at:
                 saved = state
             if keep is not None:
                 keep.append(state)
-            state = self.backend.layer(i, state, pattern[i] == pat.FULL)
+            state = self.backend.layer(i, state, **self.moves.layer_args(plan, i))
             self.layer_forwards += 1
             if not bool(torch.isfinite(state.hidden).all()):
                 raise NonFiniteLossError(f"{what}: layer {i} produced non-finite hidden states (batch {b})")
@@ -119,24 +121,24 @@ class PrefixEvaluator(_Evaluator):
         check_finite(nll, f"{what} (batch {b})")
         return nll, tokens, saved
 
-    def reset(self, pattern: str, what: str) -> float:
-        """Forward every batch under ``pattern``, caching the states; returns its loss."""
-        self.pattern, self.main, self.saved = pattern, [], {}
+    def reset(self, plan, what: str) -> float:
+        """Forward every batch under ``plan``, caching the states; returns its loss."""
+        self.plan, self.main, self.saved = plan, [], {}
         nll_sum, tokens = 0.0, 0
         for b, ids in enumerate(self.batches):
             states = []
-            nll, count, _ = self._run(b, self.backend.begin(ids), 0, pattern, what, keep=states)
+            nll, count, _ = self._run(b, self.backend.begin(ids), 0, plan, what, keep=states)
             self.main.append(states)
             nll_sum, tokens = nll_sum + nll, tokens + count
             self.tick()
         return nll_sum / tokens
 
     def candidate(self, j, batch_ids, what, save_at=None):
-        """``(mean, nll_sum, tokens)`` of the current pattern with layer ``j`` S, on ``batch_ids``.
+        """``(mean, nll_sum, tokens)`` of the current plan with move ``j``, on ``batch_ids``.
 
         ``save_at`` (> j) asks to keep the state entering that layer for candidate j's next step.
         """
-        pattern = flip(self.pattern, j)
+        plan = self.moves.move(self.plan, j)
         entries = self.saved.setdefault(j, {})
         nll_sum, tokens = 0.0, 0
         for b in batch_ids:
@@ -144,7 +146,7 @@ class PrefixEvaluator(_Evaluator):
             if state is None:
                 start, state = j, self.main[b][j]
             wanted = save_at if save_at is not None and save_at > start else None
-            nll, count, saved = self._run(b, state, start, pattern, what, save_at=wanted)
+            nll, count, saved = self._run(b, state, start, plan, what, save_at=wanted)
             if saved is not None:
                 entries[b] = (wanted, saved)
             nll_sum, tokens = nll_sum + nll, tokens + count
@@ -152,11 +154,11 @@ class PrefixEvaluator(_Evaluator):
         return nll_sum / tokens, nll_sum, tokens
 
     def commit(self, j: int) -> None:
-        """Make layer ``j`` S: recompute the cached states after it; drop invalid saved states."""
-        self.pattern = flip(self.pattern, j)
+        """Apply move ``j``: recompute the cached states after it; drop invalid saved states."""
+        self.plan = self.moves.move(self.plan, j)
         for b in range(len(self.batches)):
             states = self.main[b][: j + 1]
-            self._run(b, states[j], j, self.pattern, f"commit of layer {j}", keep=(tail := []))
+            self._run(b, states[j], j, self.plan, f"commit of layer {j}", keep=(tail := []))
             self.main[b] = states + tail[1:]
         self.saved.pop(j, None)
         for cand, entries in self.saved.items():

@@ -54,10 +54,79 @@ def plot_overlap(matrix, path, title: str) -> Path:
     return _save(plt, fig, path)
 
 
+def plot_stride_calibration(document: dict, path) -> Path:
+    """Loss versus effective decode stride along the greedy stride path; uniform stride marked."""
+    from sglang_indexcache import pattern as pat
+
+    plt = _pyplot()
+    cal, pattern = document["decode_stride_calibration"], document["pattern"]
+    xs = [1.0] + [pat.effective_stride(pattern, s["decode_stride"]) for s in cal["steps"]]
+    ys = [cal["baseline_loss"]] + [s["loss"] for s in cal["steps"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(xs, ys, marker="o", markersize=3, label="greedy path (one F layer's stride raised per step)")
+    ax.axhline(cal["baseline_loss"], color="grey", linestyle=":", linewidth=1, label="stride 1")
+    if cal.get("uniform"):
+        ax.scatter([cal["stride_target"]], [cal["uniform"]["loss"]], color="red", marker="x", s=60, zorder=3,
+                   label=f"uniform stride {cal['stride_target']:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("effective decode stride (harmonic mean over F layers)")
+    ax.set_ylabel("calibration LM loss (nats/token)")
+    ax.set_title(f"greedy decode-stride search on {pattern}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def plot_decode_stride_study(doc: dict, path) -> Path:
+    """Left: held-out loss vs decode stride per pattern (greedy-searched strides as stars at their
+    effective stride). Right: loss increase with stride 4 on one F layer at a time."""
+    plt = _pyplot()
+    uniform, base = doc.get("uniform", {}), doc.get("uniform", {}).get("all-F@1", {}).get("loss")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.2), dpi=120)
+    series: dict[str, list] = {}
+    for key, row in uniform.items():
+        label, stride = key.rsplit("@", 1)
+        series.setdefault(label, []).append((int(stride), row["loss"]))
+    colors = {}
+    for label, points in series.items():
+        points.sort()
+        line, = left.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=4, label=label)
+        colors[label] = line.get_color()
+    for label, row in doc.get("search", {}).items():
+        left.scatter([row["effective_stride"]], [row["loss"]], marker="*", s=140, zorder=3,
+                     color=colors.get(label, "black"), label=f"{label}, greedy per-layer strides")
+    for i, (key, row) in enumerate(doc.get("drop_random", {}).items()):
+        label, stride = key.rsplit("@", 1)
+        left.scatter([int(stride)], [row["loss"]], marker="x", s=40, color=colors.get(label, "black"),
+                     label="random drop order (not lowest score)" if i == 0 else None)
+    if base is not None:
+        left.axhline(base, color="grey", linestyle=":", linewidth=1)
+    left.set_xscale("log", base=2)
+    left.set_xlabel("decode stride of every F layer (stars: effective stride)")
+    left.set_ylabel("held-out LM loss (nats/token)")
+    left.set_title("top-k reused across decode steps (teacher-forced)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7, loc="upper left")
+    width = 0.4
+    for offset, (label, row) in zip((-width / 2, width / 2), doc.get("sensitivity", {}).items()):
+        layers = sorted(int(j) for j in row["loss"])
+        rise = [100.0 * (row["loss"][str(j)] - row["base_loss"]) / row["base_loss"] for j in layers]
+        right.bar([j + offset for j in layers], rise, width=width, color=colors.get(label), label=label)
+    right.set_xlabel("F layer at stride 4 (all others at 1)")
+    right.set_ylabel("loss increase over its pattern at stride 1 (%)")
+    right.set_title("per-layer sensitivity")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path) -> Path:
+    """Write the figure atomically (``atomic.atomic_path``), in the format of ``path``'s suffix."""
+    from sglang_indexcache.atomic import atomic_path
+
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

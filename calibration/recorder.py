@@ -1,10 +1,11 @@
 """Candidate results kept in the search state: resume inside a step, stop at a deadline, progress.
 
 :class:`RecordingEvaluator` wraps either evaluator of :mod:`.evaluators`. Every candidate result
-(mean loss, summed NLL, tokens, seconds) is stored in ``state["partial"]`` under the pattern it was
-measured from, so a resumed search re-uses the candidates an interrupted step had already scored
-(a candidate's loss depends only on the pattern and the data: re-using it changes nothing). The
-entry is emptied when a flip is committed. It also counts evaluations, keeps the step's best loss
+(mean loss, summed NLL, tokens, seconds) is stored in ``state["partial"]`` under the plan it was
+measured from (``moves.record(plan)``: the pattern, or the per-layer decode strides), so a resumed
+search re-uses the candidates an interrupted step had already scored
+(a candidate's loss depends only on the plan and the data: re-using it changes nothing). The
+entry is emptied when a move is committed. It also counts evaluations, keeps the step's best loss
 for the progress line, and raises :class:`SearchStopped` before starting a new evaluation once
 ``deadline`` (``time.monotonic()``) has passed, which ``calibrate --max-seconds`` uses.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import time
 
-from sglang_indexcache import pattern as pat
 
 
 class SearchStopped(Exception):
@@ -24,10 +24,12 @@ class SearchStopped(Exception):
         self.evaluations, self.seconds = evaluations, seconds
 
 
-def consistent(state: dict) -> bool:
+def consistent(state: dict, moves) -> bool:
     """Whether ``state`` is whole (not caught between a commit and its step record)."""
-    last = state["steps"][-1]["pattern"] if state["steps"] else state["start_pattern"]
-    return state["pattern"] == last
+    record = moves.record(moves.plan_of(state))
+    if not state["steps"]:  # before the first step only the keep search's pattern can have moved
+        return "pattern" not in record or record["pattern"] == state["start_pattern"]
+    return all(state["steps"][-1].get(key) == value for key, value in record.items())
 
 
 class RecordingEvaluator:
@@ -38,15 +40,17 @@ class RecordingEvaluator:
         self.on_result = on_result or (lambda: None)
         self.deadline, self.started = deadline, time.monotonic()
         self.evaluations = 0   # evaluations run by this process (re-used ones not counted)
-        self.best = None       # (loss, layer) of the best candidate of this step on all batches
+        self.best = None       # (loss, move) of the best candidate of this step on all batches
+        self.moves = inner.moves
+        plan = self.moves.record(self.moves.plan_of(state))
         partial = state.get("partial")
-        if not isinstance(partial, dict) or partial.get("pattern") != state["pattern"]:
-            partial = {"pattern": state["pattern"], "results": {}}
+        if not isinstance(partial, dict) or partial.get("plan") != plan:
+            partial = {"plan": plan, "results": {}}
         state["partial"] = partial
         for key, entry in partial["results"].items():
             self._track(key, entry[0])
 
-    def __getattr__(self, name):  # num_layers, layer_forwards, pattern, batches ...
+    def __getattr__(self, name):  # num_layers, layer_forwards, plan, batches ...
         return getattr(self.inner, name)
 
     def _key(self, j: int, batch_ids) -> str:
@@ -57,9 +61,9 @@ class RecordingEvaluator:
         if len(batches.split(",")) == self.num_batches and (self.best is None or (loss, int(layer)) < self.best):
             self.best = (loss, int(layer))
 
-    def reset(self, pattern: str, what: str) -> float:
+    def reset(self, plan, what: str) -> float:
         started = time.monotonic()
-        loss = self.inner.reset(pattern, what)
+        loss = self.inner.reset(plan, what)
         self.state["reset_seconds"] = round(time.monotonic() - started, 3)
         self.evaluations += 1
         return loss
@@ -86,12 +90,12 @@ class RecordingEvaluator:
 
     def commit(self, j: int) -> None:
         self.inner.commit(j)
-        self.state["partial"] = {"pattern": self.inner.pattern, "results": {}}
+        self.state["partial"] = {"plan": self.moves.record(self.inner.plan), "results": {}}
         self.best = None
 
     def postfix(self) -> str:
-        """``N evaluations, best L (layer j)`` for the progress line."""
+        """``N evaluations, step best L (layer j S)`` for the progress line."""
         text = f"{self.state.get('evaluations', 0)} evaluations"
         if self.best is not None:
-            text += f", step best {self.best[0]:.5f} (layer {self.best[1]} {pat.SHARED})"
+            text += f", step best {self.best[0]:.5f} ({self.moves.label(self.best[1])})"
         return text

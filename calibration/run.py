@@ -22,6 +22,7 @@ from sglang_indexcache.errors import UsageError
 
 from . import greedy
 from .paths import plot_path, state_path  # noqa: F401 (re-exported)
+from .moves import SharedMoves
 from .recorder import RecordingEvaluator, SearchStopped, consistent
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,10 @@ def uniform_at(num_layers: int, keep: float) -> str:
 SAVE_EVERY_S = 2.0  # the state is rewritten at most this often while a step's candidates are scored
 
 
-def _partial_ticks(state, num_batches: int) -> int:
+def _partial_ticks(state, moves) -> int:
     """Candidate x batch evaluations already recorded for the current step (skipped on resume)."""
     partial = state.get("partial") or {}
-    if partial.get("pattern") != state["pattern"]:
+    if partial.get("plan") != moves.record(moves.plan_of(state)):
         return 0
     return sum(len(key.split(":")[1].split(",")) for key in partial.get("results", {}))
 
@@ -102,6 +103,36 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     state = load_or_create_state(out, resume, keep, options, identity)
     batches = list(blocks.batches(batch_size))
     target = greedy.target_full(backend.num_layers, keep)
+    ticks = expected_ticks(state["pattern"].count(pat.FULL), target, len(batches), screen_batches, screen_top)
+    steps_total = max(0, state["start_pattern"].count(pat.FULL) - target)
+    timings_before = dict(state.get("server_timings") or {})  # earlier runs of a resumed search
+    search(backend, batches, state, target, out, SharedMoves(), ticks, steps_total, f"greedy keep {keep:g}",
+           screen_batches, screen_top, on_step, max_seconds)
+    side = state_path(out)
+    uniform = uniform_at(backend.num_layers, keep)
+    uniform = {"pattern": uniform, "loss": evaluator_loss(backend, batches, uniform)}
+    _add_server_timings(state, backend, timings_before)
+    document = _document(state, backend, blocks, info, keep, batch_size, options, uniform)
+    outputs = [out, plot_path(out)] if plot else [out]
+    with staged_files(*outputs, remove=[side]) as staged:  # pattern file and plot together, or neither
+        pattern_file.write(staged[0], document)
+        if plot:
+            from .plots import plot_calibration
+
+            plot_calibration(document, staged[1])
+    return document
+
+
+def search(backend, batches, state, target, out, moves, ticks, steps_total, desc, screen_batches=None,
+           screen_top=3, on_step=None, max_seconds=None) -> dict:
+    """:func:`greedy.run_search` over ``moves`` with progress bars and the state kept in ``OUT.state.json``.
+
+    The state is saved atomically after every step (``on_step(state)`` called after it) and every
+    ``SAVE_EVERY_S`` seconds while a step's candidates are scored (:mod:`.recorder`); on Ctrl-C or
+    at ``max_seconds`` (:class:`SearchStopped`) once more, then the exception goes on to the caller,
+    which says how to resume. Per-stage server times (a server backend) are added to the state.
+    ``ticks`` / ``steps_total``: the bars' totals (None when unknown).
+    """
     side = state_path(out)
     saved = {"at": time.monotonic()}
     timings_before = dict(state.get("server_timings") or {})  # earlier runs of a resumed search
@@ -118,37 +149,26 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
             save(step_done=False)
         bars.refresh()
 
-    bars = _Bars(state, target, len(batches), keep, screen_batches, screen_top)
+    bars = _Bars(ticks, steps_total, len(state["steps"]), desc, _partial_ticks(state, moves))
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
-    evaluator = RecordingEvaluator(greedy.make_evaluator(backend, batches, tick=bars.tick), state, len(batches),
-                                   on_result=recorded, deadline=deadline)
+    evaluator = RecordingEvaluator(greedy.make_evaluator(backend, batches, tick=bars.tick, moves=moves), state,
+                                   len(batches), on_result=recorded, deadline=deadline)
     bars.recorder = evaluator
     try:
-        greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=bars,
-                          screen_batches=screen_batches, screen_top=screen_top)
+        result = greedy.run_search(evaluator, state, target, len(batches), on_step=save, bar=bars,
+                                   screen_batches=screen_batches, screen_top=screen_top)
     except (KeyboardInterrupt, SearchStopped) as exc:
         why = "stopped (--max-seconds)" if isinstance(exc, SearchStopped) else "interrupted"
-        if consistent(state):
+        if consistent(state, moves):
             save(step_done=False)
             log.info("%s: %d steps and %d candidates of the next saved in %s", why,
-                        len(state["steps"]), len(state["partial"]["results"]), side)
+                     len(state["steps"]), len(state["partial"]["results"]), side)
         else:  # caught between a commit and its step record: the last saved state stands
             log.info("%s: %s holds the search up to its last save", why, side)
         raise
     finally:
         bars.close()
-    uniform = uniform_at(backend.num_layers, keep)
-    uniform = {"pattern": uniform, "loss": evaluator_loss(backend, batches, uniform)}
-    _add_server_timings(state, backend, timings_before)
-    document = _document(state, backend, blocks, info, keep, batch_size, options, uniform)
-    outputs = [out, plot_path(out)] if plot else [out]
-    with staged_files(*outputs, remove=[side]) as staged:  # pattern file and plot together, or neither
-        pattern_file.write(staged[0], document)
-        if plot:
-            from .plots import plot_calibration
-
-            plot_calibration(document, staged[1])
-    return document
+    return result
 
 
 def _add_server_timings(state, backend, base: dict) -> None:
@@ -163,14 +183,12 @@ def _add_server_timings(state, backend, base: dict) -> None:
 class _Bars:
     """The two progress bars (steps; candidate x batch evaluations) and their shared postfix."""
 
-    def __init__(self, state, target, num_batches, keep, screen_batches, screen_top):
-        self.state, self.recorder, self.text = state, None, ""
-        self.steps_total = max(0, state["start_pattern"].count(pat.FULL) - target)
-        ticks = expected_ticks(state["pattern"].count(pat.FULL), target, num_batches, screen_batches, screen_top)
-        ticks -= _partial_ticks(state, num_batches)
-        self.candidates = progress.bar(total=ticks, desc="candidates x batches", unit="fwd", position=1)
-        self.steps = progress.bar(total=self.steps_total, initial=len(state["steps"]), desc=f"greedy keep {keep:g}",
-                                  unit="step", position=0, log_lines=False)
+    def __init__(self, ticks, steps_total, steps_done, desc, recorded_ticks=0):
+        self.recorder, self.text, self.steps_total = None, "", steps_total
+        total = None if ticks is None else max(0, ticks - recorded_ticks)
+        self.candidates = progress.bar(total=total, desc="candidates x batches", unit="fwd", position=1)
+        self.steps = progress.bar(total=steps_total, initial=steps_done, desc=desc, unit="step", position=0,
+                                  log_lines=False)
 
     def tick(self):
         self.candidates.update(1)
@@ -182,7 +200,8 @@ class _Bars:
     def refresh(self):
         self.steps.set_postfix_str(self.text)
         extra = f"; {self.recorder.postfix()}" if self.recorder is not None else ""
-        self.candidates.set_postfix_str(f"{self.text} of {self.steps_total}{extra}")
+        of = f" of {self.steps_total}" if self.steps_total else ""
+        self.candidates.set_postfix_str(f"{self.text}{of}{extra}")
 
     def update(self, n=1):
         self.steps.update(n)
@@ -206,15 +225,22 @@ def _document(state, backend, blocks, info, keep, batch_size, options, uniform) 
     )
 
 
-def evaluator_loss(backend, batches, pattern: str) -> float:
-    """Loss of one pattern (whole forwards), leaving the backend's pattern as it was."""
-    previous = backend.pattern
-    backend.set_pattern(pattern)
+def plan_loss(backend, batches, moves, plan) -> float:
+    """Loss of one plan (whole forwards), leaving the backend's pattern and strides as they were."""
+    previous = backend.pattern, list(getattr(backend, "decode_stride", []))
+    moves.apply(backend, plan)
     try:
         nll, tokens = 0.0, 0
         for ids in batches:
             part, count = backend.batch_nll(ids)
             nll, tokens = nll + part, tokens + count
     finally:
-        backend.set_pattern(previous)
+        backend.set_pattern(previous[0])
+        if previous[1]:
+            backend.set_decode_stride(previous[1])
     return nll / tokens
+
+
+def evaluator_loss(backend, batches, pattern: str) -> float:
+    """Loss of one pattern (whole forwards), leaving the backend's pattern as it was."""
+    return plan_loss(backend, batches, SharedMoves(), pattern)

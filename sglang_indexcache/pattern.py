@@ -145,6 +145,42 @@ def served_layers(pattern: str) -> dict[int, list[int]]:
     return served
 
 
+def validate_strides(strides, num_layers: int) -> list[int]:
+    """A per-layer decode-stride list: one positive integer per DSA layer, layer 0 first.
+
+    An F layer with stride N refreshes its top-k every N decode steps and in between reuses the
+    stored set plus the newer positions (``models/decode_reuse.py``); S layers' entries are kept but
+    unused (they follow their F layer). Absent (``None``) means 1 everywhere: returned as such.
+    """
+    num_layers = check_num_layers(num_layers)
+    if not isinstance(strides, (list, tuple)):
+        raise PatternError(f"decode_stride must be a list of {num_layers} positive integers, got {strides!r}")
+    if len(strides) != num_layers:
+        raise PatternError(f"decode_stride has {len(strides)} entries but the model has {num_layers} DSA layers")
+    for layer, value in enumerate(strides):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise PatternError(f"decode_stride[{layer}] is {value!r}; each entry must be a positive integer")
+    return list(strides)
+
+
+def uniform_strides(num_layers: int, stride: int) -> list[int]:
+    """Stride ``stride`` on every layer (``--decode-stride N``)."""
+    return validate_strides([stride] * check_num_layers(num_layers), num_layers)
+
+
+def effective_stride(pattern: str, strides) -> float:
+    """Harmonic mean of the F layers' strides: the F indexers' decode work is ``1 / effective``
+    of stride 1's (uniform stride N on every F layer gives N)."""
+    full = full_layers(pattern)
+    return len(full) / sum(1.0 / strides[i] for i in full)
+
+
+def describe_strides(pattern: str, strides) -> str:
+    """``"1"`` / ``"4"`` when every F layer has the same stride, else the F layers' strides ``"8/4/2"``."""
+    values = [strides[i] for i in full_layers(pattern)]
+    return str(values[0]) if len(set(values)) == 1 else "/".join(map(str, values))
+
+
 def layer_ranges(layers) -> str:
     """Sorted layer numbers as ranges for messages: ``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
     values = sorted(layers)

@@ -1,6 +1,8 @@
 """Pattern files (``"format": "indexcache-pattern/v1"``) and pattern specs given on command lines.
 
-A spec is ``all-F``, ``every-N``, a pattern string, or the path of a pattern file.
+A spec is ``all-F``, ``every-N``, a pattern string, or the path of a pattern file. A file may carry
+``decode_stride`` (optional, one positive integer per layer, F layers' entries used; absent = 1
+everywhere, as in files written before it existed): :func:`resolve_with_strides` returns it.
 """
 
 from __future__ import annotations
@@ -23,15 +25,17 @@ EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)
 WEIGHT_FIELDS = ("indexer_weights", "indexer_layers")  # fingerprint fields read from the safetensors
 
 
-def make_document(pattern: str, model: ModelInfo, method: str = "manual", **calibration) -> dict:
-    """Build a v1 document; ``calibration`` holds keep_ratio, data, baseline_loss, loss, steps..."""
+def make_document(pattern: str, model: ModelInfo, method: str = "manual", decode_stride=None,
+                  **calibration) -> dict:
+    """Build a v1 document; ``calibration`` holds keep_ratio, data, baseline_loss, loss, steps...;
+    ``decode_stride`` (optional) the per-layer strides."""
     if method not in METHODS:
         raise PatternFileError(f"unknown calibration method {method!r}; one of {', '.join(METHODS)}")
     pattern = pat.validate(pattern, model.num_dsa_layers)
     model_block = model.summary()
     model_block["fingerprint"] = model.fingerprint()
     model_block["fingerprint_fields"] = model.fingerprint_fields()
-    return {
+    document = {
         "format": FORMAT,
         "pattern": pattern,
         "model": model_block,
@@ -39,6 +43,9 @@ def make_document(pattern: str, model: ModelInfo, method: str = "manual", **cali
         "created_by": f"sglang-indexcache {__version__}",
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if decode_stride is not None:
+        document["decode_stride"] = pat.validate_strides(decode_stride, model.num_dsa_layers)
+    return document
 
 
 def write(path, document: dict) -> None:
@@ -71,6 +78,8 @@ def read(path) -> dict:
     model = document["model"]
     try:
         document["pattern"] = pat.validate(document["pattern"], model.get("num_dsa_layers"))
+        if "decode_stride" in document:
+            pat.validate_strides(document["decode_stride"], model.get("num_dsa_layers"))
     except PatternError as exc:
         raise PatternFileError(f"pattern file {path}: {exc}") from exc
     if not isinstance(model.get("fingerprint"), str):
@@ -137,17 +146,23 @@ def parse_spec(spec: str) -> tuple[str, object]:
 
 def resolve(spec: str, num_layers: int, model: ModelInfo | None = None) -> str:
     """Turn a command-line pattern spec into a validated canonical pattern for ``num_layers``."""
+    return resolve_with_strides(spec, num_layers, model)[0]
+
+
+def resolve_with_strides(spec: str, num_layers: int, model: ModelInfo | None = None) -> tuple[str, list | None]:
+    """:func:`resolve`, and the per-layer ``decode_stride`` of a pattern file that carries one (else None)."""
     kind, value = parse_spec(spec)
     if kind == "all-F":
-        return pat.FULL * pat.check_num_layers(num_layers)
+        return pat.FULL * pat.check_num_layers(num_layers), None
     if kind == "every":
-        return pat.uniform(num_layers, value)
+        return pat.uniform(num_layers, value), None
     if kind == "file":
         document = read(value)
         if model is not None:
             check_matches(document, model, source=f"pattern file {value}")
-        return pat.validate(document["pattern"], num_layers)
-    return pat.validate(value, num_layers)
+        pattern = pat.validate(document["pattern"], num_layers)
+        return pattern, document.get("decode_stride")
+    return pat.validate(value, num_layers), None
 
 
 def spec_label(spec: str) -> str:

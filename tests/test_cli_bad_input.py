@@ -48,6 +48,12 @@ def files(tmp_path_factory):
             "existing": existing, "tmp": root, "shipped": TINY_MODEL_DIR}
 
 
+def _stride(extra):
+    """calibrate --stride-target 4 (unless ``extra`` gives its own) into {tmp}/p.json."""
+    target = [] if "--stride-target" in extra else ["--stride-target", "4"]
+    return ["calibrate", "--model", "{model}", "--data", "{data}", "--out", "{tmp}/p.json", *target, *extra]
+
+
 def _cal(out="{tmp}/p.json", model="{model}"):
     return ["calibrate", "--model", model, "--data", "{data}", "--keep", "0.5", "--out", out]
 
@@ -84,11 +90,26 @@ CASES = {
         ["bench", "prefill", "--config", "tiny", "--patterns", "FSSSFSSSFSSS"], "default cap of 8; the config has 12"),
     # flags that were ignored
     "--screen-top without --screen-batches": (_cal() + ["--screen-top", "2"], "--screen-top only applies with"),
+    # decode-stride search: which search, and its pattern, before any weight is loaded
+    "calibrate without --keep or --stride-target": (_cal()[:-4] + ["--out", "{tmp}/p.json"],
+                                                    "give --keep RATIO"),
+    "calibrate --keep and --stride-target": (_cal() + ["--stride-target", "4"], "one of them"),
+    "--stride-target without --pattern": (_stride([]), "--stride-target needs --pattern P"),
+    "--pattern without --stride-target": (_cal() + ["--pattern", "every-4"], "only apply with --stride-target"),
+    "--stride-target over a server": (_stride(["--pattern", "every-4", "--url", "http://127.0.0.1:9"]),
+                                      "runs in-process only"),
+    "--stride-target above --max-stride": (_stride(["--pattern", "every-4", "--stride-target", "16"]),
+                                           "between 1 and --max-stride 8, got 16"),
+    "--stride-target with a pattern of another length": (_stride(["--pattern", "FS"]),
+                                                         "2 layers but the model has 8"),
     "calibrate --resume with nothing to resume": (_cal() + ["--resume"], "no interrupted search to continue"),
     "distill --resume with nothing to resume": (_distill() + ["--resume"], "no interrupted run to continue"),
     "distilling all-F": (_distill(pattern="all-F"), "nothing to distill"),
     # numeric flags, refused while parsing
     "calibrate --keep 0": (_cal()[:-4] + ["--keep", "0", "--out", "{tmp}/p.json"], "--keep: must be in (0, 1]"),
+    "calibrate --stride-target 0": (_stride(["--stride-target", "0"]), "--stride-target: must be a positive"),
+    "eval --decode-stride 0": (["eval", "--model", "{model}", "--data", "{data}", "--pattern", "all-F",
+                                "--decode-stride", "0"], "--decode-stride: must be a positive integer"),
     "eval --max-tokens -5": (["eval", "--model", "{model}", "--data", "{data}", "--pattern", "all-F",
                               "--max-tokens", "-5"], "--max-tokens: must be a positive integer"),
     "distill --lr 0": (_distill() + ["--lr", "0"], "--lr: must be a positive finite number"),

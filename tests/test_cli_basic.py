@@ -80,6 +80,13 @@ def test_validate_file(tmp_path, dsa_checkpoint, make_checkpoint):
     assert cli("validate", str(path), "--model", str(dsa_checkpoint)).returncode == 0
     other = make_checkpoint("other", extra_config={"vocab_size": 512})
     assert_usage_error(cli("validate", str(path), "--model", str(other)), "vocab_size is 256 in the file but 512")
+    doc["decode_stride"] = [8, 1, 1, 1, 4, 1, 1, 1]
+    pattern_file.write(path, doc)
+    result = cli("validate", str(path), "--model", str(dsa_checkpoint))
+    assert result.returncode == 0 and "; decode stride 8/4" in result.stdout
+    doc["decode_stride"] = [8, 1, 1, 1, 4, 1, 1]
+    pattern_file.write(path, doc)
+    assert_usage_error(cli("validate", str(path), "--model", str(dsa_checkpoint)), "decode_stride has 7 entries")
 
 
 @pytest.mark.parametrize("spec, match", [

@@ -81,6 +81,45 @@ def test_seed_shuffles_the_documents_before_the_budget(workspace):
     assert first.tokens == ordered.tokens == 64
 
 
+def test_eval_decode_stride(workspace, capsys):
+    root, model, data = workspace
+    argv = ["eval", "--model", str(model), "--data", str(data), "--pattern", "all-F", "--pattern", "every-2", *SMALL]
+    assert cli.main([*argv, "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)["results"]
+    assert cli.main([*argv, "--decode-stride", "1", "--decode-stride", "4", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["pattern"], r["decode_stride"]) for r in results] == [
+        ("FFFFF", [1] * 5), ("FFFFF", [4] * 5), ("FSFSF", [1] * 5), ("FSFSF", [4] * 5)]
+    assert [results[0]["loss"], results[2]["loss"]] == [default[0]["loss"], default[1]["loss"]]  # stride 1 = today
+    assert results[1]["loss"] != results[0]["loss"] and results[3]["loss"] != results[2]["loss"]
+    assert cli.main([*argv, "--decode-stride", "4"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "stride" in table[1] and "vs all-F" in table[1] and " 4 " in table[2]
+
+
+def test_calibrate_stride_then_eval_the_file(workspace, capsys):
+    root, model, data = workspace
+    base = root / "stride" / "base.json"
+    assert cli.main(["--quiet", "calibrate", "--model", str(model), "--data", str(data), "--keep", "0.6",
+                     "--out", str(base), "--no-plot", *SMALL]) == 0
+    out = root / "stride" / "strided.json"
+    assert cli.main(["--quiet", "calibrate", "--model", str(model), "--data", str(data), "--pattern", str(base),
+                     "--stride-target", "2", "--max-stride", "4", "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "decode stride" in printed and "uniform stride 2" in printed
+    doc, before = json.loads(out.read_text()), json.loads(base.read_text())
+    cal = doc["decode_stride_calibration"]
+    assert doc["pattern"] == before["pattern"] and doc["calibration"] == before["calibration"]  # the keep search kept
+    full = [i for i, c in enumerate(doc["pattern"]) if c == "F"]
+    assert cal["effective_stride"] >= 2 and all(doc["decode_stride"][i] in (1, 2, 4) for i in full)
+    assert len(cal["steps"]) >= 1 and cal["layer_forwards"] <= cal["naive_layer_forwards"]
+    assert (out.parent / "strided.calibration.png").stat().st_size > 1000
+    assert not (out.parent / "strided.json.state.json").exists()
+    assert cli.main(["eval", "--model", str(model), "--data", str(data), "--pattern", str(out), "--json", *SMALL]) == 0
+    result = json.loads(capsys.readouterr().out)["results"][0]
+    assert result["decode_stride"] == doc["decode_stride"] and result["loss"] == pytest.approx(cal["loss"], rel=1e-6)
+
+
 def test_overlap_outputs(workspace, capsys):
     root, model, data = workspace
     out = root / "ov"

@@ -337,9 +337,13 @@ def test_demo_ctrl_c_prints_one_line_it_can_follow(tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = tmp_path / "d" / "pattern.json.state.json"
     deadline = time.monotonic() + 240
-    while not state.is_file() and proc.poll() is None and time.monotonic() < deadline:
+
+    def steps_saved() -> bool:  # the state is also saved inside a step (scored candidates): wait for a step
+        return state.is_file() and bool(json.loads(state.read_text())["steps"])
+
+    while not steps_saved() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert state.is_file(), "the demo saved no search step in time"
+    assert steps_saved(), "the demo saved no search step in time"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     lines = [line for line in err.splitlines() if "sglang_indexcache.progress" not in line]

@@ -241,3 +241,65 @@ def test_progress_line_gives_evaluations_best_loss_and_time_left(backend, blocks
     pattern = (r"candidates x batches: \d+/\d+ fwd \(\d+%\), \w+ elapsed, about \w+ left"
                r" \[step \d: layer \d of 3; \d+ evaluations, step best \d\.\d{5} \(layer \d S\)\]")
     assert any(re.fullmatch(pattern, line) for line in lines), lines[:5]
+
+
+def naive_stride_greedy(backend, ids, pattern, target, levels, batch_size):
+    """The stride search written plainly: a whole forward for every candidate raise."""
+    backend.set_pattern(pattern)
+    strides, steps = [1] * backend.num_layers, []
+    backend.set_decode_stride(strides)
+    baseline = backend.loss(ids, batch_size).mean
+    while pat.effective_stride(pattern, strides) < target:
+        best = None
+        for j in pat.full_layers(pattern):
+            if strides[j] == levels[-1]:
+                continue
+            trial = list(strides)
+            trial[j] = min(v for v in levels if v > strides[j])
+            backend.set_decode_stride(trial)
+            loss = backend.loss(ids, batch_size).mean
+            if best is None or loss < best[1]:
+                best = (j, loss, trial)
+        strides = best[2]
+        steps.append(best)
+    backend.set_decode_stride(1)
+    backend.set_pattern(pat.FULL * backend.num_layers)
+    return baseline, steps
+
+
+def test_fast_stride_search_equals_naive(backend, blocks):
+    from sglang_indexcache.calibration.moves import StrideMoves
+
+    pattern, target, levels = "FFSFSSF", 3.0, (1, 2, 4, 8)
+    baseline, steps = naive_stride_greedy(backend, blocks.input_ids, pattern, target, levels, batch_size=2)
+    batches = list(blocks.batches(2))
+    evaluator = greedy.make_evaluator(backend, batches, moves=StrideMoves(pattern, levels))
+    state = greedy.new_state(None, {}, start_pattern=pattern)
+    state["decode_stride"] = [1] * LAYERS
+    greedy.run_search(evaluator, state, target, len(batches))
+    backend.set_decode_stride(1)
+    backend.set_pattern(pat.FULL * LAYERS)
+    assert state["pattern"] == pattern and state["baseline_loss"] == pytest.approx(baseline, rel=1e-6)
+    assert [(s["raised"], s["decode_stride"]) for s in state["steps"]] == [(j, trial) for j, _, trial in steps]
+    assert [s["loss"] for s in state["steps"]] == pytest.approx([loss for _, loss, _ in steps], rel=1e-6)
+    assert pat.effective_stride(pattern, state["decode_stride"]) >= target
+    assert state["layer_forwards"] < state["naive_layer_forwards"]
+
+
+def test_stride_search_resumes(backend, blocks, info, tmp_path):
+    from sglang_indexcache.calibration.stride_search import calibrate_stride
+
+    full = calibrate_stride(backend, blocks, info, "FSFSFSF", 2.0, tmp_path / "a.json", batch_size=2, plot=False)
+
+    def interrupt(state):
+        if len(state["steps"]) == 2:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        calibrate_stride(backend, blocks, info, "FSFSFSF", 2.0, out, batch_size=2, plot=False, on_step=interrupt)
+    assert json.loads(state_path(out).read_text())["decode_stride"] == full["decode_stride_calibration"]["steps"][1]["decode_stride"]
+    resumed = calibrate_stride(backend, blocks, info, "FSFSFSF", 2.0, out, resume=True, batch_size=2, plot=False)
+    assert resumed["decode_stride"] == full["decode_stride"] and not state_path(out).exists()
+    assert resumed["decode_stride_calibration"]["loss"] == pytest.approx(full["decode_stride_calibration"]["loss"])
+    assert backend.decode_stride == [1] * LAYERS and backend.pattern == pat.FULL * LAYERS  # left as it was

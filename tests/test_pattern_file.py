@@ -149,3 +149,55 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     pattern_file.atomic_write_text(tmp_path / "x.json", "2")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert (tmp_path / "x.json").read_text() == "2"
+
+
+def test_decode_stride_roundtrip(tmp_path, dsa_checkpoint):
+    info = load_model_info(dsa_checkpoint)
+    strides = [8, 1, 1, 1, 4, 1, 1, 1]
+    out = tmp_path / "p.json"
+    pattern_file.write(out, pattern_file.make_document("FSSSFSSS", info, decode_stride=strides))
+    assert pattern_file.read(out)["decode_stride"] == strides
+    assert pattern_file.resolve_with_strides(str(out), 8, info) == ("FSSSFSSS", strides)
+    assert pattern_file.resolve(str(out), 8, info) == "FSSSFSSS"
+
+
+def test_older_files_have_no_decode_stride(tmp_path, dsa_checkpoint):
+    path = _write(tmp_path, dsa_checkpoint, lambda d: None)
+    assert "decode_stride" not in json.loads(path.read_text())
+    assert pattern_file.resolve_with_strides(str(path), 8) == ("FSSSFSSS", None)
+    assert pattern_file.resolve_with_strides("every-4", 8) == ("FSSSFSSS", None)
+
+
+@pytest.mark.parametrize("strides, match", [
+    ([1, 2, 4], "decode_stride has 3 entries but the model has 8"),
+    ([1, 2, 4, 8, 1, 1, 1, 0], r"decode_stride\[7\] is 0"),
+    ([1, -2, 1, 1, 1, 1, 1, 1], r"decode_stride\[1\] is -2"),
+    ([1, 2.5, 1, 1, 1, 1, 1, 1], r"decode_stride\[1\] is 2.5"),
+    ([1, "4", 1, 1, 1, 1, 1, 1], r"decode_stride\[1\] is '4'"),
+    ([False] * 8, r"decode_stride\[0\] is False"),
+    (4, "must be a list of 8 positive integers"),
+    (None, "must be a list of 8 positive integers"),
+])
+def test_bad_decode_stride_refused(tmp_path, dsa_checkpoint, strides, match):
+    path = _write(tmp_path, dsa_checkpoint, lambda d: d.update(decode_stride=strides))
+    with pytest.raises(PatternFileError, match=match) as err:
+        pattern_file.read(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+    if strides is not None:  # None: make_document's "no strides"; in a file: a bad value
+        with pytest.raises(PatternError, match=match):
+            pattern_file.make_document("FSSSFSSS", load_model_info(dsa_checkpoint), decode_stride=strides)
+
+
+def test_server_names_a_decode_stride_it_does_not_serve(tmp_path, dsa_checkpoint, caplog):
+    """Until the decode-stride store exists, the patched server says so instead of dropping it silently."""
+    from sglang_indexcache.sglang_overlay import settings
+
+    info = load_model_info(dsa_checkpoint)
+    path = tmp_path / "p.json"
+    flags = settings.Flags(str(dsa_checkpoint), None, None, str(path), None, False)
+    for strides, warned in (([1, 4, 1, 1, 1, 1, 1, 1], False), ([8, 1, 1, 1, 4, 1, 1, 1], True)):
+        pattern_file.write(path, pattern_file.make_document("FSSSFSSS", info, decode_stride=strides))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sglang_indexcache.sglang"):
+            assert settings._flag_pattern(flags, info)[0] == "FSSSFSSS"
+        assert ("decode_stride 8/4" in caplog.text) is warned  # layer 1 is S: its stride means nothing

@@ -10,6 +10,11 @@ p.calibration.png), and after every step (and every few seconds inside one) OUT.
 which --resume continues an interrupted run; --max-seconds S stops there on purpose. An existing
 --out is refused unless --force. About 2 minutes for the embedded model with the defaults on 2 idle
 CPU cores (docs/cli.md).
+
+With --stride-target T (instead of --keep) and --pattern P, the same search chooses per-layer decode
+strides over the fixed pattern P: one F layer's stride raised per step (1, 2, 4, ... --max-stride)
+until the effective stride reaches T; the file written is P's with ``decode_stride`` added
+(in-process only: the server does not reuse top-k across decode steps yet).
 """
 
 from __future__ import annotations
@@ -26,8 +31,15 @@ def add_arguments(parser):
     parser.add_argument("--api-key", metavar="KEY", default=None,
                         help="the server's API/admin key (default: $INDEXCACHE_API_KEY)")
     add_data_arguments(parser, DEFAULT_CALIBRATION_TOKENS)
-    parser.add_argument("--keep", required=True, type=_keep, metavar="RATIO",
+    parser.add_argument("--keep", type=_keep, metavar="RATIO",
                         help="share of indexers to keep, e.g. 0.25 (round(keep * N) F layers, at least 1)")
+    parser.add_argument("--stride-target", type=positive_float, metavar="T",
+                        help="instead of --keep: choose per-layer decode strides over --pattern until the"
+                             " effective stride (harmonic mean over F layers) reaches T")
+    parser.add_argument("--pattern", metavar="P",
+                        help="with --stride-target: the fixed F/S pattern (all-F, every-N, a string or a pattern file)")
+    parser.add_argument("--max-stride", type=positive_int, default=8, metavar="N",
+                        help="with --stride-target: the largest stride a layer may get (default: 8; levels 1, 2, 4, ...)")
     parser.add_argument("--out", required=True, metavar="FILE",
                         help="pattern file to write (.json); refused if it exists, unless --force")
     parser.add_argument("--resume", action="store_true", help="continue from FILE.state.json")
@@ -64,6 +76,7 @@ def check_arguments(args) -> None:
 
     if not args.model and not args.url:
         raise UsageError("give --model DIR (in-process search) or --url URL --model DIR (SGLang server)")
+    _check_search_kind(args)
     if args.url and not args.model:
         raise UsageError("--url needs --model DIR too: the checkpoint directory the server runs, for the"
                          " tokenizer and the pattern file's fingerprint (no weights are loaded)")
@@ -84,6 +97,41 @@ def check_arguments(args) -> None:
     if not args.no_plot:
         check_output("--out", plot_path(args.out), "file", force=args.force, inputs=inputs)
     check_source(args.data)
+
+
+def _check_search_kind(args) -> None:
+    from ..errors import UsageError
+
+    if (args.keep is None) == (args.stride_target is None):
+        raise UsageError("give --keep RATIO (which layers keep their indexer) or --stride-target T"
+                         " with --pattern P (decode strides), one of them")
+    if args.stride_target is None:
+        if args.pattern is not None or args.max_stride != 8:
+            raise UsageError("--pattern and --max-stride only apply with --stride-target")
+        return
+    if args.pattern is None:
+        raise UsageError("--stride-target needs --pattern P: the F/S pattern whose F layers get strides")
+    if args.url:
+        raise UsageError("--stride-target runs in-process only (--model without --url): the server does not"
+                         " reuse top-k across decode steps yet")
+    if not 1.0 <= args.stride_target <= args.max_stride:
+        raise UsageError(f"--stride-target must be between 1 and --max-stride {args.max_stride},"
+                         f" got {args.stride_target:g}")
+
+
+def _stride_summary(document, out) -> str:
+    from .. import pattern as pat
+
+    cal, pattern = document["decode_stride_calibration"], document["pattern"]
+    base, loss, uniform = cal["baseline_loss"], cal["loss"], cal["uniform"]
+    strides = document["decode_stride"]
+    lines = [f"wrote {out}: {pattern}, decode stride {pat.describe_strides(pattern, strides)} on the F layers"
+             f" (effective {cal['effective_stride']:.2f})",
+             f"calibration loss: stride 1 {base:.4f}, greedy {loss:.4f} ({100 * (loss - base) / base:+.2f}%)"
+             + (f", uniform stride {cal['stride_target']:g} {uniform['loss']:.4f}"
+                f" ({100 * (uniform['loss'] - base) / base:+.2f}%)" if uniform else ""),
+             f"layer-forwards: {cal['layer_forwards']} (naive search: {cal['naive_layer_forwards']}); {cal['seconds']:.1f} s"]
+    return "\n".join(lines)
 
 
 def _summary(document, out) -> str:
@@ -109,6 +157,12 @@ def run(args) -> int:
     info = load_model_info(args.model)
     from ..calibration.paths import state_path
     from ..calibration.recorder import SearchStopped
+
+    if args.stride_target is not None:  # a bad pattern is refused before the weights are loaded
+        from .. import pattern_file
+        from ..validation import check_against_model
+
+        check_against_model(pattern_file.resolve(args.pattern, info.num_dsa_layers, info), info)
     from ..calibration.run import calibrate
     from ..calibration.session import load_backend, load_data
 
@@ -124,11 +178,17 @@ def run(args) -> int:
         backend = load_backend(args.model, threads=args.threads)
         tokenizer, config = backend.tokenizer, backend.config
     blocks = load_data(args, tokenizer, config)
+    common = dict(resume=args.resume, batch_size=args.batch_size, screen_batches=args.screen_batches,
+                  screen_top=args.screen_top or SCREEN_TOP, plot=not args.no_plot, max_seconds=args.max_seconds)
     try:
-        document = calibrate(backend, blocks, info, args.keep, args.out, resume=args.resume,
-                             batch_size=args.batch_size, screen_batches=args.screen_batches,
-                             screen_top=args.screen_top or SCREEN_TOP, plot=not args.no_plot,
-                             max_seconds=args.max_seconds)
+        if args.stride_target is not None:
+            from ..calibration.stride_search import calibrate_stride
+
+            document = calibrate_stride(backend, blocks, info, args.pattern, args.stride_target, args.out,
+                                        max_stride=args.max_stride, **common)
+            print(_stride_summary(document, args.out))
+            return 0
+        document = calibrate(backend, blocks, info, args.keep, args.out, **common)
     except SearchStopped as stop:
         print(f"{stop} (--max-seconds {args.max_seconds:g}); the search state is in {state_path(args.out)}:"
               " run the same command with --resume to continue")

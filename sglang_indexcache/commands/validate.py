@@ -23,9 +23,10 @@ def add_arguments(parser):
 
 def run(args) -> int:
     model = load_model_info(args.model, weights="if-present")
-    pattern = pattern_file.resolve(args.pattern, model.num_dsa_layers, model)
+    pattern, strides = pattern_file.resolve_with_strides(args.pattern, model.num_dsa_layers, model)
     pattern = check_against_model(pattern, model)
-    print(f"valid for {model.architecture} ({model.num_dsa_layers} DSA layers): {pat.describe(pattern)}")
+    stride = f"; decode stride {pat.describe_strides(pattern, strides)}" if strides else ""
+    print(f"valid for {model.architecture} ({model.num_dsa_layers} DSA layers): {pat.describe(pattern)}{stride}")
     if not model.weights_checked:
         print(f"indexer weights not checked: {model.weights_note}")
     return 0

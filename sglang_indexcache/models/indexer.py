@@ -18,6 +18,7 @@ import torch
 from transformers.models.glm_moe_dsa.modeling_glm_moe_dsa import apply_rotary_pos_emb_interleave
 
 from ..kernels.reference import index_scores as reference_scores
+from .decode_reuse import drop_order, refresh_rows, reuse_topk
 from .swap import IndexerWrapper, unwrap_indexers, wrap_indexers
 
 MAX_CHUNK_ELEMENTS = 1 << 26  # bound on the [B, chunk, H, T] intermediate (256 MiB in fp32)
@@ -98,6 +99,8 @@ class FastIndexer(IndexerWrapper):
     """Drop-in for ``GlmMoeDsaIndexer`` (same forward signature, same top-k), faster.
 
     ``recorder``, when set, is called as ``recorder(layer_idx, topk)`` with each top-k it computes.
+    ``decode_stride`` (default 1: every query its own top-k) > 1 simulates top-k reuse across decode
+    steps on a block without KV cache (:mod:`.decode_reuse`: scores only at the refresh positions).
     Holds the original module as ``inner`` (``models.swap``), so its parameters stay where the
     checkpoint expects them once :func:`remove_fast_indexers` puts it back.
     """
@@ -105,6 +108,8 @@ class FastIndexer(IndexerWrapper):
     def __init__(self, inner):
         super().__init__(inner)
         self.recorder = None
+        self.decode_stride = 1
+        self.decode_drop = "lowest"  # which stored entries go first when over budget (decode_reuse.DROPS)
 
     def scores(self, q, k, w, attention_mask, prefill: bool) -> torch.Tensor:
         """Masked index scores ``[B, S, T]`` from the indexer's ``q``, ``k``, ``w``; ``prefill``: no
@@ -117,11 +122,26 @@ class FastIndexer(IndexerWrapper):
         q, k, w = indexer_qkw(self.inner, hidden_states, q_resid, position_embeddings)
         if past_key_values is not None:  # decode / generate: keys of earlier tokens come from the cache
             k = past_key_values.update_indexer(k.to(hidden_states.dtype), self.layer_idx).float()
-        scores = self.scores(q, k, w, attention_mask, prefill=past_key_values is None)
-        topk = causal_topk(scores, self.inner.index_topk)
+        if self.decode_stride > 1:
+            if past_key_values is not None:
+                raise ValueError("decode-stride reuse is simulated on whole blocks only (no KV cache)")
+            topk = self.strided_topk(q, k, w, attention_mask)
+        else:
+            scores = self.scores(q, k, w, attention_mask, prefill=past_key_values is None)
+            topk = causal_topk(scores, self.inner.index_topk)
         if self.recorder is not None:
             self.recorder(self.layer_idx, topk)
         return topk
+
+    def strided_topk(self, q, k, w, attention_mask) -> torch.Tensor:
+        """``[B, S, k]`` int32 under ``decode_stride``: scores and top-k at the refresh rows only."""
+        seq, stride = q.shape[1], self.decode_stride
+        rows = refresh_rows(seq, stride, q.device)                     # [R]
+        scores = apply_mask(index_scores(q[:, rows], k, w[:, rows], self.inner.softmax_scale),
+                            attention_mask[..., rows, :])              # [B, R, T]
+        stored = scores.topk(min(self.inner.index_topk, scores.shape[-1]), dim=-1)  # sorted, best first
+        indices, values = drop_order(stored.indices, stored.values, self.decode_drop)
+        return reuse_topk(indices, values, stride, seq, scores.shape[-1])
 
 
 class CausalIndexer(FastIndexer):

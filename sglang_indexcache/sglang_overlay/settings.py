@@ -145,6 +145,11 @@ def _flag_pattern(flags: Flags, info: ModelInfo) -> tuple[str, str]:
             document = pattern_file.read(flags.pattern_file)
             pattern_file.check_matches(document, info, source=f"pattern file {flags.pattern_file}")
             pattern, source = document["pattern"], f"--index-cache-pattern-file {flags.pattern_file}"
+            strides = document.get("decode_stride")
+            if strides and any(strides[i] > 1 for i in pat.full_layers(pattern)):
+                logger.warning("IndexCache: %s carries decode_stride %s; this server does not reuse top-k"
+                               " across decode steps yet: every F layer runs its indexer at every step",
+                               flags.pattern_file, pat.describe_strides(pattern, strides))
         else:
             pattern, source = flags.pattern, "--index-cache-pattern"
         return check_against_model(pattern, info), source
