@@ -16,6 +16,7 @@ from .reference import (
 from .sparse_mla_decode import plan_sparse_mla, run_sparse_mla, sparse_mla_decode
 from .topk import topk_rows
 from .topk_sampled import topk_rows_sampled
+from .topk_reuse import merge_reused_topk, merge_reused_topk_ref
 
 __all__ = [
     "PAGE_SIZE",
@@ -24,4 +25,5 @@ __all__ = [
     "sparse_mla_decode", "sparse_mla_decode_ref", "plan_sparse_mla", "run_sparse_mla",
     "indexer_scores_prefill_ref", "indexer_scores_decode_ref",
     "topk_rows", "topk_rows_sampled",
+    "merge_reused_topk", "merge_reused_topk_ref",
 ]
