@@ -11,6 +11,8 @@ Supported releases are listed in ``patches/sglang-version``. What differs:
 | S layers' index-K buffer (stock) | allocated and counted in the pool sizing, never used | 0-row, not counted |
 
 With a pattern flag both releases build neither (``shared_layers``; 0.5.17 through patch 0006).
+The decode stride (patch 0007) needs a few more: the request's pool row, the capture label, how a
+decode step stores index keys without its top-k (:func:`store_index_keys`).
 Everything else (flags, validation, endpoints, runtime switch) is the same code for both.
 """
 
@@ -93,3 +95,52 @@ def calibration_adjustments(server_args, cfg, source: str) -> None:
         getattr(server_args.cuda_graph_config, phase).backend = Backend.DISABLED
     server_args.disable_cuda_graph = True
     server_args.disable_radix_cache = True
+
+
+# ------------------------------------------------------------------ decode stride (0007) -----------
+
+def is_hip() -> bool:
+    """Whether this process runs on ROCm (the decode stride is built for CUDA only)."""
+    import torch
+
+    return getattr(torch.version, "hip", None) is not None
+
+
+def req_row(req) -> int | None:
+    """The request's row of the ``ReqToTokenPool`` (0.5.23 keeps it in ``req.kv``)."""
+    kv = getattr(req, "kv", None)
+    return kv.req_pool_idx if kv is not None and hasattr(kv, "req_pool_idx") else req.req_pool_idx
+
+
+def attention_variant() -> str | None:
+    """0.5.23: the attention graph variant being captured (our step-kind label while capturing a
+    decode graph); None on 0.5.17, whose capture loop sets the label through ``decode_stride``."""
+    try:
+        from sglang.srt.model_executor.runner_utils.capture_mode import get_capture_attention_variant
+    except ImportError:
+        return None
+    return get_capture_attention_variant()
+
+
+def fused_topk(metadata) -> bool:
+    """Whether the indexer's top-k is fused with the page-table transform, i.e. hands the decode
+    backend physical KV slots (both releases' ``DSATopKBackend.topk_transform``), else positions."""
+    from sglang.srt.environ import envs
+
+    return bool(envs.SGLANG_DSA_FUSE_TOPK.get()) and not getattr(metadata, "force_unfused_topk", False)
+
+
+def store_index_keys(indexer, x, positions, forward_batch, layer_id: int, act_quant, metadata) -> None:
+    """Write this step's index keys of layer ``layer_id`` (what a reuse step still has to do).
+
+    0.5.23's ``_forward_cuda_k_only`` takes decode batches (``return_indices=False``: keys only);
+    0.5.17's asserts prefill, so its two store paths are called as it calls them."""
+    if release() != "0.5.17":
+        indexer._forward_cuda_k_only(x, positions, forward_batch, layer_id, act_quant, metadata, return_indices=False)
+        return
+    if indexer.use_dsa_indexer_fusion:
+        key_raw, _ = indexer._fused_k_weights(x)
+        indexer._fused_k_prepare_and_store(key_raw, positions, forward_batch, layer_id, act_quant)
+    else:
+        key = indexer._get_k_bf16(x, positions)
+        indexer._store_index_k_cache(forward_batch=forward_batch, layer_id=layer_id, key=key, act_quant=act_quant)

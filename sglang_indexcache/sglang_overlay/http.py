@@ -3,6 +3,8 @@
 ``GET /index_cache``: the state of every data-parallel rank's scheduler.
 ``POST /index_cache/pattern {"pattern": P}``: validate, wait until the schedulers are idle (between
 batches), switch, flush the prefix cache. Needs ``--index-cache-calibration``.
+``POST /index_cache/stride {"decode_stride": N or [one per layer]}``: switch the decode stride between
+batches (a server started with ``--index-cache-decode-stride`` above 1, or in calibration mode).
 ``POST /index_cache/overlap {"text": [...]}``: run the texts with every indexer (all-F), capture
 each layer's top-k, restore the pattern, and report per shared layer the recall of the reused
 top-k against the layer's own (:mod:`.overlap`). Needs SGLang's ``--enable-return-indexer-topk``
@@ -32,10 +34,11 @@ def _response(status: int, content: dict):
     return JSONResponse(status_code=status, content=content)
 
 
-async def _ask(tokenizer_manager, action: str, pattern: str | None = None):
+async def _ask(tokenizer_manager, action: str, pattern: str | None = None, decode_stride=None):
     from sglang.srt.managers.io_struct import IndexCacheReqInput
 
-    return await tokenizer_manager.index_cache(IndexCacheReqInput(action=action, pattern=pattern))
+    extra = {} if decode_stride is None else {"decode_stride": decode_stride}
+    return await tokenizer_manager.index_cache(IndexCacheReqInput(action=action, pattern=pattern, **extra))
 
 
 async def get_route(tokenizer_manager):
@@ -57,7 +60,7 @@ async def switch_pattern(tokenizer_manager, pattern: str, timeout_s: float = SWI
         if errors:
             return 400, {"error": errors[0]}
         if not any(r.busy for r in results):
-            runtime.remember_pattern(results[0].state["pattern"])
+            runtime.remember_pattern(results[0].state["pattern"], results[0].state.get("decode_strides"))
             return 200, results[0].state
         if time.monotonic() >= deadline:
             return 503, {"error": f"requests still in flight after {timeout_s:.0f} s; pattern not switched everywhere"}
@@ -69,6 +72,23 @@ async def pattern_route(tokenizer_manager, body):
         return _response(400, {"error": 'body must be {"pattern": "FSS..."}'})
     status, content = await switch_pattern(tokenizer_manager, body["pattern"])
     return _response(status, content)
+
+
+async def stride_route(tokenizer_manager, body):
+    """Switch every rank's decode strides; 400 with the message when a rank refuses (nothing switched
+    there; a refusal is the same on every rank, as they share the flags and the pattern)."""
+    value = body.get("decode_stride") if isinstance(body, dict) else None
+    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(values, list) or not values:
+        return _response(400, {"error": 'body must be {"decode_stride": N} or {"decode_stride": [one per layer]}'})
+    if settings_mod.resolve(tokenizer_manager.server_args) is None:
+        return _response(404, {"error": "IndexCache is off: start the server with an --index-cache-* flag"})
+    results = await _ask(tokenizer_manager, "stride", decode_stride=values)
+    errors = [r.message for r in results if not r.success]
+    if errors:
+        return _response(400, {"error": errors[0]})
+    runtime.remember_pattern(results[0].state["pattern"], results[0].state["decode_strides"])
+    return _response(200, results[0].state)
 
 
 async def _capture_topk(tokenizer_manager, texts: list[str]) -> np.ndarray:

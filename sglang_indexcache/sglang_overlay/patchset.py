@@ -10,10 +10,12 @@ DIR is a git checkout of SGLang (it has ``python/sglang/``) or the parent of an 
 
 - The SGLang version in DIR picks the series: it must be one of the supported releases listed in
   ``patches/sglang-version`` (one per line); any other version is refused with nothing changed.
-- ``apply`` checks every patch with ``git apply --check`` before changing anything and then applies
-  them all in one ``git apply`` (all or nothing); when every patch reverse-applies it says
-  "already applied" and changes nothing.
-- ``revert`` is the exact inverse (``git apply -R``): the files come back byte for byte.
+- ``apply`` first applies the whole series, patch after patch, to a scratch copy of the files it
+  touches (a later patch may change lines an earlier one added, which one ``git apply`` of all
+  patches cannot take: it matches every patch against the original file), and only when all apply
+  there applies them to the tree, in order (all or nothing); when the series reverse-applies (last
+  patch first) it says "already applied" and changes nothing.
+- ``revert`` is the exact inverse (``git apply -R``, last patch first): the files come back byte for byte.
 - ``check`` fails on a missing, unused or duplicate patch in any release's ``series``; with DIR it
   also says whether that release's series is applied, applies cleanly, or neither.
 """
@@ -23,8 +25,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,22 +145,62 @@ def _apply_args(target: Target, patches, reverse=False, check_only=False) -> lis
     return args + [str(p) for p in (reversed(patches) if reverse else patches)]
 
 
+def _touched(target: Target, patches) -> list[str]:
+    """The files the patches change, relative to ``target.root``."""
+    found = []
+    for patch in patches:
+        for old in re.findall(r"^diff --git a/(\S+) ", patch.read_text(), re.M):
+            rel = "/".join(old.split("/")[target.strip - 1:])
+            if rel not in found:
+                found.append(rel)
+    return found
+
+
+def _in_sequence(target: Target, patches, reverse: bool = False) -> subprocess.CompletedProcess | None:
+    """Apply ``patches`` one after the other (``reverse``: ``-R``, last first) to a scratch copy of
+    the files they touch; None when all apply, else the failing ``git apply``'s result."""
+    with tempfile.TemporaryDirectory(prefix="indexcache-patches-") as scratch:
+        copy = Target(Path(scratch), target.strip, target.layout)
+        for rel in _touched(target, patches):
+            if (target.root / rel).is_file():
+                (copy.root / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(target.root / rel, copy.root / rel)
+        for patch in (reversed(patches) if reverse else patches):
+            result = _git(copy, *_apply_args(copy, [patch], reverse=reverse), check=False)
+            if result.returncode != 0:
+                return result
+    return None
+
+
 def status(target: Target, patches) -> str:
     """``"applied"``, ``"clean"`` (applies cleanly) or raises naming the first patch that does neither."""
-    if _git(target, *_apply_args(target, patches, reverse=True, check_only=True), check=False).returncode == 0:
+    if _in_sequence(target, patches, reverse=True) is None:
         return "applied"
-    forward = _git(target, *_apply_args(target, patches, check_only=True), check=False)
-    if forward.returncode == 0:
+    forward = _in_sequence(target, patches)
+    if forward is None:
         return "clean"
-    applied = [p.name for p in patches
-               if _git(target, *_apply_args(target, [p], reverse=True, check_only=True), check=False).returncode == 0]
+    applied = next((patches[:j] for j in range(len(patches) - 1, 0, -1)
+                    if _in_sequence(target, patches[:j], reverse=True) is None), [])
     if applied:
         raise PatchSetError(
-            f"{target.root} is partly patched ({', '.join(applied)} applied, the rest not): revert by hand"
-            " or reinstall SGLang, then apply again"
+            f"{target.root} is partly patched ({', '.join(p.name for p in applied)} applied, the rest not): revert"
+            " by hand or reinstall SGLang, then apply again"
         )
     first_error = forward.stderr.strip().splitlines()[0] if forward.stderr.strip() else "does not apply"
     raise PatchSetError(f"the patch set does not apply to {target.root}: {first_error}")
+
+
+def _apply_in_order(target: Target, patches, reverse: bool = False) -> None:
+    """Apply (or revert) the series on the tree, one patch after the other; the scratch run said it
+    fits, so a failure here is unexpected: the patches already done are undone before raising."""
+    done = []
+    for patch in (list(reversed(patches)) if reverse else patches):
+        result = _git(target, *_apply_args(target, [patch], reverse=reverse), check=False)
+        if result.returncode != 0:
+            for undo in reversed(done):
+                _git(target, *_apply_args(target, [undo], reverse=not reverse), check=False)
+            raise PatchSetError(f"git apply {patch.name} failed in {target.root}: {result.stderr.strip()}")
+        done.append(patch)
 
 
 def prepare(directory, patches_dir: Path = PATCHES_DIR):
@@ -176,7 +220,7 @@ def apply(directory, patches_dir: Path = PATCHES_DIR) -> str:
     target, patches = prepare(directory, patches_dir)
     if status(target, patches) == "applied":
         return f"already applied: {len(patches)} patches in {target.package}"
-    _git(target, *_apply_args(target, patches))
+    _apply_in_order(target, patches)
     return f"applied {len(patches)} patches to {target.package} ({target.layout} layout)"
 
 
@@ -184,7 +228,7 @@ def revert(directory, patches_dir: Path = PATCHES_DIR) -> str:
     target, patches = prepare(directory, patches_dir)
     if status(target, patches) == "clean":
         return f"not applied: nothing to revert in {target.package}"
-    _git(target, *_apply_args(target, patches, reverse=True))
+    _apply_in_order(target, patches, reverse=True)
     return f"reverted {len(patches)} patches in {target.package}"
 
 

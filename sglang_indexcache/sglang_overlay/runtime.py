@@ -18,11 +18,13 @@ from typing import Any
 from .. import pattern as pat
 from ..validation import require_indexers
 from ..errors import UsageError
+from . import decode_stride
 from . import settings as settings_mod
 
 logger = logging.getLogger("sglang_indexcache.sglang")
 
-_STATE: dict[str, Any] = {"model": None, "settings": None, "pattern": None, "gauge": None}
+_STATE: dict[str, Any] = {"model": None, "settings": None, "pattern": None, "gauge": None, "stride_gauge": None,
+                          "strides": None}
 
 
 def attention_layers(model) -> list:
@@ -62,6 +64,7 @@ def apply_pattern(model, pattern: str) -> str:
     for i, attn in enumerate(attns):
         attn.skip_topk = pattern[i] == pat.SHARED
         attn.next_skip_topk = i + 1 < len(pattern) and pattern[i + 1] == pat.SHARED
+    decode_stride.on_pattern(pattern)
     return pattern
 
 
@@ -77,6 +80,7 @@ def on_model_loaded(model_runner) -> None:
         apply_pattern(model, settings.pattern)
     # Without calibration the layers were built from the pattern itself; they are not read here
     # (with pipeline parallelism a rank holds only some of them).
+    decode_stride.configure(settings, model_runner.server_args)
     _STATE.update(model=model, settings=settings, pattern=settings.pattern)
     logger.info("IndexCache: model loaded with pattern %s", pat.describe(settings.pattern))
 
@@ -91,6 +95,13 @@ def make_gauge(gauge_cls, labels: dict, server_args) -> None:
                       labelnames=labels.keys(), multiprocess_mode="mostrecent")
     _STATE["gauge"] = gauge.labels(**labels)
     _STATE["gauge"].set(settings.kept)
+    stride = gauge_cls(name="sglang:index_cache_decode_stride",
+                       documentation="IndexCache: effective decode stride of the F layers (harmonic mean; 1 = every"
+                                     " F layer runs its indexer at every decode step).",
+                       labelnames=labels.keys(), multiprocess_mode="mostrecent")
+    _STATE["stride_gauge"] = stride.labels(**labels)
+    _STATE["stride_gauge"].set(settings_mod.describe_strides(settings.pattern, settings.layer_strides(), None)
+                               ["effective_stride"])
 
 
 def state(settings=None) -> dict:
@@ -98,8 +109,11 @@ def state(settings=None) -> dict:
     if settings is None:
         return {"enabled": False}
     current = _STATE["pattern"] or settings.pattern
+    strides = _STATE["strides"] or settings.layer_strides()
     return {**settings.describe(), "enabled": True, "pattern": current, "kept_indexers": current.count(pat.FULL),
-            "start_pattern": settings.pattern}
+            "start_pattern": settings.pattern,
+            **settings_mod.describe_strides(current, strides, settings.stride_source),
+            **decode_stride.state()}
 
 
 def server_info(server_args) -> dict | None:
@@ -126,6 +140,8 @@ def handle_request(scheduler, req):
         return IndexCacheReqOutput(success=False, message="IndexCache is off (no --index-cache-* flag)")
     if req.action == "get":
         return IndexCacheReqOutput(success=True, state={**state(), "topk_capture": topk_capture_on()})
+    if req.action == "stride":
+        return _switch_stride(req)
     if req.action != "set":
         return IndexCacheReqOutput(success=False, message=f"unknown IndexCache action {req.action!r}")
     if not settings.calibration:
@@ -149,6 +165,24 @@ def handle_request(scheduler, req):
     return IndexCacheReqOutput(success=True, state=state())
 
 
+def _switch_stride(req):
+    """``stride``: new decode strides, between batches (no retraction: a stride changes no KV; every
+    request refreshes its top-k at its next decode step)."""
+    from sglang.srt.managers.io_struct import IndexCacheReqOutput
+
+    current = _STATE["pattern"] or _STATE["settings"].pattern
+    try:
+        new = decode_stride.switch(getattr(req, "decode_stride", None), len(current))
+    except UsageError as exc:
+        return IndexCacheReqOutput(success=False, message=str(exc))
+    _STATE["strides"] = decode_stride.state()["decode_strides"]
+    if _STATE["stride_gauge"] is not None:
+        _STATE["stride_gauge"].set(state()["effective_stride"])
+    logger.info("IndexCache: switched to decode stride %s (effective %.2f); every request refreshes its top-k at its"
+                " next decode step", new.describe(), state()["effective_stride"])
+    return IndexCacheReqOutput(success=True, state=state())
+
+
 def topk_capture_on() -> bool:
     """Whether this scheduler captures the indexer top-k (SGLang's --enable-return-indexer-topk)."""
     from sglang.srt.state_capturer.indexer_topk import get_global_indexer_capturer
@@ -169,6 +203,8 @@ def _switch_in_flight(scheduler, model, pattern: str) -> int:
     return running
 
 
-def remember_pattern(pattern: str) -> None:
-    """HTTP-process side: the pattern the scheduler now runs (for /server_info)."""
+def remember_pattern(pattern: str, strides=None) -> None:
+    """HTTP-process side: the pattern (and decode strides) the scheduler now runs (for /server_info)."""
     _STATE["pattern"] = pattern
+    if strides is not None:
+        _STATE["strides"] = list(strides)

@@ -1,8 +1,9 @@
 """The IndexCache flags of the patched SGLang server: resolution, validation, model-config override.
 
-Flags (fields of SGLang's ``model`` namespace, added by ``0001-index-cache-flags.patch``):
-``--index-cache-pattern P``, ``--index-cache-every N``, ``--index-cache-pattern-file F``,
-``--index-cache-calibration``. All of them off means the patched server is stock SGLang: every
+Flags (fields of SGLang's ``model`` namespace, added by ``0001-index-cache-flags.patch`` and, the
+stride, ``0007-index-cache-decode-stride.patch``): ``--index-cache-pattern P``,
+``--index-cache-every N``, ``--index-cache-pattern-file F``, ``--index-cache-calibration``,
+``--index-cache-decode-stride N``. All of them off means the patched server is stock SGLang: every
 function here then returns SGLang's own values unchanged.
 
 Every SGLang process builds its own ``ModelConfig`` through ``ModelConfig.from_server_args``; the
@@ -30,10 +31,23 @@ from ..errors import UsageError
 from ..model_info import ModelInfo, load_model_info
 from ..validation import check_against_model
 from . import shared_layers
+from .stride_state import StridePlan
 
 logger = logging.getLogger("sglang_indexcache.sglang")
 
 FLAG_FIELDS = ("index_cache_pattern", "index_cache_every", "index_cache_pattern_file")
+STRIDE_FIELD = "index_cache_decode_stride"
+# Server features a decode stride cannot run with: field, flag, why (checked at start-up when a stride
+# above 1 is set, and before a run-time switch turns one on in calibration mode).
+STRIDE_CONFLICTS = (
+    ("speculative_algorithm", "--speculative-algorithm",
+     "draft and verify steps take other top-k paths (target verify, draft extend) than the plain decode it stores"),
+    ("enable_hisparse", "--enable-hisparse", "HiSparse swaps the selected pages in per layer from its own top-k"),
+    ("enable_two_batch_overlap", "--enable-two-batch-overlap",
+     "its op path splits a batch in two inside the forward, where the step kind is per batch"),
+    ("enable_torch_compile", "--enable-torch-compile",
+     "the compiled decode graph would freeze the step kind the hooks read in Python"),
+)
 # Keys of --json-model-override-args that would give a second, competing pattern.
 PATTERN_OVERRIDE_KEYS = ("indexer_types", "index_topk_pattern", "index_topk_freq", "index_skip_topk_offset",
                          "cli_factor", shared_layers.CONFIG_KEY)
@@ -72,6 +86,8 @@ class Settings:
     calibration: bool
     checkpoint_pattern: str | None  # what config.json alone would select, for the override log line
     checkpoint_key: str | None  # the config.json key it came from ("indexer_types", ...)
+    strides: tuple[int, ...] | None = None  # decode stride per layer; None = 1 everywhere (no store)
+    stride_source: str | None = None  # "--index-cache-decode-stride 4" or the pattern file
 
     @property
     def model_pattern(self) -> str:
@@ -81,9 +97,22 @@ class Settings:
     def kept(self) -> int:
         return self.pattern.count(pat.FULL)
 
+    def layer_strides(self) -> list[int]:
+        return list(self.strides) if self.strides else [1] * len(self.pattern)
+
     def describe(self) -> dict:
         return {"pattern": self.pattern, "kept_indexers": self.kept, "num_layers": len(self.pattern),
-                "source": self.source, "calibration": self.calibration}
+                "source": self.source, "calibration": self.calibration,
+                **describe_strides(self.pattern, self.layer_strides(), self.stride_source)}
+
+
+def describe_strides(pattern: str, layer_strides, source: str | None) -> dict:
+    """The decode-stride part of the state (server info, ``GET /index_cache``)."""
+    full = pat.full_layers(pattern)
+    return {"decode_stride": pat.describe_strides(pattern, layer_strides) if full else "1",
+            "decode_strides": list(layer_strides),
+            "effective_stride": round(pat.effective_stride(pattern, layer_strides), 4) if full else 1.0,
+            "stride_source": source}
 
 
 def enabled(cfg) -> bool:
@@ -114,6 +143,7 @@ class Flags:
     pattern_file_stamp: int | None  # mtime of the pattern file: an edited file is read again
     calibration: bool
     load_format: str = "auto"
+    decode_stride: int | None = None
 
     @classmethod
     def of(cls, cfg) -> "Flags":
@@ -121,7 +151,8 @@ class Flags:
         stamp = os.stat(path).st_mtime_ns if path and os.path.isfile(path) else None
         return cls(str(cfg.model_path), getattr(cfg, "index_cache_pattern", None),
                    getattr(cfg, "index_cache_every", None), path, stamp,
-                   bool(getattr(cfg, "index_cache_calibration", False)), str(getattr(cfg, "load_format", "auto")))
+                   bool(getattr(cfg, "index_cache_calibration", False)), str(getattr(cfg, "load_format", "auto")),
+                   getattr(cfg, STRIDE_FIELD, None))
 
     def given(self) -> list[str]:
         values = {"index_cache_pattern": self.pattern, "index_cache_every": self.every,
@@ -129,30 +160,28 @@ class Flags:
         return [name for name in FLAG_FIELDS if values[name] is not None]
 
 
-def _flag_pattern(flags: Flags, info: ModelInfo) -> tuple[str, str]:
-    """The pattern the flags ask for, validated for the checkpoint, and a label of its source."""
+def _flag_pattern(flags: Flags, info: ModelInfo) -> tuple[str, str, list | None]:
+    """The pattern the flags ask for, validated for the checkpoint, a label of its source, and the
+    pattern file's per-layer decode strides (None without)."""
     given = flags.given()
     if len(given) > 1:
         raise IndexCacheError(
             "give only one of " + ", ".join("--" + n.replace("_", "-") for n in given))
     n = info.num_dsa_layers
     try:
+        file_strides = None
         if not given:  # calibration mode alone starts with every indexer running
-            return pat.FULL * n, "--index-cache-calibration (all F)"
+            return pat.FULL * n, "--index-cache-calibration (all F)", None
         if given[0] == "index_cache_every":
             pattern, source = pat.uniform(n, flags.every), f"--index-cache-every {flags.every}"
         elif given[0] == "index_cache_pattern_file":
             document = pattern_file.read(flags.pattern_file)
             pattern_file.check_matches(document, info, source=f"pattern file {flags.pattern_file}")
             pattern, source = document["pattern"], f"--index-cache-pattern-file {flags.pattern_file}"
-            strides = document.get("decode_stride")
-            if strides and any(strides[i] > 1 for i in pat.full_layers(pattern)):
-                logger.warning("IndexCache: %s carries decode_stride %s; this server does not reuse top-k"
-                               " across decode steps yet: every F layer runs its indexer at every step",
-                               flags.pattern_file, pat.describe_strides(pattern, strides))
+            file_strides = document.get("decode_stride")
         else:
             pattern, source = flags.pattern, "--index-cache-pattern"
-        return check_against_model(pattern, info), source
+        return check_against_model(pattern, info), source, file_strides
     except UsageError as exc:
         flag = "--" + given[0].replace("_", "-")
         raise IndexCacheError(f"{flag}: {exc}") from exc
@@ -182,7 +211,8 @@ def _resolve_cached(flags: Flags) -> Settings:
     if not info.weights_checked:
         logger.warning("IndexCache: indexer weights not checked (--load-format %s): %s", flags.load_format,
                        info.weights_note)
-    resolved, source = _flag_pattern(flags, info)
+    resolved, source, file_strides = _flag_pattern(flags, info)
+    strides, stride_source = _strides(flags, resolved, file_strides)
     if flags.calibration and info.weights_checked:
         missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
         if missing:
@@ -190,17 +220,48 @@ def _resolve_cached(flags: Flags) -> Settings:
                 f"--index-cache-calibration keeps every layer's indexer, but {flags.model_path} has no indexer"
                 f" weights for layers {pat.layer_ranges(missing)}")
     ckpt, key = _checkpoint_pattern(info.config)
-    return Settings(resolved, source, flags.calibration, ckpt, key)
+    return Settings(resolved, source, flags.calibration, ckpt, key, strides, stride_source)
+
+
+def _strides(flags: Flags, pattern: str, file_strides) -> tuple[tuple[int, ...] | None, str | None]:
+    """Per-layer decode strides from the flag or the pattern file (None: 1 everywhere, no store)."""
+    file_used = bool(file_strides) and any(file_strides[i] > 1 for i in pat.full_layers(pattern))
+    if flags.decode_stride is not None and file_used:
+        raise IndexCacheError(
+            f"--index-cache-decode-stride {flags.decode_stride}: pattern file {flags.pattern_file} carries decode_stride"
+            f" {pat.describe_strides(pattern, file_strides)} already; give the strides once")
+    if flags.decode_stride is not None and flags.decode_stride > 1:
+        strides, source = [flags.decode_stride] * len(pattern), f"--index-cache-decode-stride {flags.decode_stride}"
+    elif file_used:
+        strides, source = list(file_strides), f"--index-cache-pattern-file {flags.pattern_file}"
+    else:
+        return None, None
+    try:
+        plan = StridePlan.of(pattern, strides)
+    except UsageError as exc:
+        raise IndexCacheError(f"{source}: {exc}") from exc
+    if not plan.active:  # strides above 1 only on S layers: nothing to store
+        return None, None
+    return tuple(strides), source
+
+
+def _positive(cfg, field: str) -> None:
+    value = getattr(cfg, field, None)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        flag = "--" + field.replace("_", "-")
+        raise IndexCacheError(f"{flag} must be a positive integer, got {value!r}")
 
 
 def resolve(cfg) -> Settings | None:
     """The resolved settings for ``cfg``, or None when no IndexCache flag is set."""
+    _positive(cfg, STRIDE_FIELD)
     if not enabled(cfg):
+        if getattr(cfg, STRIDE_FIELD, None) is not None:
+            raise IndexCacheError(
+                "--index-cache-decode-stride needs a pattern: add --index-cache-pattern, --index-cache-every N"
+                " (--index-cache-every 1 for all F layers), --index-cache-pattern-file or --index-cache-calibration")
         return None
-    if getattr(cfg, "index_cache_every", None) is not None and (
-            isinstance(cfg.index_cache_every, bool) or not isinstance(cfg.index_cache_every, int)
-            or cfg.index_cache_every <= 0):
-        raise IndexCacheError(f"--index-cache-every must be a positive integer, got {cfg.index_cache_every!r}")
+    _positive(cfg, "index_cache_every")
     return _resolve_cached(Flags.of(cfg))
 
 
@@ -247,6 +308,10 @@ def check_server_args(server_args) -> Settings | None:
         return None
     _check_no_competing_pattern(_override_dict(cfg))
     shared_layers.check_server_args(cfg, settings, compat.release())
+    if settings.strides:
+        conflict = stride_conflict(cfg)
+        if conflict:
+            raise IndexCacheError(f"{settings.stride_source} cannot run with {conflict}")
     if getattr(cfg, "enable_two_batch_overlap", False) and (settings.calibration or pat.SHARED in settings.pattern):
         raise IndexCacheError(
             "--enable-two-batch-overlap cannot run IndexCache: its op path does not carry top-k indices"
@@ -263,8 +328,25 @@ def check_server_args(server_args) -> Settings | None:
     return settings
 
 
+def stride_conflict(cfg) -> str | None:
+    """The first server feature set on ``cfg`` that a decode stride cannot run with, as ``flag: why``."""
+    from . import compat
+
+    for field, flag, why in STRIDE_CONFLICTS:
+        if shared_layers.feature_on(cfg, field) and str(getattr(cfg, field)).upper() != "NONE":
+            return f"{flag}: {why}"
+    if (getattr(cfg, "pp_size", 1) or 1) > 1:
+        return "--pp-size > 1: the step kind is decided per scheduler batch; pipeline micro-batches are not verified"
+    if compat.is_hip():
+        return "ROCm: its DSA decode has its own graph variants and indexer paths (built and verified on CUDA only)"
+    return None
+
+
 def log_startup(settings: Settings) -> None:
-    logger.info("IndexCache: pattern %s from %s%s", pat.describe(settings.pattern), settings.source,
+    strides = (f"; decode stride {pat.describe_strides(settings.pattern, settings.strides)} (effective"
+               f" {pat.effective_stride(settings.pattern, settings.strides):.2f}) from {settings.stride_source}"
+               if settings.strides else "")
+    logger.info("IndexCache: pattern %s from %s%s%s", pat.describe(settings.pattern), settings.source, strides,
                 "; calibration mode (every indexer loaded, pattern switchable)" if settings.calibration else "")
     if settings.checkpoint_key is not None:
         logger.warning("IndexCache: overrode the checkpoint's %s (%s) with %s", settings.checkpoint_key,

@@ -260,7 +260,7 @@ UNSUPPORTED = {
 }
 
 
-def _feature_on(cfg, field: str) -> bool:
+def feature_on(cfg, field: str) -> bool:
     value = getattr(cfg, field, None)
     return value not in (None, False, "null", "")
 
@@ -272,7 +272,7 @@ def check_server_args(cfg, settings, release: str) -> None:
     if settings.calibration or pat.SHARED not in settings.pattern:
         return
     for field, flag, why, instead in UNSUPPORTED.get(release, ()):
-        if _feature_on(cfg, field):
+        if feature_on(cfg, field):
             raise IndexCacheError(
                 f"{flag} cannot run with {settings.source} on SGLang {release}: S layers hold no index-K buffer"
                 f" and {why} ({instead}; or drop {flag})")
