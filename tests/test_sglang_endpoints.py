@@ -74,6 +74,28 @@ def test_invalid_switch_changes_nothing(run):
 
 
 @pytest.mark.sglang
+def test_decode_stride_switches_between_batches(run):
+    assert run["stride_no_key"][0] == 401
+    status, body = run["stride"]
+    assert status == 200 and body["pattern"] == "FSSSFSSS", body
+    assert body["decode_stride"] == "4" and body["effective_stride"] == 4.0 and body["stride_switchable"]
+    assert run["stride_gauge"] == 4.0
+    status, body = run["stride_layers"]  # per layer; S layers' entries are ignored, F layers 0 and 4
+    assert status == 200 and body["decode_stride"] == "2/8" and body["effective_stride"] == 3.2, body
+    errors = [(s, b["error"]) for s, b in run["stride_bad"]]
+    assert errors[0][0] == 400 and "decode_stride[0] is 0" in errors[0][1]
+    assert errors[1][0] == 400 and "decode_stride has 2 entries but the model has 8" in errors[1][1]
+    assert errors[2][0] == 400 and "body must be" in errors[2][1]
+    assert errors[3][0] == 400 and "body must be" in errors[3][1]
+    assert run["stride_server_info"]["decode_stride"] == "2/8"
+    assert run["stride_get"][1]["decode_strides"] == [2, 1, 1, 1, 8, 1, 1, 1]
+    assert run["stride_five"][0] == 200 and run["stride_five"][1]["decode_stride"] == "2/32"
+    status, body = run["all_f_refused"]  # all F would regroup these strides into 5 groups
+    assert status == 400 and "at most 4 distinct strides" in body["error"] and run["after_refused"] == "FSSSFSSS"
+    assert run["stride_flags_off"][0] == 404
+
+
+@pytest.mark.sglang
 def test_overlap_needs_the_topk_capture_that_calibration_leaves_off(run):
     status, body = run["overlap_no_capture"]
     assert status == 400 and "--enable-return-indexer-topk" in body["error"]

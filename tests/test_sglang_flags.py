@@ -65,7 +65,15 @@ FLAG_CASES = [
     ("config-only-file", "config_only", ["--index-cache-pattern-file", "@file:types:FFSSFSSS", "--load-format",
                                          "dummy"], "FFSSFSSS"),
     ("dummy-without-weights", "glm52", ["--index-cache-every", "2", "--load-format", "dummy"], "FSFSFSFS"),
+    # the decode stride (patch 0007): from the flag, from a pattern file, 1 = none
+    ("stride-every", "types", ["--index-cache-every", "4", "--index-cache-decode-stride", "4"], "FSSSFSSS"),
+    ("stride-one", "types", ["--index-cache-every", "4", "--index-cache-decode-stride", "1"], "FSSSFSSS"),
+    ("stride-file", "types", ["--index-cache-pattern-file", "@file:types:FFSSFSSS:2,4,1,1,8,1,1,1"], "FFSSFSSS"),
+    ("stride-calibration", "types", ["--index-cache-calibration", "--index-cache-pattern", "FSFSFSFS",
+                                     "--index-cache-decode-stride", "2"], "FFFFFFFF"),
 ]
+STRIDES = {"stride-every": ("4", "--index-cache-decode-stride 4"), "stride-one": None,
+           "stride-file": ("2/4/8", "--index-cache-pattern-file"), "stride-calibration": ("2", "--index-cache-decode-stride 2")}
 WEIGHTS_NOT_CHECKED = {"config-only", "config-only-dummy", "config-only-file", "dummy-without-weights"}
 # (id, checkpoint, flags, substring of the one-line error)
 BAD_CASES = [
@@ -98,6 +106,19 @@ BAD_CASES = [
     ("not-dsa", "not_dsa", ["--index-cache-pattern", "FSSSFSSS"], "is not a DSA model"),
     ("config-only-layer0", "config_only", ["--index-cache-pattern", "SFFFFFFF", "--load-format", "dummy"],
      "layer 0 must be F"),
+    ("stride-without-pattern", "types", ["--index-cache-decode-stride", "4"],
+     "--index-cache-decode-stride needs a pattern: add --index-cache-pattern"),
+    ("stride-zero", "types", ["--index-cache-every", "4", "--index-cache-decode-stride", "0"],
+     "--index-cache-decode-stride must be a positive integer, got 0"),
+    ("stride-twice", "types", ["--index-cache-pattern-file", "@file:types:FFSSFSSS:2,4,1,1,8,1,1,1",
+                               "--index-cache-decode-stride", "2"], "carries decode_stride 2/4/8 already"),
+    ("stride-groups", "types", ["--index-cache-pattern-file", "@file:types:FFFFFFFF:2,4,8,16,32,1,1,1"],
+     "at most 4 distinct strides above 1"),
+    ("stride-two-batch-overlap", "types", ["--index-cache-every", "1", "--index-cache-decode-stride", "2",
+                                           "--enable-two-batch-overlap"],
+     "--index-cache-decode-stride 2 cannot run with --enable-two-batch-overlap"),
+    ("stride-torch-compile", "types", ["--index-cache-every", "4", "--index-cache-decode-stride", "4",
+                                       "--enable-torch-compile"], "cannot run with --enable-torch-compile"),
     ("config-only-short", "config_only", ["--index-cache-pattern", "FSSF"], "pattern has 4 layers but the model has 8"),
     ("config-only-other-model", "config_only", ["--index-cache-pattern-file", "@other-model"],
      "was made for another model: index_topk is 2048"),
@@ -108,6 +129,11 @@ def _pattern_files(tmp_path, ckpts) -> dict[str, str]:
     files = {"missing": str(tmp_path / "absent.json")}
     (tmp_path / "malformed.json").write_text('{"format": "indexcache-pattern/v1", "pattern": "FS')
     files["malformed"] = str(tmp_path / "malformed.json")
+    info = load_model_info(ckpts["types"])
+    for spec, strides in (("FFSSFSSS", [2, 4, 1, 1, 8, 1, 1, 1]), ("FFFFFFFF", [2, 4, 8, 16, 32, 1, 1, 1])):
+        name = f"file:types:{spec}:{','.join(map(str, strides))}"
+        files[name] = str(tmp_path / f"{name.replace(':', '-').replace(',', '')}.json")
+        pattern_file.write(files[name], pattern_file.make_document(spec, info, decode_stride=strides))
     for flavour, spec in (("types", "FFSSFSSS"), ("glm52", "FSSFSSSS")):
         info = load_model_info(ckpts[flavour])
         path = tmp_path / f"{flavour}-{spec}.json"
@@ -166,7 +192,8 @@ def test_without_flags_patched_equals_stock(results, index):
                         if stock["args"].get(k) != patched["args"].get(k))
         assert not differ, f"resolved args differ: {differ}"
         assert patched["ours"] == {"index_cache_pattern": None, "index_cache_every": None,
-                                   "index_cache_pattern_file": None, "index_cache_calibration": False}
+                                   "index_cache_pattern_file": None, "index_cache_calibration": False,
+                                   "index_cache_decode_stride": None}
     assert patched["logs"] == []
 
 
@@ -211,12 +238,26 @@ def test_flag_sets_every_layer(results, index):
         assert f"overrode the checkpoint's {key} ({ckpt_pattern})" in overrode[0]
 
 
+@pytest.mark.parametrize("name", sorted(STRIDES))
+def test_stride_is_in_the_startup_line(results, name):
+    ids = [c[0] for c in FLAG_CASES]
+    result = results["flagged"][ids.index(name)]
+    startup = [line for line in result["logs"] if line.startswith("IndexCache: pattern ")][0]
+    if STRIDES[name] is None:
+        assert "decode stride" not in startup
+    else:
+        described, source = STRIDES[name]
+        assert f"; decode stride {described} (effective " in startup and f"from {source}" in startup, startup
+    assert all("does not reuse top-k across decode steps" not in line for line in result["logs"])
+
+
 def test_flag_values_are_parsed(results):
     ids = [c[0] for c in FLAG_CASES]
     assert results["flagged"][ids.index("pattern-lower-case")]["ours"]["index_cache_pattern"] == " fssfsssf "
     assert results["flagged"][ids.index("every-types")]["ours"]["index_cache_every"] == 4
     assert results["flagged"][ids.index("file-types")]["ours"]["index_cache_pattern_file"].endswith(".json")
     assert results["flagged"][ids.index("calibration")]["ours"]["index_cache_calibration"] is True
+    assert results["flagged"][ids.index("stride-every")]["ours"]["index_cache_decode_stride"] == 4
 
 
 def test_unchecked_weights_are_one_log_line(results):

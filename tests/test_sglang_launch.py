@@ -35,6 +35,9 @@ def _launch(tree, release, argv, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--index-cache-pattern", "SFFFFFFF"], "layer 0 must be F"),
     (["--index-cache-pattern", "FSSF"], "4 layers but the model has 8"),
+    (["--index-cache-decode-stride", "4"], "--index-cache-decode-stride needs a pattern"),
+    (["--index-cache-every", "4", "--index-cache-decode-stride", "4", "--enable-torch-compile"],
+     "--index-cache-decode-stride 4 cannot run with --enable-torch-compile"),
 ])
 def test_bad_flag_is_one_line_and_exit_2(tmp_path_factory, tmp_path, sglang_release, flags, message):
     trees = sgl.trees(tmp_path_factory, sglang_release)

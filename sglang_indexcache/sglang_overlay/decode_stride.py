@@ -116,10 +116,22 @@ def state() -> dict:
     return {**described, "stride_switchable": _STATE["switchable"], "store_bytes": store.nbytes if store else 0}
 
 
+def check_pattern(pattern: str) -> StridePlan | None:
+    """The plan ``pattern`` would run with the current strides (calibration mode regroups the F
+    layers at a pattern switch); a UsageError when they would need too many groups."""
+    if _STATE["plan"] is None:
+        return None
+    try:
+        return StridePlan.of(pattern, _STATE["layer_strides"])
+    except UsageError as exc:
+        raise UsageError(f"pattern {pattern} with the current decode strides: {exc}; switch the strides first") from exc
+
+
 def on_pattern(pattern: str) -> None:
     """Calibration mode switched the pattern: regroup the F layers (no CUDA graphs there)."""
-    if _STATE["plan"] is not None:
-        _STATE.update(plan=StridePlan.of(pattern, _STATE["layer_strides"]), mirror=None)
+    new = check_pattern(pattern)
+    if new is not None:
+        _STATE.update(plan=new, mirror=None)
 
 
 def switch(values, num_layers: int) -> StridePlan:

@@ -50,6 +50,7 @@ def check_pattern(model, pattern: str) -> str:
     pattern = pat.validate(pattern, len(attns))
     require_indexers(pattern, [i for i, a in enumerate(attns) if a.indexer is not None], "the loaded model",
                      hint="; start the server with --index-cache-calibration to keep every indexer")
+    decode_stride.check_pattern(pattern)
     return pattern
 
 

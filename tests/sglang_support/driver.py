@@ -36,7 +36,8 @@ os.environ["SGLANG_USE_CPU_ENGINE"] = "1"
 
 import torch  # noqa: E402
 
-OUR_FIELDS = ("index_cache_pattern", "index_cache_every", "index_cache_pattern_file", "index_cache_calibration")
+OUR_FIELDS = ("index_cache_pattern", "index_cache_every", "index_cache_pattern_file", "index_cache_calibration",
+              "index_cache_decode_stride")
 
 
 class _Capture(logging.Handler):

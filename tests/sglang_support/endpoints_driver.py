@@ -150,6 +150,23 @@ def main(checkpoint, results_path):
         out["set_invalid"] = await call(app, "POST", "/index_cache/pattern", {"pattern": "SFFFFFFF"}, key=ADMIN_KEY)
         out["set_bad_body"] = await call(app, "POST", "/index_cache/pattern", {"p": 1}, key=ADMIN_KEY)
         out["after_invalid"] = {"model": runtime.model_pattern(model), "flushes": busy["flushes"]}
+        # decode stride (0007): calibration mode switches it between batches, like patterns
+        out["stride_no_key"] = await call(app, "POST", "/index_cache/stride", {"decode_stride": 4})
+        out["stride"] = await call(app, "POST", "/index_cache/stride", {"decode_stride": 4}, key=ADMIN_KEY)
+        out["stride_gauge"] = runtime._STATE["stride_gauge"]._value.get()
+        out["stride_layers"] = await call(app, "POST", "/index_cache/stride",
+                                          {"decode_stride": [2, 1, 1, 1, 8, 1, 1, 1]}, key=ADMIN_KEY)
+        out["stride_bad"] = [await call(app, "POST", "/index_cache/stride", body, key=ADMIN_KEY)
+                             for body in ({"decode_stride": 0}, {"decode_stride": [4, 4]}, {"stride": 4},
+                                          {"decode_stride": True})]
+        out["stride_server_info"] = runtime.server_info(server_args)
+        out["stride_get"] = await call(app, "GET", "/index_cache", key=ADMIN_KEY)
+        # strides that group fine on 2 F layers but would need 5 groups under all-F: that switch is refused
+        out["stride_five"] = await call(app, "POST", "/index_cache/stride",
+                                        {"decode_stride": [2, 4, 8, 16, 32, 1, 1, 1]}, key=ADMIN_KEY)
+        out["all_f_refused"] = await call(app, "POST", "/index_cache/pattern", {"pattern": "F" * N}, key=ADMIN_KEY)
+        out["after_refused"] = runtime.model_pattern(model)
+        await call(app, "POST", "/index_cache/stride", {"decode_stride": 4}, key=ADMIN_KEY)
         out["overlap_bad_body"] = await call(app, "POST", "/index_cache/overlap", {"text": []}, key=ADMIN_KEY)
         out["overlap_no_capture"] = await call(app, "POST", "/index_cache/overlap", {"text": ["a"]}, key=ADMIN_KEY)
         set_global_indexer_capturer(SimpleNamespace())  # as --enable-return-indexer-topk would
@@ -159,6 +176,7 @@ def main(checkpoint, results_path):
         out["server_info"] = runtime.server_info(server_args)
         server_args.index_cache_pattern, server_args.index_cache_calibration = None, False
         out["get_flags_off"] = await call(app, "GET", "/index_cache", key=ADMIN_KEY)
+        out["stride_flags_off"] = await call(app, "POST", "/index_cache/stride", {"decode_stride": 2}, key=ADMIN_KEY)
         out["server_info_flags_off"] = runtime.server_info(server_args)
 
     asyncio.run(scenario())
