@@ -5,7 +5,9 @@ reads the SGLang flags the runner passes (memory fraction, KV dtype, chunk, patt
 calibration mode, max running requests, max total tokens), prints SGLang 0.5.17's start-up lines
 (weights, KV pool sized the way 0.5.17 sizes it, ``max_total_num_tokens=``) and serves
 ``/health``, ``/server_info``, ``/metrics``, streamed and non-streamed ``/generate`` (prompt
-log-probabilities with ``return_logprob``), and, in calibration mode, ``/index_cache``. It admits a
+log-probabilities with ``return_logprob``; a captured top-k with ``return_indexer_topk`` that follows the
+decode-stride reuse rule, ``STUB_TOPK`` entries wide), in calibration mode ``/index_cache``, and with a
+decode stride ``POST /index_cache/stride`` (the step time follows the stride). It admits a
 request only while its pages fit in the pool and fewer than ``--max-running-requests`` - 1 run (a
 smaller pool runs fewer long requests at once; 0.5.17 ran 31 with 32 allowed), and logs ``Decode
 batch`` lines whose step time grows with the kept indexers. Only the runner's plumbing is tested
@@ -15,7 +17,11 @@ with it; the numbers are made up.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import os
+import random
+from array import array
 import math
 import sys
 import threading
@@ -41,6 +47,7 @@ def options(argv):
     p.add_argument("--index-cache-pattern-file")
     p.add_argument("--index-cache-calibration", action="store_true")
     p.add_argument("--admin-api-key")
+    p.add_argument("--index-cache-decode-stride", type=int, default=1)
     p.add_argument("--load-format", default="auto")
     args, _ = p.parse_known_args(argv)
     return args
@@ -73,8 +80,13 @@ class Stub(ThreadingHTTPServer):
         stamp = time.strftime("[%Y-%m-%d %H:%M:%S]")
         print(f"{stamp} server_args=ServerArgs(model_path='stub', mem_fraction_static={args.mem_fraction_static},"
               f" chunked_prefill_size={args.chunked_prefill_size})")
+        self.stride = args.index_cache_decode_stride
+        stride = f"; decode stride {self.stride} (effective {self.stride:.2f})" if self.stride > 1 else ""
         if self.calibration or pattern:
-            print(f"{stamp} IndexCache: pattern {self.pattern} ({self.pattern.count('F')}/{layers} indexers kept)")
+            print(f"{stamp} IndexCache: pattern {self.pattern} ({self.pattern.count('F')}/{layers} indexers kept){stride}")
+        if self.stride > 1:
+            print(f"{stamp} IndexCache: decode stride {self.stride}: top-k store for layers 0: 1 layers x 33 request slots")
+            print(f"{stamp} IndexCache: decode stride {self.stride}: capturing 2 decode graphs per batch size")
         print(f"{stamp} Load weight begin. avail mem={before:.2f} GB")
         print(f"{stamp} Load weight end. elapsed=0.50 s, type=GlmMoeDsaForCausalLM, avail mem={after:.2f} GB,"
               f" mem usage={weights:.2f} GB.")
@@ -83,8 +95,29 @@ class Stub(ThreadingHTTPServer):
         print(f"{stamp} max_total_num_tokens={self.pool}, chunked_prefill_size={args.chunked_prefill_size},"
               f" max_prefill_tokens=16384, max_running_requests={args.max_running_requests}, context_len=202752,"
               f" available_gpu_mem=20.00 GB", flush=True)
-        self.itl = 0.004 + 0.0001 * self.pattern.count("F")  # every kept indexer adds 0.1 ms to a step
+        self.set_itl()
         self.admitted = threading.Condition(self.lock)
+
+    def set_itl(self):  # every kept indexer adds 0.1 ms to a step, divided by the decode stride
+        self.itl = 0.004 + 0.0001 * self.pattern.count("F") / self.stride
+
+    def topk(self, tokens, prompt):
+        """A captured top-k ``[tokens, layers, k]`` that follows the reuse rule (positions as slots)."""
+        k, layers, rng = int(os.environ.get("STUB_TOPK", "2048")), len(self.pattern), random.Random(tokens)
+        rows, fresh = array("i"), {}
+        for t in range(tokens):
+            for layer, c in enumerate(self.pattern):
+                if c == "S":
+                    source = max(i for i in range(layer) if self.pattern[i] == "F")
+                    rows.extend(rows[(t * layers + source) * k:(t * layers + source + 1) * k])
+                    continue
+                d = (t - prompt) % self.stride if t >= prompt else 0
+                if d == 0:
+                    fresh[layer] = rng.sample(range(t + 1), min(k, t + 1)) + [-1] * max(0, k - t - 1)
+                    rows.extend(fresh[layer])
+                else:
+                    rows.extend(fresh[layer][:k - d] + list(range(t - d + 1, t + 1)))
+        return base64.b64encode(rows.tobytes()).decode()
 
     def line(self, text):
         print(time.strftime("[%Y-%m-%d %H:%M:%S] ") + text, flush=True)
@@ -134,11 +167,13 @@ class Handler(BaseHTTPRequestHandler):
             info = {"model_path": "stub", "disable_radix_cache": True, "decode_log_interval": 8,
                     "chunked_prefill_size": s.args.chunked_prefill_size, "kv_cache_dtype": s.args.kv_cache_dtype,
                     "mem_fraction_static": s.args.mem_fraction_static, "load_format": s.args.load_format}
-            if s.args.stub_tree == "patched" and "S" in s.pattern or s.calibration:
-                info["index_cache"] = {"pattern": s.pattern, "kept_indexers": s.pattern.count("F")}
+            if s.args.stub_tree == "patched" and ("S" in s.pattern or s.stride > 1) or s.calibration:
+                info["index_cache"] = {"pattern": s.pattern, "kept_indexers": s.pattern.count("F"),
+                                       "decode_stride": str(s.stride)}
             return self._send(200, info)
         if self.path == "/metrics":
-            return self._send(200, f"sglang:index_cache_kept_indexers {s.pattern.count('F')}.0\n", "text/plain")
+            return self._send(200, f"sglang:index_cache_kept_indexers {s.pattern.count('F')}.0\n"
+                                   f"sglang:index_cache_decode_stride {float(s.stride)}\n", "text/plain")
         if self.path == "/index_cache" and s.calibration:
             if not self._admin():
                 return self._send(401, {})
@@ -152,14 +187,25 @@ class Handler(BaseHTTPRequestHandler):
             if not self._admin():
                 return self._send(401, {})
             s.pattern = body["pattern"]
+            s.set_itl()
             s.line(f"IndexCache: switched to pattern {s.pattern}")
             return self._send(200, {"pattern": s.pattern})
+        if self.path == "/index_cache/stride" and (s.calibration or s.args.index_cache_decode_stride > 1):
+            if not self._admin():
+                return self._send(401, {})
+            s.stride = body["decode_stride"]
+            s.set_itl()
+            s.line(f"IndexCache: switched to decode stride {s.stride} (effective {s.stride:.2f})")
+            return self._send(200, {"pattern": s.pattern, "decode_stride": str(s.stride)})
         ids, params = body["input_ids"], body["sampling_params"]
         if not body.get("stream"):
-            meta = {"prompt_tokens": len(ids), "completion_tokens": 1}
+            new = params.get("max_new_tokens", 1)
+            meta = {"prompt_tokens": len(ids), "completion_tokens": new}
             if body.get("return_logprob"):
                 meta["input_token_logprobs"] = s.logprobs(ids)
-            return self._send(200, {"output_ids": [7], "meta_info": meta})
+            if body.get("return_indexer_topk"):
+                meta["indexer_topk"] = s.topk(len(ids) + new - 1, len(ids))
+            return self._send(200, {"output_ids": [7] * new, "meta_info": meta})
         need = math.ceil(len(ids) / 64) * 64 + params["max_new_tokens"] + 1
         with s.admitted:
             s.queued += 1

@@ -16,7 +16,7 @@ import time
 
 from sglang_indexcache import pattern as pat
 
-from . import capacity, checks, host, measure
+from . import capacity, checks, host, measure, stride
 from .runner import Phase
 
 ALL_PARTS = ["prefill", "decode-8x200k", "chunk40k", "decode-32x32k"]
@@ -61,6 +61,30 @@ def issue21() -> list[Phase]:
         *measure.bench_phases(measure.bench_server("patched-e4-l78", "patched", e4_78, **deep), ["prefill-deep"]),
         Phase("memory-l78", capacity.memory_compare("stock-e4-l78", "patched-e4-l78", "bf16", e4_78), 1, gpu=False,
               needs=("stock-e4-l78:prefill-deep", "patched-e4-l78:prefill-deep")),
+    ]
+
+
+def issue22() -> list[Phase]:
+    """Decode stride on the 32-layer stack: every-4 at strides 4/1/2/8/4 by run-time switch on one server
+    (8 x 200K, then 31 x 32K, prefilled once each), stock all-F and every-4 without a stride beside (the
+    1.6x target and stride 1), the top-k each layer used on the GPU, switches under load."""
+    e4, f32 = pat.uniform(32, 4), "F" * 32
+    server = stride.stride_server("i22-e4-stride4", e4, 4)
+    sweep8 = "i22-e4-stride4:decode-8x200k-strides"
+    all_f, no_stride = (measure.bench_server("i22-stock-all-F", "stock", f32),
+                        measure.bench_server("i22-patched-e4", "patched", e4))
+    baselines = ("i22-stock-all-F:decode-8x200k", "i22-patched-e4:decode-8x200k")
+    return [
+        Phase("i22-e4-stride4:checks", _checks_only(stride.observability(4)), 5, server=server, kind="checks"),
+        # 8 prefills of 200K (~72 s at every-4) and ~780 decode steps (~5 s); 31 prefills of 32K (~30 s)
+        *[Phase(f"{server.key}:{part}", stride.sweep(*stride.SWEEPS[part]), estimate, server=server, kind=part)
+          for part, estimate in (("decode-8x200k-strides", 90), ("decode-31x32k-strides", 45))],
+        *measure.bench_phases(all_f, ["decode-8x200k"]),
+        *measure.bench_phases(no_stride, ["decode-8x200k"]),
+        Phase("i22-compare", stride.compare(sweep8, baselines[1], baselines[0]), 1, gpu=False,
+              needs=(sweep8, *baselines)),
+        Phase("i22-topk-8:structure", stride.topk_structure, 25, server=stride.TOPK_SERVER),
+        Phase("i22-calibration-8:switches", stride.switches_under_load, 45, server=stride.CALIBRATION_SERVER),
     ]
 
 
@@ -127,7 +151,7 @@ def kernels24() -> list[Phase]:
     return [script_phase("kernels-24", ["bash", "scripts/gpu_kernels_24.sh", "{out}"], 240)]
 
 
-PLANS = {"issue21": issue21, "checks": checks8, "bench8": bench8, "kernels24": kernels24}
+PLANS = {"issue21": issue21, "issue22": issue22, "checks": checks8, "bench8": bench8, "kernels24": kernels24}
 
 
 def build(names: list[str]) -> list[Phase]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sglang_indexcache.bench import serve_analysis, serve_report, serve_run
 
-from . import chunked
+from . import chunked, stride
 from .measure import compare_logprobs
 
 TARGETS = {"bf16": 0.07, "fp8": 0.12}  # issue 21: KV tokens at every-4 on the 32-layer stack
@@ -59,6 +59,7 @@ def markdown(summary: dict) -> str:
     for title, lines in (("KV tokens: stock against patched at the same --mem-fraction-static", _memory(phases)),
                          ("Memory saturation (fp8 KV): more long requests than stock holds", _saturation(phases)),
                          ("Chunked prefill: prompt log-probabilities against one unchunked forward", _chunked(phases)),
+                         ("Decode stride (issue 22): strides switched at run time on one server", stride.markdown(phases)),
                          ("Failed checks", _failed(phases))):
         if lines:
             out += ["", f"## {title}", ""] + lines

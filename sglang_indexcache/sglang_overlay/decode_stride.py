@@ -283,6 +283,9 @@ def capture_labels(model_runner) -> tuple:
     if current is None or not current.active or getattr(model_runner, "is_draft_worker", False):
         return (None,)
     _ensure_store(model_runner, current)
+    if _STATE["captured"] is None:
+        logger.info("IndexCache: decode stride %s: capturing %d decode graphs per batch size (%s)", current.describe(),
+                    current.kinds, ", ".join(current.labels()))
     _STATE["captured"] = current.groups
     return current.labels()
 
@@ -295,8 +298,6 @@ def graph_variants(model_runner, stock):
     if stock is not None:
         raise RuntimeError("IndexCache: the decode stride cannot be combined with SGLang's own attention graph"
                            f" variants {stock.capture_labels} (ROCm DSA / DSv4.1)")
-    logger.info("IndexCache: decode stride %s: capturing %d decode graphs per batch size (%s)",
-                _STATE["plan"].describe(), len(labels), ", ".join(labels))
     return StrideGraphVariants(labels)
 
 
