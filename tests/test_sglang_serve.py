@@ -39,6 +39,10 @@ def test_dry_run_prints_the_launch_command(model_and_file, tmp_path_factory):
         f"-m sglang.launch_server --model-path {model} --index-cache-pattern-file {path} --port 31000")
     proc = serve("--model", model, "--calibration", "--dry-run", pythonpath=patched)
     assert proc.stdout.strip().endswith("--index-cache-calibration")
+    proc = serve("--model", model, "--pattern-file", path, "--decode-stride", "4", "--dry-run", pythonpath=patched)
+    assert proc.stdout.strip().endswith(f"--index-cache-pattern-file {path} --index-cache-decode-stride 4")
+    proc = serve("--model", model, "--pattern-file", path, "--decode-stride", "0", "--dry-run", pythonpath=patched)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.sglang

@@ -1,6 +1,6 @@
 """Launch the patched SGLang server with an IndexCache pattern.
 
-indexcache serve --model DIR --pattern-file FILE [--calibration] [--dry-run] [-- SGLANG ARGS]
+indexcache serve --model DIR --pattern-file FILE [--calibration] [--decode-stride N] [--dry-run] [-- SGLANG ARGS]
 
 Checks the pattern file against the checkpoint and that the SGLang found by this Python carries our
 patch set, prints the command, then (unless --dry-run, which runs every check) replaces this process with
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
-from .options import add_model
+from .options import add_model, positive_int
 
 
 def add_arguments(parser) -> None:
@@ -25,6 +25,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pattern-file", help="indexcache-pattern/v1 file (see `indexcache calibrate`)")
     parser.add_argument("--calibration", action="store_true",
                         help="calibration mode: every indexer loaded, /index_cache endpoints, no CUDA graphs")
+    parser.add_argument("--decode-stride", type=positive_int, metavar="N",
+                        help="F layers refresh their top-k every N decode steps (--index-cache-decode-stride N;"
+                             " default: the pattern file's decode_stride, else 1)")
     parser.add_argument("--dry-run", action="store_true", help="run every check (checkpoint, pattern file, SGLang installed and patched),"
                              " print the command and exit")
     parser.add_argument("sglang_args", nargs=argparse.REMAINDER, help="after --: passed to sglang.launch_server")
@@ -63,6 +66,8 @@ def build_command(args) -> list[str]:
         command += ["--index-cache-pattern-file", str(args.pattern_file)]
     if args.calibration:
         command.append("--index-cache-calibration")
+    if args.decode_stride is not None:
+        command += ["--index-cache-decode-stride", str(args.decode_stride)]
     return command + extra
 
 
