@@ -36,7 +36,9 @@ SWEEPS = {"decode-8x200k-strides": (8, 200_000, 0), "decode-31x32k-strides": (31
 SWITCH_SECONDS = 25.0
 SETTLE_LINES, MEASURE_LINES = 2, 16  # decode lines per stride (8 steps each at --decode-log-interval 8)
 LOG_INTERVAL = 8
-POLL_S = 0.25
+POLL_S = 0.1
+# decode lines the requests last: each stride's lines, the lines that pass between a measurement's end
+# and the next switch, and a margin (decode is cheap: 8 x 200K at every-4 is ~6 ms a step)
 
 
 def stride_server(key: str, pattern: str, stride: int, batch: int = 32, checkpoint: str = "l32", extra=()):
@@ -59,14 +61,14 @@ def _decode_lines(window) -> list[dict]:
 
 
 def _wait_all_decoding(ctx, window, asked: int, deadline: float) -> int | None:
-    """The running count once every prompt is prefilled (two decode lines after the last prefill
-    line, nothing queued); None at the deadline."""
+    """``asked`` once every request decodes (two decode lines at that running count after the last
+    prefill line); None at the deadline."""
     while time.monotonic() < deadline:
         events = serve_log.parse_lines(window.read())
         last_prefill = max((i for i, e in enumerate(events) if e["kind"] == "prefill"), default=-1)
-        after = [e for e in events[last_prefill + 1:] if e["kind"] == "decode"]
-        if len(after) >= 2 and after[-1]["queue"] in (0, None) and after[-1]["running"] >= min(asked, 2):
-            return after[-1]["running"]
+        after = [e for e in events[last_prefill + 1:] if e["kind"] == "decode" and e["running"] == asked]
+        if len(after) >= 2:
+            return asked
         time.sleep(POLL_S)
     return None
 
@@ -91,7 +93,7 @@ def sweep(batch: int, length: int, offset: int = 0, strides=STRIDES):
     """Decode ``batch`` x ``length`` on a stride server and measure each stride by run-time switch."""
     def run(ctx) -> dict:
         server, key = ctx.server, ctx.server.spec.key
-        steps = (len(strides) * (SETTLE_LINES + MEASURE_LINES) + 8) * LOG_INTERVAL
+        steps = (2 * len(strides) * (SETTLE_LINES + MEASURE_LINES) + 30) * LOG_INTERVAL
         prompts = PromptMaker(0, key, 4000, batch, start=offset)
         jobs = []
         for index in range(batch):
