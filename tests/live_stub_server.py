@@ -3,7 +3,8 @@
 ``python live_stub_server.py --stub-layers L --stub-tree stock|patched --port P [SGLang flags...]``
 reads the SGLang flags the runner passes (memory fraction, KV dtype, chunk, pattern flags,
 calibration mode, max running requests, max total tokens), prints SGLang 0.5.17's start-up lines
-(weights, KV pool sized the way 0.5.17 sizes it, ``max_total_num_tokens=``) and serves
+(weights, less the S layers' indexers on a patched server with a pattern; KV pool sized the way
+0.5.17 sizes it, ``max_total_num_tokens=``) and serves
 ``/health``, ``/server_info``, ``/metrics``, streamed and non-streamed ``/generate`` (prompt
 log-probabilities with ``return_logprob``), and, in calibration mode, ``/index_cache``. It admits a
 request only while its pages fit in the pool and fewer than ``--max-running-requests`` - 1 run (a
@@ -67,6 +68,8 @@ class Stub(ThreadingHTTPServer):
         frees = args.stub_tree == "patched" and not self.calibration  # the serving patch: F layers hold index keys
         cell = layers * kv + (self.pattern.count("F") if frees else layers) * 132
         before, weights = 139.09, 0.26 * layers
+        if frees:  # and S layers build no indexer (0.5.17): GLM-5's at hidden 2048, in bf16
+            weights -= self.pattern.count("S") * (2048 * 32 * 128 + 2048 * (128 + 32) + 2 * 128) * 2 / 2**30
         after = before - weights
         pool = int((after - before * (1 - args.mem_fraction_static)) * 2**30 // cell // 64 * 64)
         self.pool = min(pool, args.max_total_tokens) if args.max_total_tokens else pool

@@ -126,9 +126,9 @@ def toy(monkeypatch):
     monkeypatch.setattr(measure, "DECODE_TOKENS", 24)
     monkeypatch.setattr(serve_run, "LOG_SETTLE_S", 0.1)
     monkeypatch.setattr(chunked, "PROMPT_TOKENS", 3000)
-    monkeypatch.setitem(measure.SATURATION, "target_length", 2000)
+    # saturation at its real prompt lengths (the stub's requests cost little): a pool of toy size would
+    # make the freed indexer weights, a fixed ~0.4 GiB, dwarf it
     monkeypatch.setitem(measure.SATURATION, "new_tokens", 16)
-    monkeypatch.setitem(measure.SATURATION, "length_range", (1024, 4096))
     chunk = measure.BENCH_ARGS.index("--chunked-prefill-size") + 1  # the bench servers chunk the toy prompt
     monkeypatch.setattr(measure, "BENCH_ARGS", [*measure.BENCH_ARGS[:chunk], "1024", *measure.BENCH_ARGS[chunk + 1:]])
 
@@ -159,7 +159,8 @@ def test_issue21_plan_end_to_end(tmp_path, monkeypatch, toy):
     # what the phases measured on the stub, read back from the results
     assert phases["stock-e4:decode-32x32k"]["result"]["serve"]["decode"][0]["server_log"]["running_reached"] == 31
     bf16 = phases["memory-bf16"]["result"]
-    assert bf16["gain"] == pytest.approx(memory.expected_gain(32, 8, "bf16"), abs=0.002)
+    assert bf16["gain"] == pytest.approx(memory.expected_gain(32, 8, "bf16", bf16["stock_tokens"]), abs=0.001)
+    assert bf16["gain"] > memory.expected_gain(32, 8, "bf16") + 0.002  # the freed indexer weights count
     stock, patched = (phases[f"{k}-e4-fp8:saturation"]["result"] for k in ("stock", "patched"))
     assert (stock["max_running"], patched["max_running"], stock["lost"], patched["lost"]) == (3, 4, 0, 0)
     assert stock["length"] == patched["length"] and stock["plan"]["stock_holds"] == 3
@@ -177,7 +178,7 @@ def test_issue21_plan_end_to_end(tmp_path, monkeypatch, toy):
     assert "live/servers/server_stock-e4.log" in names and "live/serve/serve_stock-e4.json" in names
     text = (out / "summary.md").read_text()
     assert text == report.markdown(report.load(out))
-    assert bf16["gain_equal_bytes"] == pytest.approx(memory.expected_gain(32, 8, "bf16"), abs=0.002)
+    assert bf16["gain_equal_bytes"] == pytest.approx(memory.expected_gain(32, 8, "bf16"), abs=0.001)
     for expected in ("## 32 layers, live server", "31 (of 32 sent)", "each indexer costs", "| fp8 | 32 (8) |",
                      "| stock-e4-fp8 |", "## Chunked prefill", "| stock-e4 | stock | 1024 | every-4 |",
                      "| 0 / 0.0001 / 0 | pass: mean abs diff 3.", "## 78 layers (SGLang dummy weights: every layer alike), live server",
@@ -293,31 +294,6 @@ def test_every_plan_builds():
         for phase in phases:
             if phase.server is not None:
                 assert phase.server.checkpoint in phases[0].checkpoints
-
-
-def test_memory_formula_and_saturation_plan():
-    assert memory.expected_gain(32, 8, "bf16") == pytest.approx(41088 / 37920 - 1)  # +8.4%
-    assert memory.expected_gain(32, 8, "fp8") == pytest.approx(25216 / 22048 - 1)  # +14.4%
-    # the 2026-12-02 8-layer start-up: 0.8 of 139.09 GiB with 136.77 GiB left after the weights
-    cell = memory.cell_bytes(8, 8, "bf16", False)
-    assert memory.mem_fraction_for(11386816, cell, 139.09, 136.77) == pytest.approx(0.8, abs=0.001)
-    gain = memory.expected_gain(32, 8, "fp8")
-    pool = memory.pool_for_saturation(180_000, 256, 4, gain)
-    plan = memory.saturation_plan(pool, gain, 4, 256)
-    assert 170_000 < plan["length"] <= 180_000 and plan["stock_holds"] == 3 and plan["patched_holds_predicted"] == 4
-
-
-def test_chunked_verdicts():
-    reference = [None] + [-8.0 + 0.01 * (i % 7) for i in range(1, 100)]
-    control_side = [None] + [v + 0.05 for v in reference[1:]]
-    control = chunked.difference(reference, control_side, chunk=40)
-    close = chunked.difference(reference, [None] + [v + 1e-4 for v in reference[1:]], chunk=40)
-    far = chunked.difference(reference, [None] + [v + 0.03 for v in reference[1:]], chunk=40)
-    assert close["segment_mean_abs"] == [pytest.approx(1e-4)] * 3
-    assert chunked.verdict(close, control)[0] == "pass"
-    assert chunked.verdict(far, control)[0] == "fail"  # within bf16 but as large as a pattern change
-    assert chunked.verdict(close, chunked.difference(reference, reference))[0] == "inconclusive"
-    assert chunked.verdict(close, None)[0] == "inconclusive"
 
 
 def test_runner_imports_no_torch():

@@ -45,6 +45,11 @@ def layers(checkpoint: str) -> int:
     return int(args[args.index("--layers") + 1])
 
 
+def hidden(checkpoint: str) -> int:
+    args = CHECKPOINTS[checkpoint]
+    return int(args[args.index("--hidden") + 1])
+
+
 def env(tree: str) -> dict:
     """Environment of a host process: stock (the bundle) or patched SGLang (its copy, then our package)."""
     path = [str(PATCHED), str(OURS), str(SITE)] if tree == "patched" else [str(SITE), str(OURS)]

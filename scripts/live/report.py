@@ -99,16 +99,20 @@ def _memory(phases: dict) -> list[str]:
         return []
     lines = ["| KV dtype | layers (kept indexers) | --mem-fraction-static | free at start, stock / patched (GiB) |"
              " stock tokens | patched tokens | gain | bytes per token, stock / patched | gain at equal bytes |"
-             " formula | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " formula: index keys / with the freed indexer weights | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = TARGETS.get(r["kv"]) if r["layers"] == 32 else None
         met = "" if target is None else f"{target:+.0%} ({'met' if r['gain'] >= target else 'missed'})"
         per_token = ("–" if not r.get("gain_equal_bytes") else
                      f"{r['stock_bytes_per_token']:,.0f} / {r['patched_bytes_per_token']:,.0f}")
         equal = "–" if r.get("gain_equal_bytes") is None else f"{r['gain_equal_bytes']:+.1%}"
+        # an older result has the index keys' formula alone, as expected_gain
+        keys, weights = ((r["expected_gain_index_k"], f"{r['expected_gain']:+.1%}") if "expected_gain_index_k" in r
+                         else (r["expected_gain"], "–"))
         lines.append(f"| {r['kv']} | {r['layers']} ({r['kept']}) | {r['mem_fraction_static']} |"
                      f" {r.get('stock_avail_before_gb')} / {r.get('patched_avail_before_gb')} | {r['stock_tokens']:,} |"
-                     f" {r['patched_tokens']:,} | {r['gain']:+.1%} | {per_token} | {equal} | {r['expected_gain']:+.1%} |"
+                     f" {r['patched_tokens']:,} | {r['gain']:+.1%} | {per_token} | {equal} | {keys:+.1%} / {weights} |"
                      f" {met} |")
     return lines
 
