@@ -11,6 +11,11 @@ request only while its pages fit in the pool and fewer than ``--max-running-requ
 smaller pool runs fewer long requests at once; 0.5.17 ran 31 with 32 allowed), and logs ``Decode
 batch`` lines whose step time grows with the kept indexers. Only the runner's plumbing is tested
 with it; the numbers are made up.
+
+With ``--stub-model DIR`` (a small transformers GlmMoeDsa checkpoint, loaded at the first request
+that needs it; torch only then) a calibration-mode stub answers non-streamed ``/generate`` batches
+with that model's real prompt log-probabilities under the switched pattern (``fake_sglang``), each
+``--stub-delay`` seconds late: what ``indexcache calibrate --url`` needs for a search.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ def options(argv):
     p.add_argument("--index-cache-calibration", action="store_true")
     p.add_argument("--admin-api-key")
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--stub-model")
+    p.add_argument("--stub-delay", type=float, default=0.0)
     args, _ = p.parse_known_args(argv)
     return args
 
@@ -88,6 +95,18 @@ class Stub(ThreadingHTTPServer):
               f" available_gpu_mem=20.00 GB", flush=True)
         self.itl = 0.004 + 0.0001 * self.pattern.count("F")  # every kept indexer adds 0.1 ms to a step
         self.admitted = threading.Condition(self.lock)
+        self.backend, self.loading = None, threading.Lock()
+
+    def model(self):
+        """The ``--stub-model`` backend under the current pattern (loaded once, at the first need)."""
+        with self.loading:
+            if self.backend is None:
+                from sglang_indexcache.calibration.backend import TransformersBackend
+
+                self.backend = TransformersBackend.from_pretrained(self.args.stub_model)
+            if self.backend.pattern != self.pattern:
+                self.backend.set_pattern(self.pattern)
+            return self.backend
 
     def line(self, text):
         print(time.strftime("[%Y-%m-%d %H:%M:%S] ") + text, flush=True)
@@ -158,6 +177,10 @@ class Handler(BaseHTTPRequestHandler):
             s.line(f"IndexCache: switched to pattern {s.pattern}")
             return self._send(200, {"pattern": s.pattern})
         ids, params = body["input_ids"], body["sampling_params"]
+        if s.args.stub_model and not body.get("stream"):
+            from fake_sglang import generate_reply
+
+            return self._send(200, generate_reply(s.model(), body, s.args.stub_delay))
         if not body.get("stream"):
             meta = {"prompt_tokens": len(ids), "completion_tokens": 1}
             if body.get("return_logprob"):
