@@ -28,6 +28,7 @@ from sglang_indexcache.model_info import load_model_info
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import calibration_timing_model as cost  # noqa: E402
 import gpu_live  # noqa: E402
+import topk_capture_bench  # noqa: E402
 from live import calsearch, host, plans  # noqa: E402
 
 CHECKPOINTS = {  # the plan's checkpoints at micro sizes (same names: the plan's phases and servers)
@@ -136,3 +137,10 @@ def test_search_shape_and_prefix_reuse():
 def test_model_cli_refuses_a_missing_file(tmp_path, capsys):
     assert cost.main([str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_capture_bench_refuses_bad_sizes(capsys):
+    assert topk_capture_bench.main(["64", "zero"]) == 2 and topk_capture_bench.main(["64"]) == 2
+    assert topk_capture_bench.main(["64", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("topk_capture_bench: error: expected TOKENS LAYERS") for line in err)
