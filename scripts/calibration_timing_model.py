@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The cost model of the greedy search through a server (issue 23), and the docs/perf.md section.
 
-CPU only: reads the raw JSON that ``scripts/gpu_calibration_timing.py`` writes on the GPU host
-(``calibration_timing.json``) and prints the Markdown section of docs/perf.md with every number
-derived from it, and the model's assumptions beside them::
+CPU only: reads the raw JSON that the live runner's ``issue23`` plan returns from the GPU host
+(``calibration_timing.json``, written by ``scripts/live/calsearch.py``) and prints the Markdown section
+of docs/perf.md with every number derived from it, and the model's assumptions beside them::
 
     python3 scripts/calibration_timing_model.py RESULTS.json [--tp-efficiency 0.6]
 
@@ -155,7 +155,7 @@ def report(results: dict, tp_efficiency: float = 0.6) -> str:
     setup, probes, capture = results["setup"], results["probes"], results.get("capture") or {}
     lines = [f"### Calibration through the server: measured {results.get('date', '?')}, {results.get('device', '?')}",
              "",
-             f"`{results.get('command', 'python3 scripts/gpu_calibration_timing.py --phases timing --out $OUT')}`;"
+             f"`{results.get('command', 'python3 scripts/gpu_live.py --plan issue23 --out $OUT')}`;"
              f" {setup['layers']}-layer GLM-5-attention stack, hidden {setup['hidden']}, checkpoint"
              f" {setup['checkpoint']} served with `--load-format dummy`, keep {setup['keep']:g},"
              f" {setup['tokens']:,} calibration tokens ({setup['tokens'] // setup['seq_len']} blocks of"

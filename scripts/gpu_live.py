@@ -6,7 +6,8 @@
 Runs the plan's phases in order (most valuable first) until the next one's estimate no longer fits
 in the budget, keeps its state in /tmp (the host keeps /tmp, and a server started in its own
 session, while it stays warm between calls), and writes everything measured so far under --out
-after every phase: live.tar.gz, summary.json, arrays.json, summary.md. Call the same command again
+after every phase: live.tar.gz, summary.json, arrays.json, summary.md (and the JSON files phases
+publish, e.g. the issue23 plan's calibration_timing.json). Call the same command again
 until it says the queue is empty (exit 0; 3: phases left; 1: the queue ended with failures).
 Needs the offline bundle of `indexcache gpu-bundle` in .gpu/bundle/ (docs/gpu.md). The library is
 scripts/live/; docs/gpu.md, "The live runner", says how to add a phase.

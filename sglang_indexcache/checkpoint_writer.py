@@ -39,6 +39,10 @@ ATTENTION_KEYS = ("num_attention_heads", "num_key_value_heads", "q_lora_rank", "
                   "index_n_heads")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SHARD_BYTES = 1 << 30
+# random: every tensor; indexer: config, tokenizer and the indexer tensors only (what `validate`,
+# `calibrate --url` and a pattern file's fingerprint read, for a server with --load-format dummy);
+# none: config and tokenizer only
+WEIGHTS = ("random", "indexer", "none")
 
 
 def checkpoint_config(hidden: int, layers: int, intermediate: int, flavour: str = "plain",
@@ -153,8 +157,8 @@ def write_checkpoint(out, hidden: int, layers: int, intermediate: int, flavour: 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty directory")
-    if weights not in ("random", "none"):
-        raise UsageError(f"--weights must be random or none, got {weights!r}")
+    if weights not in WEIGHTS:
+        raise UsageError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     if pattern is not None:
         pattern = pat.validate(pattern, layers)
     config = checkpoint_config(hidden, layers, intermediate, flavour, pattern, overrides)
@@ -164,8 +168,10 @@ def write_checkpoint(out, hidden: int, layers: int, intermediate: int, flavour: 
         (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name in TOKENIZER_FILES:
             shutil.copyfile(TINY_MODEL_DIR / name, staged / name)
-        if weights == "random":
+        if weights != "none":
             shapes = kept_weights(weight_shapes(config), pattern, flavour)
+            if weights == "indexer":
+                shapes = {n: s for n, s in shapes.items() if INDEXER_MARK in n}
             summary["shards"] = write_weights(staged, shapes, device, seed, shard_bytes=shard_bytes)
             summary["parameters"] = sum(math.prod(s) for s in shapes.values())
             summary["indexer_layers"] = sorted({_layer(n) for n in shapes if INDEXER_MARK in n})

@@ -58,28 +58,35 @@ class FakeSGLang(BaseHTTPRequestHandler):
             self._send(404, {"error": "no route"})
 
     def _generate(self, body) -> list:
-        started, cls = time.perf_counter(), type(self)
-        ids = torch.tensor(body["input_ids"])
+        cls = type(self)
         with cls.lock:
             cls.active += 1
             cls.max_active = max(cls.max_active, cls.active)
         try:
-            time.sleep(self.delay_s)
-            with torch.no_grad():
-                logp = self.backend.model(ids).logits.float().log_softmax(-1)
+            return generate_reply(self.backend, body, self.delay_s)
         finally:
             with cls.lock:
                 cls.active -= 1
-        outs = [{"text": "x", "meta_info": {}} for _ in range(ids.shape[0])]
-        if body.get("return_logprob"):
-            assert body["logprob_start_len"] == 0
-            picked = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-            for out, p, r in zip(outs, picked.tolist(), ids.tolist()):
-                out["meta_info"]["input_token_logprobs"] = (
-                    [[None, int(r[0]), None]] + [[float(v), int(t), None] for v, t in zip(p, r[1:])])
-        for out in outs:
-            out["meta_info"]["e2e_latency"] = time.perf_counter() - started
-        return outs
+
+
+def generate_reply(backend, body: dict, delay_s: float = 0.0) -> list:
+    """SGLang's ``/generate`` reply to a batch of ``input_ids``: one whole forward of ``backend`` under its
+    pattern (prompt log-probabilities with ``return_logprob``, ``meta_info.e2e_latency``)."""
+    started = time.perf_counter()
+    ids = torch.tensor(body["input_ids"])
+    time.sleep(delay_s)
+    with torch.no_grad():
+        logp = backend.model(ids).logits.float().log_softmax(-1)
+    outs = [{"text": "x", "meta_info": {}} for _ in range(ids.shape[0])]
+    if body.get("return_logprob"):
+        assert body["logprob_start_len"] == 0
+        picked = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+        for out, p, r in zip(outs, picked.tolist(), ids.tolist()):
+            out["meta_info"]["input_token_logprobs"] = (
+                [[None, int(r[0]), None]] + [[float(v), int(t), None] for v, t in zip(p, r[1:])])
+    for out in outs:
+        out["meta_info"]["e2e_latency"] = time.perf_counter() - started
+    return outs
 
 
 class StubServer:

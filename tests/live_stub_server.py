@@ -3,7 +3,8 @@
 ``python live_stub_server.py --stub-layers L --stub-tree stock|patched --port P [SGLang flags...]``
 reads the SGLang flags the runner passes (memory fraction, KV dtype, chunk, pattern flags,
 calibration mode, max running requests, max total tokens), prints SGLang 0.5.17's start-up lines
-(weights, KV pool sized the way 0.5.17 sizes it, ``max_total_num_tokens=``) and serves
+(weights, less the S layers' indexers on a patched server with a pattern; KV pool sized the way
+0.5.17 sizes it, ``max_total_num_tokens=``) and serves
 ``/health``, ``/server_info``, ``/metrics``, streamed and non-streamed ``/generate`` (prompt
 log-probabilities with ``return_logprob``; a captured top-k with ``return_indexer_topk`` that follows the
 decode-stride reuse rule, ``STUB_TOPK`` entries wide), in calibration mode ``/index_cache``, and with a
@@ -12,6 +13,11 @@ request only while its pages fit in the pool and fewer than ``--max-running-requ
 smaller pool runs fewer long requests at once; 0.5.17 ran 31 with 32 allowed), and logs ``Decode
 batch`` lines whose step time grows with the kept indexers. Only the runner's plumbing is tested
 with it; the numbers are made up.
+
+With ``--stub-model DIR`` (a small transformers GlmMoeDsa checkpoint, loaded at the first request
+that needs it; torch only then) a calibration-mode stub answers non-streamed ``/generate`` batches
+with that model's real prompt log-probabilities under the switched pattern (``fake_sglang``), each
+``--stub-delay`` seconds late: what ``indexcache calibrate --url`` needs for a search.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ def options(argv):
     p.add_argument("--admin-api-key")
     p.add_argument("--index-cache-decode-stride", type=int, default=1)
     p.add_argument("--load-format", default="auto")
+    p.add_argument("--stub-model")
+    p.add_argument("--stub-delay", type=float, default=0.0)
     args, _ = p.parse_known_args(argv)
     return args
 
@@ -74,6 +82,8 @@ class Stub(ThreadingHTTPServer):
         frees = args.stub_tree == "patched" and not self.calibration  # the serving patch: F layers hold index keys
         cell = layers * kv + (self.pattern.count("F") if frees else layers) * 132
         before, weights = 139.09, 0.26 * layers
+        if frees:  # and S layers build no indexer (0.5.17): GLM-5's at hidden 2048, in bf16
+            weights -= self.pattern.count("S") * (2048 * 32 * 128 + 2048 * (128 + 32) + 2 * 128) * 2 / 2**30
         after = before - weights
         pool = int((after - before * (1 - args.mem_fraction_static)) * 2**30 // cell // 64 * 64)
         self.pool = min(pool, args.max_total_tokens) if args.max_total_tokens else pool
@@ -97,6 +107,18 @@ class Stub(ThreadingHTTPServer):
               f" available_gpu_mem=20.00 GB", flush=True)
         self.set_itl()
         self.admitted = threading.Condition(self.lock)
+        self.backend, self.loading = None, threading.Lock()
+
+    def model(self):
+        """The ``--stub-model`` backend under the current pattern (loaded once, at the first need)."""
+        with self.loading:
+            if self.backend is None:
+                from sglang_indexcache.calibration.backend import TransformersBackend
+
+                self.backend = TransformersBackend.from_pretrained(self.args.stub_model)
+            if self.backend.pattern != self.pattern:
+                self.backend.set_pattern(self.pattern)
+            return self.backend
 
     def set_itl(self):  # every kept indexer adds 0.1 ms to a step, divided by the decode stride
         self.itl = 0.004 + 0.0001 * self.pattern.count("F") / self.stride
@@ -198,6 +220,10 @@ class Handler(BaseHTTPRequestHandler):
             s.line(f"IndexCache: switched to decode stride {s.stride} (effective {s.stride:.2f})")
             return self._send(200, {"pattern": s.pattern, "decode_stride": str(s.stride)})
         ids, params = body["input_ids"], body["sampling_params"]
+        if s.args.stub_model and not body.get("stream"):
+            from fake_sglang import generate_reply
+
+            return self._send(200, generate_reply(s.model(), body, s.args.stub_delay))
         if not body.get("stream"):
             new = params.get("max_new_tokens", 1)
             meta = {"prompt_tokens": len(ids), "completion_tokens": new}

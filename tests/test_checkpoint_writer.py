@@ -81,6 +81,19 @@ def test_flavours(tmp_path, flavour, pattern, indexer_layers):
     assert torch.equal(weights["model.norm.weight"], torch.ones(64, dtype=torch.bfloat16))
 
 
+def test_indexer_weights_only(tmp_path):
+    """``--weights indexer``: every indexer tensor of the full checkpoint, nothing else; what the
+    commands that read the indexer weights (calibrate --url, the fingerprint) accept."""
+    path, full = tmp_path / "m", tmp_path / "full"
+    summary = cw.write_checkpoint(path, 64, 4, 128, weights="indexer", overrides=TINY)
+    tiny_checkpoint(full)
+    weights, every = tensors(path), tensors(full)
+    assert set(weights) == {n for n in every if ".indexer." in n} and summary["indexer_layers"] == [0, 1, 2, 3]
+    assert all(weights[n].shape == every[n].shape and weights[n].dtype == torch.bfloat16 for n in weights)
+    info = load_model_info(path)
+    assert sorted(info.layers_with_indexer) == [0, 1, 2, 3] and info.fingerprint() == load_model_info(full).fingerprint()
+
+
 def test_validate_follows_flavour(tmp_path):
     tiny_checkpoint(tmp_path / "plain")
     tiny_checkpoint(tmp_path / "glm52", "glm52", "FSFS")

@@ -1,7 +1,8 @@
 """KV tokens stock against patched, and throughput when the pool is full (issue 21, part 2, live).
 
 - ``memory_compare``: ``max_total_num_tokens`` of a stock and a patched server at the same
-  ``--mem-fraction-static`` (from their start-up lines) against the pool formula (memory.py).
+  ``--mem-fraction-static`` (from their start-up lines) against the pool formula with the freed
+  indexer weights (memory.py), and at equal bytes against the index keys alone.
 - ``fp8_fraction``: the fp8 servers' memory fraction, chosen from a bf16 32-layer server's start-up
   lines so that the stock pool holds about n - 1 prompts of ~180K tokens and the patched pool n.
 - ``saturation``: n concurrent requests of R prompt + 256 new tokens (ignore_eos); R from the stock
@@ -15,13 +16,18 @@ import time
 from sglang_indexcache.bench import serve_log, serve_run
 from sglang_indexcache.bench.serve import PromptMaker, Sample, run_concurrent
 
-from . import memory
+from . import host, memory
 from .measure import SATURATION, startup_of
 from .runner import Blocked
 
 
 def _kept(pattern: str) -> int:
     return pattern.count("F")
+
+
+def _hidden(startup: dict) -> int:
+    """The hidden size of the checkpoint a server ran (its start-up record names it)."""
+    return host.hidden(startup["checkpoint"]) if startup.get("checkpoint") in host.CHECKPOINTS else 2048
 
 
 def memory_compare(stock: str, patched: str, kv: str, pattern: str):
@@ -34,8 +40,11 @@ def memory_compare(stock: str, patched: str, kv: str, pattern: str):
         fractions = (s["mem_fraction_static"], p["mem_fraction_static"])
         ctx.check(f"{stock} and {patched} ran at the same --mem-fraction-static", fractions[0] == fractions[1],
                   fractions)
-        gain = p["max_total_num_tokens"] / s["max_total_num_tokens"] - 1
-        expected = memory.expected_gain(layers, kept, kv)
+        verdict = memory.token_gain(layers, kept, kv, s["max_total_num_tokens"], p["max_total_num_tokens"],
+                                    _hidden(s))
+        gain, expected = verdict["gain"], verdict["expected_gain"]
+        ctx.check(f"{kv} KV tokens: the gain is what the freed index keys and indexer weights predict",
+                  verdict["ok"], verdict)
         # bytes per token from the logged KV size: the gain at equal bytes, whatever memory the starts found
         per_token = [x["kv_size_gb"] * memory.GIB / x["kv_tokens"] if x.get("kv_size_gb") and x.get("kv_tokens")
                      else None for x in (s, p)]
@@ -44,12 +53,13 @@ def memory_compare(stock: str, patched: str, kv: str, pattern: str):
                 "stock_tokens": s["max_total_num_tokens"], "patched_tokens": p["max_total_num_tokens"],
                 "stock_kv_gb": s["kv_size_gb"], "patched_kv_gb": p["kv_size_gb"],
                 "stock_weights_gb": s["weights_gb"], "patched_weights_gb": p["weights_gb"],
-                "gain": gain, "expected_gain": expected,
+                "gain": gain, "expected_gain": expected, "expected_gain_index_k": verdict["expected_gain_index_k"],
+                "freed_weight_bytes": verdict["freed_weight_bytes"],
                 "stock_bytes_per_token": per_token[0], "patched_bytes_per_token": per_token[1],
                 "gain_equal_bytes": per_token[0] / per_token[1] - 1 if all(per_token) else None,
                 "stock_avail_before_gb": s["avail_before_load_gb"], "patched_avail_before_gb": p["avail_before_load_gb"],
                 "headline": f"{kv} KV: {s['max_total_num_tokens']:,} -> {p['max_total_num_tokens']:,} tokens"
-                            f" ({gain:+.1%}; formula {expected:+.1%})"}
+                            f" ({gain:+.1%}; formula {expected:+.1%}, index keys alone {verdict['expected_gain_index_k']:+.1%})"}
     return run
 
 
@@ -63,8 +73,11 @@ def fp8_fraction(reference: str, stock_fp8: str, pattern: str):
         if not start or start.get("avail_before_load_gb") is None or start.get("avail_after_load_gb") is None:
             raise Blocked(f"needs the start-up memory lines of {reference} (same checkpoint, bf16)")
         layers, kept = len(pattern), _kept(pattern)
-        gain = memory.expected_gain(layers, kept, "fp8")
-        pool = memory.pool_for_saturation(SATURATION["target_length"], SATURATION["new_tokens"], SATURATION["n"], gain)
+        pool = None  # the gain with the freed weights depends on the pool it is asked for: two rounds settle it
+        for _ in range(3):
+            gain = memory.expected_gain(layers, kept, "fp8", pool, _hidden(start))
+            pool = memory.pool_for_saturation(SATURATION["target_length"], SATURATION["new_tokens"],
+                                              SATURATION["n"], gain)
         fraction = memory.mem_fraction_for(pool, memory.cell_bytes(layers, kept, "fp8", False),
                                            start["avail_before_load_gb"], start["avail_after_load_gb"])
         return ["--mem-fraction-static", f"{fraction:.4f}"]
@@ -78,7 +91,7 @@ def saturation(role: str, stock_phase: str | None = None):
         pattern = server.spec.pattern
         pool = server.startup["max_total_num_tokens"]
         if role == "stock":
-            gain = memory.expected_gain(len(pattern), _kept(pattern), "fp8")
+            gain = memory.expected_gain(len(pattern), _kept(pattern), "fp8", pool, _hidden(server.startup))
             plan = memory.saturation_plan(pool, gain, SATURATION["n"], SATURATION["new_tokens"])
         else:
             stock = ctx.result(stock_phase)

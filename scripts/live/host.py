@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SITE, OURS, PATCHED, CK = Path("/tmp/ic-site"), Path("/tmp/ic-ours"), Path("/tmp/ic-patched"), Path("/tmp/ic-ck")
 CALIBRATED_L32 = Path("/tmp/ic-work/calibrated-l32.json")  # where a calibration phase on the host leaves its file
+DEVICE = "cuda"  # where make-checkpoint draws random weights
 PORT = 30000
 URL = f"http://127.0.0.1:{PORT}"
 ADMIN_KEY = "live-admin-key"
@@ -37,12 +38,20 @@ CHECKPOINTS = {
     "glm5": ["--hidden", "6144", "--layers", "4", "--flavour", "plain"],
     "l32": ["--hidden", "2048", "--layers", "32", "--flavour", "plain"],
     "l78-config": ["--hidden", "2048", "--layers", "78", "--flavour", "plain", "--weights", "none"],
+    "l16": ["--hidden", "2048", "--layers", "16", "--flavour", "plain"],
+    # what `calibrate --url` needs of a --load-format dummy checkpoint: the indexer tensors (1.4 GB)
+    "l78-indexers": ["--hidden", "2048", "--layers", "78", "--flavour", "plain", "--weights", "indexer"],
 }
 
 
 def layers(checkpoint: str) -> int:
     args = CHECKPOINTS[checkpoint]
     return int(args[args.index("--layers") + 1])
+
+
+def hidden(checkpoint: str) -> int:
+    args = CHECKPOINTS[checkpoint]
+    return int(args[args.index("--hidden") + 1])
 
 
 def env(tree: str) -> dict:
@@ -135,7 +144,7 @@ def checkpoint(ctx, name: str) -> dict | None:
     args = CHECKPOINTS[name]
     weights = [] if "--weights" in args else ["--weights", "random"]
     t = time.time()
-    proc = indexcache("make-checkpoint", path, *args, *weights, "--device", "cuda")
+    proc = indexcache("make-checkpoint", path, *args, *weights, "--device", DEVICE)
     seconds = round(time.time() - t, 1)
     (ctx.work / f"make_checkpoint_{name}.log").write_text(proc.stdout + proc.stderr)
     ctx.check(f"checkpoint {name} written ({' '.join(args)})", proc.returncode == 0, proc.stderr[-1500:])

@@ -1,11 +1,12 @@
-"""KV-pool arithmetic of SGLang 0.5.17's DSA pool, stock and with the S layers' index-K buffers freed.
+"""What the live phases predict of SGLang 0.5.17's DSA KV pool, stock and patched.
 
-Per token and layer the pool holds the MLA latent (kv_lora 512 + rope 64: 1,152 B in bf16; 656 B in
-FlashMLA's fp8 layout: 512 fp8 + 16 B of scales + 64 bf16 rope) and the indexer's key (128 fp8 + one
-fp32 scale = 132 B). Stock allocates the index key for every layer
-(``pool_configurator._compute_cell_size``); the patched pool only for F layers. The ``serving``
-branch carries the project's own version of this formula (with the S layers' indexer weights); this
-one is what the live phases predict with until it lands.
+The arithmetic is ``sglang_overlay/shared_layers.py``'s (the one home of it): per token and layer the
+pool holds the latent KV (1,152 B in bf16; 656 B in FlashMLA's fp8 layout) and, stock, every layer's
+index key (132 B), patched only the F layers'. On 0.5.17 the stock server also builds every S layer's
+indexer module and the patched one does not: those weights join the patched pool, so the expected
+token gain depends on the stock pool's size (:func:`token_gain`).
+
+The stacks are ``indexcache make-checkpoint`` ones: GLM-5's attention and indexer at ``hidden``.
 
 Memory fraction: SGLang sizes the pool as ``avail_after_weights - avail_before_weights x (1 -
 mem_fraction_static)`` GiB (kv_pool_runtime, 0.5.17; checked against the 2026-12-02 log: 136.77 -
@@ -16,19 +17,50 @@ from __future__ import annotations
 
 import math
 
-KV_BYTES = {"bf16": 2 * (512 + 64), "fp8": 656}
-INDEX_K_BYTES = 128 + 4
+from sglang_indexcache.configs import GLM_5
+from sglang_indexcache.sglang_overlay import shared_layers as sl
+
+KV_DTYPES = {"bf16": "bf16", "fp8": "fp8_e4m3"}  # the runner's names -> SGLang's --kv-cache-dtype
 GIB = 2 ** 30
+TOLERANCE = 0.005  # measured / expected token ratio: pages of 64 tokens and rounding, nothing else
+
+
+def pool(layers: int, kept: int, kv: str) -> sl.PoolBytes:
+    """Bytes per token of a ``layers``-layer pool whose ``kept`` F layers hold an index key."""
+    return sl.PoolBytes(layers, kept, sl.latent_kv_bytes(kv_cache_dtype=KV_DTYPES[kv]), sl.index_k_bytes())
 
 
 def cell_bytes(layers: int, kept: int, kv: str, patched: bool) -> int:
-    """Pool bytes per token: every layer's latent, index keys on every layer (stock) or F layers only."""
-    return layers * KV_BYTES[kv] + (kept if patched else layers) * INDEX_K_BYTES
+    """Pool bytes per token: index keys on every layer (stock) or on F layers only (patched)."""
+    arithmetic = pool(layers, kept, kv)
+    return arithmetic.cell if patched else arithmetic.stock_cell
 
 
-def expected_gain(layers: int, kept: int, kv: str) -> float:
-    """Relative KV-token gain of the patched pool at the same bytes (every-4, 32 layers: +8.4% bf16, +14.4% fp8)."""
-    return cell_bytes(layers, kept, kv, False) / cell_bytes(layers, kept, kv, True) - 1
+def freed_weight_bytes(layers: int, kept: int, hidden: int = 2048) -> int:
+    """Bytes of the S layers' indexer modules: built by stock 0.5.17, not by the patched server."""
+    return (layers - kept) * sl.indexer_weight_bytes(dict(GLM_5, hidden_size=hidden))
+
+
+def expected_gain(layers: int, kept: int, kv: str, stock_tokens: int | None = None, hidden: int = 2048) -> float:
+    """Relative KV-token gain of the patched pool over stock at the same ``--mem-fraction-static``.
+
+    Without ``stock_tokens``: the index keys alone, i.e. the gain at equal pool bytes (every-4 on 32
+    layers: +8.4% bf16, +14.4% fp8). With the stock pool's tokens: the freed indexer weights too
+    (+8.8% bf16 at the 2026-12-04 stock pool of 2,676,032 tokens).
+    """
+    arithmetic = pool(layers, kept, kv)
+    if stock_tokens is None:
+        return arithmetic.ratio - 1
+    return arithmetic.ratio_with_weights(freed_weight_bytes(layers, kept, hidden), stock_tokens) - 1
+
+
+def token_gain(layers: int, kept: int, kv: str, stock_tokens: int, patched_tokens: int, hidden: int = 2048) -> dict:
+    """Measured token gain against :func:`expected_gain`; ``ok`` when their ratios agree within TOLERANCE."""
+    expected = expected_gain(layers, kept, kv, stock_tokens, hidden)
+    measured = patched_tokens / stock_tokens - 1
+    return {"gain": measured, "expected_gain": expected, "expected_gain_index_k": expected_gain(layers, kept, kv),
+            "freed_weight_bytes": freed_weight_bytes(layers, kept, hidden),
+            "ok": abs((1 + measured) / (1 + expected) - 1) <= TOLERANCE}
 
 
 def mem_fraction_for(tokens: int, cell: int, avail_before_gb: float, avail_after_gb: float) -> float:

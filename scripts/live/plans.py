@@ -16,7 +16,7 @@ import time
 
 from sglang_indexcache import pattern as pat
 
-from . import capacity, checks, host, measure, stride
+from . import calsearch, capacity, checks, host, measure, stride
 from .runner import Phase
 
 ALL_PARTS = ["prefill", "decode-8x200k", "chunk40k", "decode-32x32k"]
@@ -147,12 +147,18 @@ def script_phase(name: str, argv: list[str], estimate_s: float, tree: str = "sto
     return Phase(name, run, estimate_s)
 
 
+def issue23() -> list[Phase]:
+    """Calibration through the server (issue 23): timing at 78 layers, plain against in-flight at 8 and 16."""
+    return calsearch.phases()
+
+
 def kernels24() -> list[Phase]:
     """The kernel checks of branch `kernels` (issue 24): its script, no server."""
     return [script_phase("kernels-24", ["bash", "scripts/gpu_kernels_24.sh", "{out}"], 240)]
 
 
-PLANS = {"issue21": issue21, "issue22": issue22, "checks": checks8, "bench8": bench8, "kernels24": kernels24}
+PLANS = {"issue21": issue21, "issue22": issue22, "checks": checks8, "bench8": bench8, "issue23": issue23,
+         "kernels24": kernels24}
 
 
 def build(names: list[str]) -> list[Phase]:
@@ -164,5 +170,7 @@ def build(names: list[str]) -> list[Phase]:
             if name not in wanted:
                 wanted.append(name)
     # install + patch + imports ~30 s (2026-12-02: 62 s with 12.5 GB of checkpoints); ~45 s per 8 GB checkpoint
-    estimate = 30 + sum(45 if host.layers(n) >= 32 and "--weights" not in host.CHECKPOINTS[n] else 8 for n in wanted)
+    # (2026-12-04: the 32-layer one in 35 s), config and indexer tensors a few seconds
+    estimate = 30 + sum(8 if "--weights" in host.CHECKPOINTS[n] else 45 if host.layers(n) >= 32 else
+                        20 if host.layers(n) >= 16 else 8 for n in wanted)
     return [Phase("setup", host.setup_phase(wanted), estimate, checkpoints=tuple(wanted)), *phases]

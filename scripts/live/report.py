@@ -16,6 +16,7 @@ from sglang_indexcache.bench import serve_analysis, serve_report, serve_run
 
 from . import chunked, stride
 from .measure import compare_logprobs
+from .runner import RESULTS_DIR
 
 TARGETS = {"bf16": 0.07, "fp8": 0.12}  # issue 21: KV tokens at every-4 on the 32-layer stack
 
@@ -100,16 +101,20 @@ def _memory(phases: dict) -> list[str]:
         return []
     lines = ["| KV dtype | layers (kept indexers) | --mem-fraction-static | free at start, stock / patched (GiB) |"
              " stock tokens | patched tokens | gain | bytes per token, stock / patched | gain at equal bytes |"
-             " formula | target |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " formula: index keys / with the freed indexer weights | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         target = TARGETS.get(r["kv"]) if r["layers"] == 32 else None
         met = "" if target is None else f"{target:+.0%} ({'met' if r['gain'] >= target else 'missed'})"
         per_token = ("–" if not r.get("gain_equal_bytes") else
                      f"{r['stock_bytes_per_token']:,.0f} / {r['patched_bytes_per_token']:,.0f}")
         equal = "–" if r.get("gain_equal_bytes") is None else f"{r['gain_equal_bytes']:+.1%}"
+        # an older result has the index keys' formula alone, as expected_gain
+        keys, weights = ((r["expected_gain_index_k"], f"{r['expected_gain']:+.1%}") if "expected_gain_index_k" in r
+                         else (r["expected_gain"], "–"))
         lines.append(f"| {r['kv']} | {r['layers']} ({r['kept']}) | {r['mem_fraction_static']} |"
                      f" {r.get('stock_avail_before_gb')} / {r.get('patched_avail_before_gb')} | {r['stock_tokens']:,} |"
-                     f" {r['patched_tokens']:,} | {r['gain']:+.1%} | {per_token} | {equal} | {r['expected_gain']:+.1%} |"
+                     f" {r['patched_tokens']:,} | {r['gain']:+.1%} | {per_token} | {equal} | {keys:+.1%} / {weights} |"
                      f" {met} |")
     return lines
 
@@ -169,8 +174,10 @@ def pack(out, root, state_data: dict) -> list[Path]:
 
     ``live.tar.gz``: the work folder (server logs, bench-serve documents, each phase's files);
     ``summary.json``: the state without log-probability arrays, which go to ``arrays.json``;
-    ``summary.md``: :func:`markdown` of it all. Each file is written beside and renamed into place.
+    ``summary.md``: :func:`markdown` of it all; and each file phases published (``results/`` of the
+    work folder, ``Context.publish``) as it is. Each file is written beside and renamed into place.
     """
+    import shutil
     import tarfile
 
     from sglang_indexcache.atomic import atomic_path, atomic_write_json, atomic_write_text
@@ -190,4 +197,9 @@ def pack(out, root, state_data: dict) -> list[Path]:
     with atomic_path(out / "live.tar.gz") as tmp:
         with tarfile.open(tmp, "w:gz") as archive:
             archive.add(root, arcname="live", filter=lambda info: None if info.size > 200 * 2**20 else info)
-    return [out / n for n in ("live.tar.gz", "summary.json", "arrays.json", "summary.md")]
+    published = sorted((root / RESULTS_DIR).glob("*")) if (root / RESULTS_DIR).is_dir() else []
+    for path in published:
+        with atomic_path(out / path.name) as tmp:
+            shutil.copyfile(path, tmp)
+    return [out / n for n in ("live.tar.gz", "summary.json", "arrays.json", "summary.md")] + \
+        [out / p.name for p in published]

@@ -12,7 +12,8 @@ results it reads (``needs``). A call of the runner walks the queue in order and
   the next call continues where this one stopped;
 - leaves the server running (in its own process session, so it outlives the call) while GPU work is
   queued: the next call reuses it when its first phase needs the same one, or stops it first;
-- packs everything measured so far after every phase (``pack(state)``), and prints a short table.
+- packs everything measured so far after every phase (``pack(state)``; files a phase publishes with
+  ``ctx.publish`` come back as they are), and prints a short table.
 
 Estimates: a phase's estimate is 1.1 x the last measured duration of its ``kind`` (phases of one kind
 do the same work on another server), else its default times the median ratio measured / default of
@@ -35,6 +36,7 @@ from sglang_indexcache.atomic import atomic_write_json
 
 RESERVE_S = 15.0  # seconds kept at the end of a call for packing and the table
 FINAL = ("done", "failed", "blocked")
+RESULTS_DIR = "results"  # under the work root: files phases publish (Context.publish), returned as they are
 
 
 class Blocked(Exception):
@@ -145,6 +147,13 @@ class Context:
     def timeout(self) -> float:
         """Seconds a request of this phase may take: past the deadline, but before the call is killed."""
         return max(60.0, self.left() + RESERVE_S + 10.0)
+
+    def publish(self, name: str, document: dict) -> Path:
+        """Write ``document`` as JSON to the work root's ``results/NAME``: it comes back as it is, beside
+        summary.json (the device returns 8 files: publish few)."""
+        path = self.root / RESULTS_DIR / name
+        atomic_write_json(path, document)
+        return path
 
     def check(self, name: str, ok, detail="") -> bool:
         self.checks.append({"name": name, "ok": bool(ok), "detail": str(detail)[:2000]})

@@ -26,8 +26,8 @@ from .runner import NotReady
 
 # seconds to /health: a fresh machine's first start compiles the JIT kernels (FlashInfer, DeepGEMM,
 # tvm-ffi; 201-247 s measured), later starts 48-71 s; no CUDA graphs (calibration mode) saves the
-# capture; the 78-layer stack captures and loads 2.4x the layers
-START_DEFAULTS = {"first": 240.0, "graphs": 70.0, "nograph": 50.0, "deep": 120.0}
+# capture; the 78-layer stack captures and loads 2.4x the layers (without graphs: a guess between)
+START_DEFAULTS = {"first": 240.0, "graphs": 70.0, "nograph": 50.0, "deep": 120.0, "deep-nograph": 90.0}
 START_LIMIT_S = 600.0
 
 

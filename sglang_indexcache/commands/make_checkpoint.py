@@ -6,7 +6,8 @@ indexer 32 x 128, top-k 2048), --layers layers each with a dense MLP, max_positi
 DeepseekV2 code reads. --flavour plain: no pattern in config.json; own-pattern: config.json carries
 index_topk_pattern P (SGLang 0.5.17) and indexer_types (0.5.23, transformers); glm52: as
 own-pattern, without the S layers' indexer weights. --weights none writes config and tokenizer only
-(serve with --load-format dummy). See docs/gpu.md.
+(serve with --load-format dummy); --weights indexer adds the indexer tensors alone (random), which
+commands that read the checkpoint's indexer weights (calibrate --url) need. See docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def add_arguments(parser):
     parser.add_argument("--intermediate", type=int, help="dense MLP size (default 2.75 x hidden, 5632 at 2048)")
     parser.add_argument("--flavour", choices=checkpoint_writer.FLAVOURS, default="plain")
     parser.add_argument("--pattern", metavar="P", help="pattern, every-N or all-F (own-pattern, glm52)")
-    parser.add_argument("--weights", choices=("random", "none"), default="random")
+    parser.add_argument("--weights", choices=checkpoint_writer.WEIGHTS, default="random",
+                        help="random: every tensor; indexer: the indexer tensors only; none: config and tokenizer")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where weights are drawn")
     parser.add_argument("--seed", type=int, default=0)
 

@@ -15,7 +15,10 @@ The memory arithmetic (per token and DSA layer; ``python -m`` free, no SGLang im
 SGLang turns ``--mem-fraction-static`` into ``max_total_num_tokens = bytes // cell`` with ``cell``
 the bytes per token over the pool's layers, so freeing the index keys of the S layers multiplies the
 tokens by :func:`expected_token_ratio`: at every-4 on 32 layers x1.084 with bf16 KV, x1.144 with
-fp8 KV. Draft (MTP) layers keep their index key and count fully on both sides.
+fp8 KV. Draft (MTP) layers keep their index key and count fully on both sides. On SGLang 0.5.17 the
+stock server also builds every S layer's indexer module (:func:`indexer_weight_bytes`, ~17 MB each at
+hidden 2048) and this one does not; those bytes join the pool (:meth:`PoolBytes.ratio_with_weights`;
+measured on the H200: +8.8% bf16 KV tokens at every-4 on 32 layers, of which +8.4% from the keys).
 
 Hooks (``0006-index-cache-shared-layers-hold-nothing.patch``): the model class asks
 :func:`builds_indexer` (SGLang 0.5.17; 0.5.23 builds none on S layers itself), the pool sizing asks
@@ -93,6 +96,12 @@ class PoolBytes:
         """KV tokens in the same memory, over stock's (the expected ``max_total_num_tokens`` ratio)."""
         return self.stock_cell / self.cell
 
+    def ratio_with_weights(self, freed_weight_bytes: int, stock_tokens: int) -> float:
+        """The token ratio when ``freed_weight_bytes`` of weights that the stock server builds and this
+        one does not (the S layers' indexers, SGLang 0.5.17) join the pool of a stock server holding
+        ``stock_tokens``: ``ratio x (1 + freed_weight_bytes / stock pool bytes)``."""
+        return self.ratio * (1 + freed_weight_bytes / (stock_tokens * self.stock_cell))
+
     def describe(self) -> str:
         shared = self.layers - self.index_k_layers
         return (f"index-K of {shared} S layers freed: {shared} x {self.index_k_bytes} B = {self.freed} B per token"
@@ -100,6 +109,18 @@ class PoolBytes:
                 + (f" + {self.draft_layers} draft" if self.draft_layers else "")
                 + f"); expected KV tokens x{self.ratio:.4f} ({(self.ratio - 1) * 100:+.1f}%) over stock at the"
                 " same --mem-fraction-static")
+
+
+def indexer_weight_bytes(config: dict, param_bytes: int = 2) -> int:
+    """Bytes of one layer's indexer module in SGLang (``wq_b``, ``wk``, ``k_norm``, ``weights_proj``).
+
+    ``q_lora_rank x index_n_heads x index_head_dim + hidden_size x (index_head_dim + index_n_heads)
+    + 2 x index_head_dim`` parameters of ``param_bytes`` each (bf16: 2; ~17.4 MB at hidden 2048 and
+    GLM-5's indexer).
+    """
+    heads, dim, hidden = config["index_n_heads"], config["index_head_dim"], config["hidden_size"]
+    params = config["q_lora_rank"] * heads * dim + hidden * (dim + heads) + 2 * dim
+    return params * param_bytes
 
 
 def pool_bytes(pattern: str, kv_bytes: int, index_k: int = 132, draft_layers: int = 0) -> PoolBytes:
