@@ -188,16 +188,17 @@ def test_bad_decode_stride_refused(tmp_path, dsa_checkpoint, strides, match):
             pattern_file.make_document("FSSSFSSS", load_model_info(dsa_checkpoint), decode_stride=strides)
 
 
-def test_server_names_a_decode_stride_it_does_not_serve(tmp_path, dsa_checkpoint, caplog):
-    """Until the decode-stride store exists, the patched server says so instead of dropping it silently."""
+def test_server_serves_a_pattern_files_decode_stride(tmp_path, dsa_checkpoint):
+    """The patched server takes a pattern file's per-layer decode_stride (patch 0007): strides above 1 on
+    S layers only mean nothing to store (stride 1, stock), on F layers they are the server's strides."""
     from sglang_indexcache.sglang_overlay import settings
 
     info = load_model_info(dsa_checkpoint)
     path = tmp_path / "p.json"
     flags = settings.Flags(str(dsa_checkpoint), None, None, str(path), None, False)
-    for strides, warned in (([1, 4, 1, 1, 1, 1, 1, 1], False), ([8, 1, 1, 1, 4, 1, 1, 1], True)):
+    for strides, served in (([1, 4, 1, 1, 1, 1, 1, 1], None), ([8, 1, 1, 1, 4, 1, 1, 1], (8, 1, 1, 1, 4, 1, 1, 1))):
         pattern_file.write(path, pattern_file.make_document("FSSSFSSS", info, decode_stride=strides))
-        caplog.clear()
-        with caplog.at_level("WARNING", logger="sglang_indexcache.sglang"):
-            assert settings._flag_pattern(flags, info)[0] == "FSSSFSSS"
-        assert ("decode_stride 8/4" in caplog.text) is warned  # layer 1 is S: its stride means nothing
+        pattern, _, file_strides = settings._flag_pattern(flags, info)
+        assert pattern == "FSSSFSSS" and file_strides == strides
+        got, source = settings._strides(flags, pattern, file_strides)
+        assert got == served and (source is None) is (served is None)

@@ -144,3 +144,16 @@ def store_index_keys(indexer, x, positions, forward_batch, layer_id: int, act_qu
     else:
         key = indexer._get_k_bf16(x, positions)
         indexer._store_index_k_cache(forward_batch=forward_batch, layer_id=layer_id, key=key, act_quant=act_quant)
+
+
+def decode_graph_backend(cfg) -> str | None:
+    """The decode CUDA-graph backend asked for (``--cuda-graph-backend-decode``, else the resolved
+    ``cuda_graph_config``): ``full`` (both releases' default), ``breakable``, ``tc_piecewise``, ``disabled``."""
+    asked = getattr(cfg, "cuda_graph_backend_decode", None)
+    if asked:
+        return str(getattr(asked, "value", asked))
+    graphs = getattr(cfg, "cuda_graph_config", None)
+    phase = getattr(graphs, "decode", None) if graphs is not None and not isinstance(graphs, dict) else (
+        (graphs or {}).get("decode"))
+    backend = phase.get("backend") if isinstance(phase, dict) else getattr(phase, "backend", None)
+    return None if backend is None else str(getattr(backend, "value", backend))

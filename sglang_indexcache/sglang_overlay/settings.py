@@ -335,6 +335,10 @@ def stride_conflict(cfg) -> str | None:
     for field, flag, why in STRIDE_CONFLICTS:
         if shared_layers.feature_on(cfg, field) and str(getattr(cfg, field)).upper() != "NONE":
             return f"{flag}: {why}"
+    backend = compat.decode_graph_backend(cfg)
+    if backend in ("breakable", "tc_piecewise"):
+        return (f"--cuda-graph-backend-decode {backend}: the step kind is captured per full decode graph (full, the"
+                " default, or disabled)")
     if (getattr(cfg, "pp_size", 1) or 1) > 1:
         return "--pp-size > 1: the step kind is decided per scheduler batch; pipeline micro-batches are not verified"
     if compat.is_hip():
