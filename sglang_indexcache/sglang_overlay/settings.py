@@ -28,7 +28,7 @@ from .. import pattern as pat
 from .. import pattern_file
 from ..errors import UsageError
 from ..model_info import ModelInfo, load_model_info
-from ..validation import check_against_model
+from ..validation import check_against_model, require_every_indexer
 from . import shared_layers
 
 logger = logging.getLogger("sglang_indexcache.sglang")
@@ -184,11 +184,8 @@ def _resolve_cached(flags: Flags) -> Settings:
                        info.weights_note)
     resolved, source = _flag_pattern(flags, info)
     if flags.calibration and info.weights_checked:
-        missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
-        if missing:
-            raise IndexCacheError(
-                f"--index-cache-calibration keeps every layer's indexer, but {flags.model_path} has no indexer"
-                f" weights for layers {pat.layer_ranges(missing)}")
+        require_every_indexer(info.num_dsa_layers, info.layers_with_indexer, flags.model_path,
+                              "--index-cache-calibration keeps every layer's indexer", IndexCacheError)
     ckpt, key = _checkpoint_pattern(info.config)
     return Settings(resolved, source, flags.calibration, ckpt, key)
 
