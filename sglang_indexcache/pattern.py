@@ -61,9 +61,11 @@ def check_num_layers(num_layers) -> int:
     return num_layers
 
 
-def check_every(every) -> int:
+def check_every(every, flag: str = "--every", error: type[Exception] = PatternError) -> int:
+    """``every`` of an every-N pattern when it is a positive int (a bool is not); else ``error``
+    naming ``flag`` (``--every``, the server's ``--index-cache-every``)."""
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-        raise PatternError(f"--every must be a positive integer, got {every!r}")
+        raise error(f"{flag} must be a positive integer, got {every!r}")
     return every
 
 

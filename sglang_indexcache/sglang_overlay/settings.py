@@ -194,10 +194,8 @@ def resolve(cfg) -> Settings | None:
     """The resolved settings for ``cfg``, or None when no IndexCache flag is set."""
     if not enabled(cfg):
         return None
-    if getattr(cfg, "index_cache_every", None) is not None and (
-            isinstance(cfg.index_cache_every, bool) or not isinstance(cfg.index_cache_every, int)
-            or cfg.index_cache_every <= 0):
-        raise IndexCacheError(f"--index-cache-every must be a positive integer, got {cfg.index_cache_every!r}")
+    if getattr(cfg, "index_cache_every", None) is not None:
+        pat.check_every(cfg.index_cache_every, "--index-cache-every", IndexCacheError)
     return _resolve_cached(Flags.of(cfg))
 
 
