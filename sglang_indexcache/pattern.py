@@ -10,10 +10,13 @@ Everything else in the project (CLI, calibration, SGLang overlay, exports) calls
 from __future__ import annotations
 
 import json
+import re
 
 from .errors import PatternError
 
 FULL, SHARED = "F", "S"
+ALL_F_NAMES = ("all-f", "allf", "full")  # the all-F shorthand's spellings (case-insensitive)
+_EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)  # the every-N shorthand (also everyN)
 ENGINES = ("sglang", "vllm", "transformers")
 # Offsets of `max(i - offset + 1, 0) % freq != 0 -> S` each engine uses when none is configured.
 # SGLang 0.5.23 (`dsa_layer_skips_topk`, no `index_skip_topk_offset`) and the paper authors' vLLM
@@ -67,6 +70,24 @@ def check_every(every, flag: str = "--every", error: type[Exception] = PatternEr
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
         raise error(f"{flag} must be a positive integer, got {every!r}")
     return every
+
+
+def shorthand(text: str) -> tuple[str, int] | None:
+    """The one reading of the shorthands: ``("all-F", 1)`` for ``all-F`` (``allf``, ``full``),
+    ``("every", N)`` for ``every-N`` (``everyN``), None for anything else (surrounding whitespace
+    stripped, case-insensitive). N is not checked here: :func:`uniform` does that."""
+    text = text.strip()
+    if text.lower() in ALL_F_NAMES:
+        return "all-F", 1
+    match = _EVERY_RE.match(text)
+    return ("every", int(match.group(1))) if match else None
+
+
+def refuse_shorthand_lookalike(text: str) -> None:
+    """Refuse ``text`` that starts like a shorthand (``every...``, ``all...``) but is neither."""
+    text = text.strip()
+    if text.lower().startswith(("every", "all")):
+        raise PatternError(f"{text!r} is neither every-N (N a positive integer) nor all-F")
 
 
 def uniform(num_layers: int, every: int) -> str:
