@@ -55,7 +55,6 @@ def set_threads(threads: int | None) -> None:
 
 def load_backend(model_dir, pattern: str | None = None, threads: int | None = None):
     """TransformersBackend of ``model_dir`` (float32 on the CPU, CUDA when available)."""
-    import torch
     import transformers
 
     set_threads(threads)
@@ -63,8 +62,7 @@ def load_backend(model_dir, pattern: str | None = None, threads: int | None = No
 
     transformers.utils.logging.disable_progress_bar()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return TransformersBackend.from_pretrained(model_dir, device=device, pattern=pattern)
+    return TransformersBackend.from_pretrained(model_dir, device=checks.torch_device("auto"), pattern=pattern)
 
 
 def load_data(args, tokenizer, config):

@@ -24,6 +24,7 @@ import math
 import shutil
 from pathlib import Path
 
+from . import checks
 from . import pattern as pat
 from . import progress
 from .atomic import staged_dir
@@ -158,7 +159,7 @@ def write_checkpoint(out, hidden: int, layers: int, intermediate: int, flavour: 
     if pattern is not None:
         pattern = pat.validate(pattern, layers)
     config = checkpoint_config(hidden, layers, intermediate, flavour, pattern, overrides)
-    _check_device(device)
+    checks.torch_device(device)
     summary = {"path": str(out), "flavour": flavour, "pattern": pattern, "layers": layers, "hidden": hidden}
     with staged_dir(out) as staged:  # Ctrl-C leaves no half-written checkpoint
         (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -171,11 +172,3 @@ def write_checkpoint(out, hidden: int, layers: int, intermediate: int, flavour: 
             summary["indexer_layers"] = sorted({_layer(n) for n in shapes if INDEXER_MARK in n})
     return summary
 
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device here (use --device cpu)")

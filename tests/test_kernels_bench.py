@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_indexcache.bench import kernels as bench_kernels
 from sglang_indexcache.cli import main
+from sglang_indexcache.commands.options import int_list
 
 
 def test_number_lists():
-    assert bench_kernels._ints("8k, 200,128K") == [8192, 200, 131072]
+    assert int_list("8k, 200,128K", "--contexts") == [8192, 200, 131072]
 
 
 @pytest.mark.parametrize("args,match", [
@@ -86,3 +86,25 @@ def test_ncu_targets_smoke():
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("smoke ok:") == 4, result.stdout
+
+
+@pytest.mark.interpreter
+def test_cpu_smoke_saves_rows(tmp_path):
+    """`bench kernels --device cpu` under the interpreter runs the library end to end at a tiny size:
+    the saved document holds the timed rows that the printed table shows."""
+    import json
+    import os
+    import subprocess
+
+    save = tmp_path / "kernels.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "sglang_indexcache", "--quiet", "bench", "kernels", "--device", "cpu",
+                             "--shapes", "glm-5", "--ops", "indexer-decode", "--batch", "1", "--contexts", "4k",
+                             "--budget", "0.01", "--save", str(save)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(save.read_text())
+    impls = {row["impl"] for row in doc["rows"] if row["kernel"] == "indexer_decode"}
+    assert {"triton bf16 (ours)", "torch gather+einsum+topk"} <= impls, impls
+    assert all(row["ms"] > 0 and row["context"] == 4096 for row in doc["rows"])
+    assert result.stdout.count("indexer_decode | glm-5") == len(doc["rows"])

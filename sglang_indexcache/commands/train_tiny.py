@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sglang_indexcache import checks
 from sglang_indexcache.commands.options import add_force, check_output, positive_int
 from sglang_indexcache.configs import TINY_MODEL_DIR
 from sglang_indexcache.errors import UsageError
@@ -87,19 +88,6 @@ def parse_args(args):
     )
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device}: use cpu or cuda")
-
-
 def _corpus(targs, rebuild: bool):
     """Tokenizer and training stream, built unless already present."""
     from transformers import AutoTokenizer
@@ -142,7 +130,7 @@ def run(args) -> int:
     from sglang_indexcache.pattern_file import atomic_write_text
     from sglang_indexcache.training import tiny
 
-    _check_device(targs.device)
+    checks.torch_device(targs.device)
     t0 = time.perf_counter()
     tokenizer, stream = _corpus(targs, args.rebuild_corpus)
     if args.corpus_only:
