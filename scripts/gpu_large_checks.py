@@ -57,7 +57,7 @@ def exact_topk(scores, lengths, topk: int, block_rows: int):
 
 
 def _recall_summary(got, exact, tie_free) -> dict:
-    from sglang_indexcache.kernels.testing import set_overlap
+    from sglang_indexcache.kernels.reference import set_overlap
 
     rec = set_overlap(exact, got.long())[tie_free]
     worst = int(tie_free.nonzero()[rec.argmin()]) if rec.numel() else -1

@@ -23,7 +23,7 @@ import logging
 import math
 
 from sglang_indexcache.atomic import atomic_write_json
-from sglang_indexcache.bench.floor import roofline_seconds
+from sglang_indexcache.bench.floor import roofline_bound, roofline_seconds
 from sglang_indexcache.bench.kernel_bench_ops import prefill_scores_only
 from sglang_indexcache.bench.timing import measure_ceilings
 
@@ -72,7 +72,7 @@ def _row(doc, path, case: dict, ms: float, flops: float, nbytes: float):
     row = {**case, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "gbps": round(nbytes / ms / 1e6, 1)}
     floor = 1e3 * roofline_seconds(flops, nbytes, peak * 1e12, c["copy_gbps"] * 1e9)  # ms
     row["floor_ms"], row["of_floor"] = round(floor, 4), round(floor / ms, 3)
-    if case.get("dtype") == "fp8" and flops / (peak * 1e9) >= nbytes / (c["copy_gbps"] * 1e6):
+    if case.get("dtype") == "fp8" and roofline_bound(flops, nbytes, peak * 1e12, c["copy_gbps"] * 1e9) == "compute":
         row["of_bf16_floor"] = round(flops / (c["bf16_tflops"] * 1e9) / ms, 3)
     doc["rows"].append(row)
     log.info("%s", row)

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 
-from .floor import roofline_seconds
+from .floor import roofline_bound, roofline_seconds
 from .shapes import KERNEL_SHAPES as SHAPES
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def _row(kind, shape, impl, ms, flops, nbytes, ceil, **extra):
     row = {"kernel": kind, "shape": shape, "impl": impl, "ms": round(ms, 4), "tflops": round(tflops, 1),
            "gbps": round(gbps, 1), "pct_peak": round(pct_peak, 1), "pct_hbm": round(pct_hbm, 1),
            "floor_ms": round(floor_ms, 4), "of_floor": round(floor_ms / ms, 3),
-           "bound": "memory" if nbytes / ceil["copy_bytes"] > flops / ceil["matmul_flops"] else "compute"}
+           "bound": roofline_bound(flops, nbytes, ceil["matmul_flops"], ceil["copy_bytes"])}
     row.update(extra)
     log.info("%s", row)
     return row
