@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sglang_indexcache.atomic import atomic_savefig
+
 
 def _pyplot():
     import matplotlib
@@ -35,7 +37,8 @@ def plot_calibration(document: dict, path) -> Path:
     ax.set_title(f"greedy IndexCache search, keep {cal['keep_ratio']:g} ({n} layers)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(plt, fig, path)
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
 
 
 def plot_overlap(matrix, path, title: str) -> Path:
@@ -51,7 +54,8 @@ def plot_overlap(matrix, path, title: str) -> Path:
     ax.set_yticks(ticks)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of layer i's top-k also in layer j's")
-    return _save(plt, fig, path)
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
 
 
 def plot_stride_calibration(document: dict, path) -> Path:
@@ -74,7 +78,8 @@ def plot_stride_calibration(document: dict, path) -> Path:
     ax.set_title(f"greedy decode-stride search on {pattern}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
 
 
 def plot_decode_stride_study(doc: dict, path) -> Path:
@@ -117,16 +122,5 @@ def plot_decode_stride_study(doc: dict, path) -> Path:
     right.set_title("per-layer sensitivity")
     right.grid(alpha=0.3, axis="y")
     right.legend(fontsize=8)
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path) -> Path:
-    """Write the figure atomically (``atomic.atomic_path``), in the format of ``path``'s suffix."""
-    from sglang_indexcache.atomic import atomic_path
-
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, path)

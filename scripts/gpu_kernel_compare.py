@@ -174,9 +174,9 @@ def _run_case(mods, env, kind, params):
 
 
 def _save(path: Path, doc: dict):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    from sglang_indexcache.atomic import atomic_write_json
+
+    atomic_write_json(path, doc)
 
 
 def run(args) -> dict:

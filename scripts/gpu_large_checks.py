@@ -152,10 +152,9 @@ def run(args) -> dict:
 
 
 def _save(path: str, doc: dict):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    from sglang_indexcache.atomic import atomic_write_json
+
+    atomic_write_json(path, doc)
 
 
 def parse_args(argv):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from . import pattern as pat
-from .atomic import atomic_write_text  # noqa: F401 - also imported from here by commands/
+from .atomic import atomic_write_text
 from .errors import PatternError, PatternFileError
 from .model_info import ModelInfo
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from ..atomic import atomic_savefig
 
 
 def _fmt_s(seconds: float) -> str:
@@ -67,6 +67,4 @@ def plot(doc: dict, path) -> None:
     ax.set_title(f"{doc['mode']} {doc['config']} x{doc['layers']} layers, {doc['device']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=120)

@@ -127,7 +127,7 @@ def run(args) -> int:
     import time
 
     targs = parse_args(args)
-    from sglang_indexcache.pattern_file import atomic_write_text
+    from sglang_indexcache.atomic import atomic_write_text
     from sglang_indexcache.training import tiny
 
     checks.torch_device(targs.device)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from sglang_indexcache.errors import DataError
-from sglang_indexcache.atomic import atomic_write_text
+from sglang_indexcache.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,8 @@ def build(out_dir: str | Path, work_dir: str | Path, vocab_size: int = 4096, hel
     atomic_write_text(data / "calibration.txt", calibration)
     atomic_write_text(data / "evaluation.txt", evaluation)
     stream = encode_stream(train_texts, tokenizer)
-    tmp = work_dir / "train_tokens.tmp.npy"
-    np.save(tmp, stream)
-    tmp.replace(work_dir / "train_tokens.npy")
+    with atomic_path(work_dir / "train_tokens.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, stream)  # a file object: np.save would add ".npy" to the temporary name
     meta = {
         "python": sys.version.split()[0], "documents": len(docs), "train_documents": len(train),
         "heldout_documents": len(heldout), "train_tokens": int(stream.size), "vocab_size": len(tokenizer),
