@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sglang_indexcache import pattern as pat
 from sglang_indexcache.atomic import atomic_savefig
 
 
@@ -21,17 +22,17 @@ def plot_calibration(document: dict, path) -> Path:
     plt = _pyplot()
     cal = document["calibration"]
     n = document["model"]["num_dsa_layers"]
-    start_removed = n - (cal["steps"][0]["pattern"].count("F") + 1) if cal["steps"] else 0
-    xs = [start_removed] + [n - s["pattern"].count("F") for s in cal["steps"]]
+    start_removed = n - (pat.kept(cal["steps"][0]["pattern"]) + 1) if cal["steps"] else 0
+    xs = [start_removed] + [n - pat.kept(s["pattern"]) for s in cal["steps"]]
     ys = [cal["baseline_loss"]] + [s["loss"] for s in cal["steps"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(xs, ys, marker="o", markersize=3, label="greedy path")
     ax.axhline(cal["baseline_loss"], color="grey", linestyle=":", linewidth=1, label="all F")
     uniform = cal.get("uniform")
     if uniform:
-        ux = n - uniform["pattern"].count("F")
+        ux = n - pat.kept(uniform["pattern"])
         ax.scatter([ux], [uniform["loss"]], color="red", marker="x", s=60, zorder=3,
-                   label=f"uniform ({uniform['pattern'].count('F')}/{n} F)")
+                   label=f"uniform ({pat.kept(uniform['pattern'])}/{n} F)")
     ax.set_xlabel("indexers removed (S layers)")
     ax.set_ylabel("calibration LM loss (nats/token)")
     ax.set_title(f"greedy IndexCache search, keep {cal['keep_ratio']:g} ({n} layers)")

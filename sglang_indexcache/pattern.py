@@ -143,6 +143,21 @@ def sglang_config_pattern(config: dict, reads_indexer_types: bool = True,
     return None, None
 
 
+def all_full(num_layers: int) -> str:
+    """The all-F pattern of ``num_layers`` layers (every indexer kept: the baseline)."""
+    return FULL * check_num_layers(num_layers)
+
+
+def is_all_full(pattern: str) -> bool:
+    """Whether ``pattern`` keeps every indexer (no S layer)."""
+    return SHARED not in pattern
+
+
+def kept(pattern: str) -> int:
+    """The number of F layers of ``pattern`` (indexers kept)."""
+    return pattern.count(FULL)
+
+
 def full_layers(pattern: str) -> list[int]:
     """Indices of the F layers."""
     return [i for i, c in enumerate(pattern) if c == FULL]
@@ -218,8 +233,8 @@ def layer_ranges(layers) -> str:
 
 
 def describe(pattern: str) -> str:
-    kept = pattern.count(FULL)
-    return f"{pattern} ({kept}/{len(pattern)} indexers kept, {len(pattern) - kept} shared)"
+    full = kept(pattern)
+    return f"{pattern} ({full}/{len(pattern)} indexers kept, {len(pattern) - full} shared)"
 
 
 # ---------------------------------------------------------------- exports ---------------------

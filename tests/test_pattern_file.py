@@ -202,3 +202,12 @@ def test_server_names_a_decode_stride_it_does_not_serve(tmp_path, dsa_checkpoint
         with caplog.at_level("WARNING", logger="sglang_indexcache.sglang"):
             assert settings._flag_pattern(flags, info)[0] == "FSSSFSSS"
         assert ("decode_stride 8/4" in caplog.text) is warned  # layer 1 is S: its stride means nothing
+
+
+def test_require_every_indexer_names_the_missing_layers():
+    from sglang_indexcache.validation import require_every_indexer
+
+    require_every_indexer(3, {0, 1, 2}, "M", "overlap needs every layer's indexer")  # nothing missing
+    with pytest.raises(PatternError, match="^overlap needs every layer's indexer, but M has no indexer weights"
+                                           " for layers 1-2,4$"):
+        require_every_indexer(5, {0, 3}, "M", "overlap needs every layer's indexer")

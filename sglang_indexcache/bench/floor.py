@@ -26,7 +26,7 @@ def roofline_bound(flops: float, nbytes: float, flops_per_s: float, bytes_per_s:
 
 def pattern_floor(per_layer: dict[str, float], pattern: str) -> float:
     """Floor seconds of the stack: every layer's attention + dense, the indexer of the F layers."""
-    full = pattern.count(pat.FULL)
+    full = pat.kept(pattern)
     return len(pattern) * (per_layer["attention"] + per_layer["dense"]) + full * per_layer["indexer"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import pattern as pat
 from ..atomic import atomic_savefig
 
 
@@ -50,7 +51,7 @@ def plot(doc: dict, path) -> None:
 
     series: dict = {}
     for r in doc["rows"]:
-        if r["pattern_string"].count("S") == 0:
+        if pat.is_all_full(r["pattern_string"]):
             continue
         key = r["pattern"] + (f" b={r['batch']}" if "batch" in r else "")
         series.setdefault(key, []).append((r["context"], r["speedup"], r["limit"]))

@@ -17,6 +17,7 @@ import json
 import os
 
 from .. import checks
+from .. import pattern as pat
 from ..errors import PatternError, UsageError
 from . import bench_kernels, bench_serve
 from .options import add_force, check_output, int_list, non_negative_int, positive_int
@@ -95,7 +96,7 @@ def _patterns(args, layers: int, model_layers: int) -> list[tuple[str, str]]:
     from .. import pattern_file
 
     specs = [s for s in args.patterns.split(",") if s.strip()] + list(args.pattern_file)
-    out, seen = [("all-F", "F" * layers)], {"F" * layers}
+    out, seen = [("all-F", pat.all_full(layers))], {pat.all_full(layers)}
     for spec in specs:
         try:
             pattern = pattern_file.resolve(spec, layers)

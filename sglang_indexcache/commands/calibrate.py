@@ -19,6 +19,7 @@ until the effective stride reaches T; the file written is P's with ``decode_stri
 
 from __future__ import annotations
 
+from .. import pattern as pat
 from .options import add_data_arguments, add_force, add_model, check_output, positive_float, positive_int
 
 SCREEN_TOP = 3
@@ -120,8 +121,6 @@ def _check_search_kind(args) -> None:
 
 
 def _stride_summary(document, out) -> str:
-    from .. import pattern as pat
-
     cal, pattern = document["decode_stride_calibration"], document["pattern"]
     base, loss, uniform = cal["baseline_loss"], cal["loss"], cal["uniform"]
     strides = document["decode_stride"]
@@ -139,7 +138,7 @@ def _summary(document, out) -> str:
     pattern = document["pattern"]
     base, loss, uniform = cal["baseline_loss"], cal["loss"], cal["uniform"]
     lines = [
-        f"wrote {out}: {pattern} ({pattern.count('F')}/{len(pattern)} F)",
+        f"wrote {out}: {pattern} ({pat.kept(pattern)}/{len(pattern)} F)",
         f"calibration loss: all-F {base:.4f}, greedy {loss:.4f} ({100 * (loss - base) / base:+.2f}%),"
         f" uniform {uniform['pattern']} {uniform['loss']:.4f} ({100 * (uniform['loss'] - base) / base:+.2f}%)",
         f"layer-forwards: {cal['layer_forwards']} (naive search: {cal['naive_layer_forwards']},"

@@ -69,7 +69,7 @@ def format_table(results) -> str:
     from .. import pattern as pat
 
     def is_base(r):
-        return set(r["pattern"]) == {"F"} and set(r.get("decode_stride") or [1]) == {1}
+        return pat.is_all_full(r["pattern"]) and set(r.get("decode_stride") or [1]) == {1}
 
     baseline = next((r for r in results if is_base(r)), results[0])
     base = baseline["loss"]
@@ -77,7 +77,7 @@ def format_table(results) -> str:
     column = f"vs {baseline['label']}"
     lines = [f"{'pattern':<{width}}  {'F':>5}  {'stride':>8}  {'loss':>8}  {column:>{max(8, len(column))}}  tokens"]
     for r in results:
-        kept = f"{r['pattern'].count('F')}/{len(r['pattern'])}"
+        kept = f"{pat.kept(r['pattern'])}/{len(r['pattern'])}"
         stride = pat.describe_strides(r["pattern"], r.get("decode_stride") or [1] * len(r["pattern"]))
         delta = f"{100.0 * (r['loss'] - base) / base:+.2f}%"
         lines.append(f"{r['label']:<{width}}  {kept:>5}  {stride:>8}  {r['loss']:8.4f}"
