@@ -53,8 +53,9 @@ def current_indexers(model) -> list:
 def wrap_indexers(model, wrapper: type[IndexerWrapper], require_all: bool = False, **kwargs) -> list:
     """Put ``wrapper(inner, **kwargs)`` in every layer that has an indexer; return the slots' contents.
 
-    A slot that already holds a ``wrapper`` is kept (idempotent). ``require_all`` refuses a model
-    with a layer without an indexer (``ValueError``); otherwise such a layer stays ``None``.
+    A slot that already holds a ``wrapper`` is kept and given ``kwargs`` as attributes (idempotent:
+    ``mode="sparse"`` switches a training wrapper's mode). ``require_all`` refuses a model with a
+    layer without an indexer (``ValueError``); otherwise such a layer stays ``None``.
     """
     layers = model.model.layers
     if require_all:
@@ -65,7 +66,10 @@ def wrap_indexers(model, wrapper: type[IndexerWrapper], require_all: bool = Fals
         attn = layer.self_attn
         if attn.indexer is None:
             continue
-        if not isinstance(attn.indexer, wrapper):
+        if isinstance(attn.indexer, wrapper):
+            for name, value in kwargs.items():
+                setattr(attn.indexer, name, value)
+        else:
             attn.indexer = wrapper(inner_indexer(attn.indexer), **kwargs)
     return current_indexers(model)
 

@@ -169,6 +169,19 @@ def build(out_dir: str | Path, work_dir: str | Path, vocab_size: int = 4096, hel
     return meta
 
 
+def prepare(out_dir: str | Path, work_dir: str | Path, vocab_size: int = 4096, rebuild: bool = False):
+    """The tokenizer (from ``out_dir``) and training stream (from ``work_dir``) of a tiny-model run,
+    built first (:func:`build`) when ``rebuild`` or when any of them is missing."""
+    from transformers import AutoTokenizer
+
+    out, work = Path(out_dir), Path(work_dir)
+    ready = all(p.is_file() for p in (out / "tokenizer.json", out / "data" / "evaluation.txt",
+                                      work / "train_tokens.npy"))
+    if rebuild or not ready:
+        build(out, work, vocab_size=vocab_size)
+    return AutoTokenizer.from_pretrained(out), load_train_stream(work)
+
+
 def load_train_stream(work_dir: str | Path) -> np.ndarray:
     """The training token stream written by :func:`build` (``uint16 [n_tokens]``)."""
     path = Path(work_dir) / "train_tokens.npy"

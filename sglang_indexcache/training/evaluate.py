@@ -7,6 +7,8 @@ Losses are total nats over total predicted tokens (STYLE.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -52,3 +54,21 @@ def unigram_loss(train_stream: np.ndarray, blocks: torch.Tensor, vocab_size: int
     logp = np.log(counts / counts.sum())
     targets = blocks[:, 1:].reshape(-1).numpy()
     return float(-logp[targets].mean())
+
+
+def heldout_losses(model_dir, stream: np.ndarray, device: str, batch_size: int, seq_len: int) -> dict:
+    """Held-out losses of a saved tiny model (float32) on ``model_dir/data/evaluation.txt``: the
+    :func:`standard_patterns` and the unigram baseline of the training ``stream``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sglang_indexcache.calibration.data import load_blocks
+    from sglang_indexcache.models.indexer import install_fast_indexers
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    blocks = load_blocks(Path(model_dir) / "data" / "evaluation.txt", tokenizer, seq_len)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    if device == "cpu":
+        install_fast_indexers(model)
+    losses = pattern_losses(model, blocks.input_ids, standard_patterns(model.config.num_hidden_layers), batch_size)
+    losses["unigram"] = unigram_loss(stream, blocks.input_ids, len(tokenizer))
+    return {"data": blocks.describe(), "losses": {k: round(v, 4) for k, v in losses.items()}}
