@@ -21,7 +21,7 @@ from sglang_indexcache.atomic import atomic_write_text, staged_files
 from sglang_indexcache.errors import UsageError
 
 from . import greedy
-from .paths import plot_path, state_path  # noqa: F401 (re-exported)
+from .paths import plot_path, state_path
 from .moves import SharedMoves
 from .recorder import RecordingEvaluator, SearchStopped, consistent
 

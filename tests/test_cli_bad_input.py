@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from sglang_indexcache import progress
-from sglang_indexcache.commands.eval_cmd import format_table
+from sglang_indexcache.calibration.pattern_losses import format_table
 from sglang_indexcache.configs import TINY_MODEL_DIR
 
 DRIVER = ("import json, sys\nfrom sglang_indexcache.cli import main\nrc = main(sys.argv[1:])\n"

@@ -16,7 +16,8 @@ from sglang_indexcache.calibration.backend import TransformersBackend
 from sglang_indexcache.calibration.data import TokenBlocks
 from sglang_indexcache.calibration.evaluators import NonFiniteLossError
 from sglang_indexcache.calibration.recorder import SearchStopped
-from sglang_indexcache.calibration.run import calibrate, state_path
+from sglang_indexcache.calibration.paths import state_path
+from sglang_indexcache.calibration.run import calibrate
 from sglang_indexcache.calibration.server_backend import ServerBackend, ServerError
 from sglang_indexcache.model_info import ModelInfo
 
