@@ -98,7 +98,7 @@ def sweep(torch, bench, doc, path, heads: int, dtype: str, n: int = 32768) -> di
     for rows, bn, nw, ns, km in SWEEP:
         cfg = {"rows": rows, "block_n": bn, "num_warps": nw, "num_stages": ns, "keys_major": km}
         case = {"kind": "prefill-sweep", "heads": heads, "dtype": dtype, "context": n, "config": cfg}
-        ms = _try(doc, path, case, prefill_scores_only(torch, q, w, k, ks, cu, cfg), bench, flops, 0)
+        ms = _try(doc, path, case, prefill_scores_only(q, w, k, ks, cu, cfg), bench, flops, 0)
         if ms is not None and ms < best_ms:
             best, best_ms = cfg, ms
     doc["best_config"][f"{heads}-{dtype}"] = best
@@ -117,7 +117,7 @@ def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, 
         q, w, k, ks, cu = _prefill_inputs(torch, n, heads, dtype)
         flops = heads * D * n * (n + 1.0)
         base = {"kind": "prefill", "heads": heads, "dtype": dtype, "context": n}
-        _try(doc, path, {**base, "impl": "scores only"}, prefill_scores_only(torch, q, w, k, ks, cu, config),
+        _try(doc, path, {**base, "impl": "scores only"}, prefill_scores_only(q, w, k, ks, cu, config),
              bench, flops, 0)
         for sel in ("triton", "radix", "torch"):
             fn = lambda sel=sel: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, selector=sel, **config)  # noqa: E731

@@ -50,25 +50,26 @@ def test_occupancy_bounds():
 @pytest.mark.parametrize("shared_table", [False, True])
 def test_mla_diagnose_index_sets(data, shared_table):
     """The diagnostic index sets select what they claim, through the page table the kernel gets."""
-    from sglang_indexcache.bench import kernel_bench_ops as mv
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from kernel_research.mla_inputs import TOPK, mla_inputs
     from sglang_indexcache.kernels.reference import sparse_mla_decode_ref
 
     torch.manual_seed(0)
     b, ctx, heads = 3, 4096, 4
-    q, cache, table, idx, rows = mv._inputs(torch, b, ctx, heads, shared_table, torch.device("cpu"), data)
-    assert idx.shape == rows.shape == (b, mv.TOPK) and int(idx.min()) >= 0 and int(idx.max()) < ctx
+    q, cache, table, idx, rows = mla_inputs(b, ctx, heads, shared_table, torch.device("cpu"), data)
+    assert idx.shape == rows.shape == (b, TOPK) and int(idx.min()) >= 0 and int(idx.max()) < ctx
     assert torch.equal(rows.long(), table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64)
-    assert all(len(set(r.tolist())) == mv.TOPK for r in rows)        # no repeated row in a request
+    assert all(len(set(r.tolist())) == TOPK for r in rows)        # no repeated row in a request
     if data == "contiguous":
-        assert torch.equal(rows - rows[:, :1], torch.arange(mv.TOPK, dtype=rows.dtype).expand(b, -1))
+        assert torch.equal(rows - rows[:, :1], torch.arange(TOPK, dtype=rows.dtype).expand(b, -1))
     if data == "l2" or shared_table:
         assert all(torch.equal(rows[0], r) for r in rows) == (data != "random")
     if data == "random" and not shared_table:
-        assert len(set(rows.flatten().tolist())) == b * mv.TOPK    # each request its own rows
+        assert len(set(rows.flatten().tolist())) == b * TOPK    # each request its own rows
     out = sparse_mla_decode_ref(q[:1, :, :], cache, table[:1], idx[:1], 0.1)
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="data must be one of"):
-        mv._inputs(torch, b, ctx, heads, shared_table, torch.device("cpu"), "sorted")
+        mla_inputs(b, ctx, heads, shared_table, torch.device("cpu"), "sorted")
 
 
 @pytest.mark.interpreter
