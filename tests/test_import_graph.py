@@ -115,7 +115,8 @@ def test_the_graph_covers_the_package():
 
 
 def test_pattern_imports_no_torch_and_only_errors():
-    bad = [f"{_where('sglang_indexcache.pattern', line)}: {target}" for target, line, _ in GRAPH["sglang_indexcache.pattern"]
+    module = "sglang_indexcache.pattern"
+    bad = [f"{_where(module, line)}: {target}" for target, line, _ in GRAPH[module]
            if _under(target, "torch") or (_ours(target) and target != "sglang_indexcache.errors")]
     assert not bad, RULES["pattern"] + "\n" + "\n".join(bad)
 
