@@ -163,16 +163,12 @@ def run(args) -> int:
 
         check_against_model(pattern_file.resolve(args.pattern, info.num_dsa_layers, info), info)
     from ..calibration.run import calibrate
-    from ..calibration.session import load_backend, load_data
+    from ..calibration.session import load_backend, load_data, load_server_backend
 
     if args.url:
-        from transformers import AutoConfig, AutoTokenizer
-
-        from ..calibration.server_backend import ServerBackend
-
-        backend = ServerBackend(args.url, api_key=args.api_key or os.environ.get("INDEXCACHE_API_KEY"),
-                                num_layers=info.num_dsa_layers, in_flight=args.in_flight)
-        tokenizer, config = AutoTokenizer.from_pretrained(args.model), AutoConfig.from_pretrained(args.model)
+        backend, tokenizer, config = load_server_backend(
+            args.url, args.model, info.num_dsa_layers, api_key=args.api_key or os.environ.get("INDEXCACHE_API_KEY"),
+            in_flight=args.in_flight)
     else:
         backend = load_backend(args.model, threads=args.threads)
         tokenizer, config = backend.tokenizer, backend.config
