@@ -18,7 +18,7 @@ import os
 
 from .. import checks
 from .. import pattern as pat
-from ..errors import PatternError, UsageError
+from ..errors import PatternError
 from . import bench_kernels, bench_serve
 from .options import add_force, check_output, int_list, non_negative_int, positive_int
 
@@ -74,24 +74,6 @@ def add_arguments(parser):
     bench_serve.add_arguments(modes)
 
 
-def _config(name: str) -> dict:
-    from pathlib import Path
-
-    from ..configs import named_config
-
-    if name.endswith(".json") or Path(name).exists():
-        path = Path(name)
-        if path.is_dir():
-            raise UsageError(f"--config {path} is a directory; give a config.json file (or a named config)")
-        if not path.is_file():
-            raise UsageError(f"config file {path} does not exist")
-        try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"config file {path} is not valid JSON: {exc}") from None
-    return named_config(name)
-
-
 def _patterns(args, layers: int, model_layers: int) -> list[tuple[str, str]]:
     from .. import pattern_file
 
@@ -134,7 +116,9 @@ def _check(args) -> None:
 
 
 def _spec(args):
-    config = _config(args.config)
+    from ..configs import load_config
+
+    config = load_config(args.config)
     model_layers = int(config.get("num_hidden_layers", LAYER_CAP))
     layers = args.layers if args.layers is not None else min(model_layers, LAYER_CAP)
     patterns = _patterns(args, layers, model_layers)  # refused before torch loads
