@@ -5,6 +5,7 @@ import json
 import pytest
 
 from sglang_indexcache import pattern_file
+from sglang_indexcache.atomic import atomic_write_text
 from sglang_indexcache.errors import ModelDirError, PatternError, PatternFileError
 from sglang_indexcache.model_info import load_model_info
 from sglang_indexcache.validation import check_against_model
@@ -145,8 +146,8 @@ def test_truncated_safetensors(dsa_checkpoint):
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
-    pattern_file.atomic_write_text(tmp_path / "x.json", "1")
-    pattern_file.atomic_write_text(tmp_path / "x.json", "2")
+    atomic_write_text(tmp_path / "x.json", "1")
+    atomic_write_text(tmp_path / "x.json", "2")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert (tmp_path / "x.json").read_text() == "2"
 
@@ -201,3 +202,12 @@ def test_server_names_a_decode_stride_it_does_not_serve(tmp_path, dsa_checkpoint
         with caplog.at_level("WARNING", logger="sglang_indexcache.sglang"):
             assert settings._flag_pattern(flags, info)[0] == "FSSSFSSS"
         assert ("decode_stride 8/4" in caplog.text) is warned  # layer 1 is S: its stride means nothing
+
+
+def test_require_every_indexer_names_the_missing_layers():
+    from sglang_indexcache.validation import require_every_indexer
+
+    require_every_indexer(3, {0, 1, 2}, "M", "overlap needs every layer's indexer")  # nothing missing
+    with pytest.raises(PatternError, match="^overlap needs every layer's indexer, but M has no indexer weights"
+                                           " for layers 1-2,4$"):
+        require_every_indexer(5, {0, 3}, "M", "overlap needs every layer's indexer")

@@ -28,7 +28,7 @@ from .. import pattern as pat
 from .. import pattern_file
 from ..errors import UsageError
 from ..model_info import ModelInfo, load_model_info
-from ..validation import check_against_model
+from ..validation import check_against_model, require_every_indexer
 from . import shared_layers
 
 logger = logging.getLogger("sglang_indexcache.sglang")
@@ -184,11 +184,8 @@ def _resolve_cached(flags: Flags) -> Settings:
                        info.weights_note)
     resolved, source = _flag_pattern(flags, info)
     if flags.calibration and info.weights_checked:
-        missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
-        if missing:
-            raise IndexCacheError(
-                f"--index-cache-calibration keeps every layer's indexer, but {flags.model_path} has no indexer"
-                f" weights for layers {pat.layer_ranges(missing)}")
+        require_every_indexer(info.num_dsa_layers, info.layers_with_indexer, flags.model_path,
+                              "--index-cache-calibration keeps every layer's indexer", IndexCacheError)
     ckpt, key = _checkpoint_pattern(info.config)
     return Settings(resolved, source, flags.calibration, ckpt, key)
 
@@ -197,10 +194,8 @@ def resolve(cfg) -> Settings | None:
     """The resolved settings for ``cfg``, or None when no IndexCache flag is set."""
     if not enabled(cfg):
         return None
-    if getattr(cfg, "index_cache_every", None) is not None and (
-            isinstance(cfg.index_cache_every, bool) or not isinstance(cfg.index_cache_every, int)
-            or cfg.index_cache_every <= 0):
-        raise IndexCacheError(f"--index-cache-every must be a positive integer, got {cfg.index_cache_every!r}")
+    if getattr(cfg, "index_cache_every", None) is not None:
+        pat.check_every(cfg.index_cache_every, "--index-cache-every", IndexCacheError)
     return _resolve_cached(Flags.of(cfg))
 
 
