@@ -29,7 +29,7 @@ from sglang_indexcache.model_info import load_model_info
 from sglang_indexcache.models import lm_loss, sparse_attention, swap
 from sglang_indexcache.models.indexer import CausalIndexer
 from sglang_indexcache.models.lm_loss import LossResult, summed_loss
-from sglang_indexcache.validation import require_indexers
+from sglang_indexcache.validation import require_every_indexer, require_indexers
 
 log = logging.getLogger(__name__)
 GLM_DSA_TYPES = ("glm_moe_dsa",)
@@ -72,8 +72,8 @@ class TransformersBackend:
         for i in range(self.num_layers):
             if i not in self.indexer_layers:
                 self.indexers[i] = None
-        if 0 not in self.indexer_layers:
-            raise ModelDirError("layer 0 has no indexer weights: no pattern can run (layer 0 must be F)")
+        require_indexers(pat.FULL + pat.SHARED * (self.num_layers - 1), self.indexer_layers, "the model",
+                         ModelDirError, hint="; no pattern can run (layer 0 must be F)")
         # all-F, or as close as the checkpoint allows (F exactly where it has an indexer)
         self.pattern = "".join(pat.FULL if i in self.indexer_layers else pat.SHARED for i in range(self.num_layers))
         self.set_pattern(self.pattern)
@@ -243,8 +243,8 @@ class TransformersBackend:
     @torch.inference_mode()
     def record_topk(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's OWN top-k ``[B, S, k]`` int32 on ``input_ids [B, S]`` (as if all F)."""
-        require_indexers(pat.FULL * self.num_layers, self.indexer_layers, "the model",
-                         hint=": cannot record every layer's own top-k")
+        require_every_indexer(self.num_layers, self.indexer_layers, "the model",
+                              "recording every layer's own top-k needs every layer's indexer")
         state, out = self.begin(input_ids), []
         for i in range(self.num_layers):
             state = self.layer(i, state, True)

@@ -32,7 +32,7 @@ import torch
 
 from sglang_indexcache.errors import UsageError
 
-from .moves import SharedMoves, flip  # noqa: F401 (flip re-exported)
+from .moves import SharedMoves
 
 
 class NonFiniteLossError(UsageError):

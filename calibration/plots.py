@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sglang_indexcache import pattern as pat
+from sglang_indexcache.atomic import atomic_savefig
+
 
 def _pyplot():
     import matplotlib
@@ -19,23 +22,24 @@ def plot_calibration(document: dict, path) -> Path:
     plt = _pyplot()
     cal = document["calibration"]
     n = document["model"]["num_dsa_layers"]
-    start_removed = n - (cal["steps"][0]["pattern"].count("F") + 1) if cal["steps"] else 0
-    xs = [start_removed] + [n - s["pattern"].count("F") for s in cal["steps"]]
+    start_removed = n - (pat.kept(cal["steps"][0]["pattern"]) + 1) if cal["steps"] else 0
+    xs = [start_removed] + [n - pat.kept(s["pattern"]) for s in cal["steps"]]
     ys = [cal["baseline_loss"]] + [s["loss"] for s in cal["steps"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     ax.plot(xs, ys, marker="o", markersize=3, label="greedy path")
     ax.axhline(cal["baseline_loss"], color="grey", linestyle=":", linewidth=1, label="all F")
     uniform = cal.get("uniform")
     if uniform:
-        ux = n - uniform["pattern"].count("F")
+        ux = n - pat.kept(uniform["pattern"])
         ax.scatter([ux], [uniform["loss"]], color="red", marker="x", s=60, zorder=3,
-                   label=f"uniform ({uniform['pattern'].count('F')}/{n} F)")
+                   label=f"uniform ({pat.kept(uniform['pattern'])}/{n} F)")
     ax.set_xlabel("indexers removed (S layers)")
     ax.set_ylabel("calibration LM loss (nats/token)")
     ax.set_title(f"greedy IndexCache search, keep {cal['keep_ratio']:g} ({n} layers)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(plt, fig, path)
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
 
 
 def plot_overlap(matrix, path, title: str) -> Path:
@@ -51,7 +55,8 @@ def plot_overlap(matrix, path, title: str) -> Path:
     ax.set_yticks(ticks)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of layer i's top-k also in layer j's")
-    return _save(plt, fig, path)
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
 
 
 def plot_stride_calibration(document: dict, path) -> Path:
@@ -74,7 +79,8 @@ def plot_stride_calibration(document: dict, path) -> Path:
     ax.set_title(f"greedy decode-stride search on {pattern}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    fig.tight_layout()
+    return atomic_savefig(fig, path)
 
 
 def plot_decode_stride_study(doc: dict, path) -> Path:
@@ -117,16 +123,5 @@ def plot_decode_stride_study(doc: dict, path) -> Path:
     right.set_title("per-layer sensitivity")
     right.grid(alpha=0.3, axis="y")
     right.legend(fontsize=8)
-    return _save(plt, fig, path)
-
-
-def _save(plt, fig, path) -> Path:
-    """Write the figure atomically (``atomic.atomic_path``), in the format of ``path``'s suffix."""
-    from sglang_indexcache.atomic import atomic_path
-
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    return path
+    return atomic_savefig(fig, path)

@@ -21,7 +21,7 @@ from sglang_indexcache.atomic import atomic_write_text, staged_files
 from sglang_indexcache.errors import UsageError
 
 from . import greedy
-from .paths import plot_path, state_path  # noqa: F401 (re-exported)
+from .paths import plot_path, state_path
 from .moves import SharedMoves
 from .recorder import RecordingEvaluator, SearchStopped, consistent
 
@@ -108,18 +108,24 @@ def calibrate(backend, blocks, info, keep: float, out, resume=False, batch_size=
     timings_before = dict(state.get("server_timings") or {})  # earlier runs of a resumed search
     search(backend, batches, state, target, out, SharedMoves(), ticks, steps_total, f"greedy keep {keep:g}",
            screen_batches, screen_top, on_step, max_seconds)
-    side = state_path(out)
     uniform = uniform_at(backend.num_layers, keep)
     uniform = {"pattern": uniform, "loss": evaluator_loss(backend, batches, uniform)}
     _add_server_timings(state, backend, timings_before)
     document = _document(state, backend, blocks, info, keep, batch_size, options, uniform)
-    outputs = [out, plot_path(out)] if plot else [out]
-    with staged_files(*outputs, remove=[side]) as staged:  # pattern file and plot together, or neither
-        pattern_file.write(staged[0], document)
-        if plot:
-            from .plots import plot_calibration
+    plotter = None
+    if plot:
+        from .plots import plot_calibration as plotter
+    return write_result(out, document, plotter)
 
-            plot_calibration(document, staged[1])
+
+def write_result(out, document: dict, plotter=None) -> dict:
+    """Commit a finished search: the pattern file ``out`` and, with ``plotter(document, path)``, its
+    plot at :func:`plot_path` appear together or not at all; the search state beside ``out`` goes."""
+    outputs = [out, plot_path(out)] if plotter else [out]
+    with staged_files(*outputs, remove=[state_path(out)]) as staged:
+        pattern_file.write(staged[0], document)
+        if plotter:
+            plotter(document, staged[1])
     return document
 
 

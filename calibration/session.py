@@ -55,7 +55,6 @@ def set_threads(threads: int | None) -> None:
 
 def load_backend(model_dir, pattern: str | None = None, threads: int | None = None):
     """TransformersBackend of ``model_dir`` (float32 on the CPU, CUDA when available)."""
-    import torch
     import transformers
 
     set_threads(threads)
@@ -63,8 +62,18 @@ def load_backend(model_dir, pattern: str | None = None, threads: int | None = No
 
     transformers.utils.logging.disable_progress_bar()
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return TransformersBackend.from_pretrained(model_dir, device=device, pattern=pattern)
+    return TransformersBackend.from_pretrained(model_dir, device=checks.torch_device("auto"), pattern=pattern)
+
+
+def load_server_backend(url: str, model_dir, num_layers: int, api_key: str | None = None, in_flight: int = 1):
+    """``(ServerBackend, tokenizer, config)``: a running patched server at ``url`` and the tokenizer and
+    config of the checkpoint ``model_dir`` it serves."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .server_backend import ServerBackend
+
+    backend = ServerBackend(url, api_key=api_key, num_layers=num_layers, in_flight=in_flight)
+    return backend, AutoTokenizer.from_pretrained(model_dir), AutoConfig.from_pretrained(model_dir)
 
 
 def load_data(args, tokenizer, config):

@@ -19,13 +19,11 @@ import logging
 
 from sglang_indexcache import __version__, pattern_file
 from sglang_indexcache import pattern as pat
-from sglang_indexcache.atomic import staged_files
 from sglang_indexcache.errors import UsageError
 
 from . import greedy
 from .moves import StrideMoves, stride_levels
-from .paths import plot_path, state_path
-from .run import _identity, load_or_create_state, plan_loss, search
+from .run import _identity, load_or_create_state, plan_loss, search, write_result
 
 log = logging.getLogger(__name__)
 STEP_KEYS = ("raised", "loss", "decode_stride", "layer_forwards", "naive_layer_forwards", "seconds")
@@ -81,11 +79,7 @@ def calibrate_stride(backend, blocks, info, spec: str, target: float, out, max_s
     }
     document["created_by"] = f"sglang-indexcache {__version__}"
     document["created_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    outputs = [out, plot_path(out)] if plot else [out]
-    with staged_files(*outputs, remove=[state_path(out)]) as staged:  # pattern file and plot together, or neither
-        pattern_file.write(staged[0], document)
-        if plot:
-            from .plots import plot_stride_calibration
-
-            plot_stride_calibration(document, staged[1])
-    return document
+    plotter = None
+    if plot:
+        from .plots import plot_stride_calibration as plotter
+    return write_result(out, document, plotter)

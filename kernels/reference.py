@@ -21,7 +21,7 @@ PAGE_SIZE = 64
 __all__ = [
     "PAGE_SIZE", "paged_rows", "select_topk", "index_scores", "gathered_attention",
     "indexer_scores_prefill_ref", "indexer_topk_prefill_ref", "indexer_scores_decode_ref",
-    "indexer_topk_decode_ref", "sparse_mla_decode_ref",
+    "indexer_topk_decode_ref", "sparse_mla_decode_ref", "set_overlap",
 ]
 
 
@@ -211,3 +211,15 @@ def sparse_mla_decode_ref(q, kv_cache, page_table, indices, sm_scale: float, d_v
         out[i], lse[i] = o[0], l[0]                                # [h, d_v], [h]
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def set_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How top-k results are compared, as sets (the one definition): per row, the share of ``a``'s
+    valid indices (>= 0) that ``b`` holds, ``[rows]`` fp32.
+
+    ``a, b [rows, k]`` integer index sets without repeats, -1 padded (rows with no valid index of
+    ``a`` count 1.0). With ``a`` the exact top-k, this is the recall of ``b``."""
+    merged = torch.cat([a.long(), b.long()], 1).sort(1).values      # [rows, 2k]
+    both = ((merged[:, 1:] == merged[:, :-1]) & (merged[:, 1:] >= 0)).sum(1).float()
+    valid = (a >= 0).sum(1).float()
+    return torch.where(valid > 0, both / valid.clamp(min=1), torch.ones_like(valid))

@@ -3,7 +3,7 @@
 - ``assert_close``: one comparator that explains a mismatch (how many elements differ, where, the
   largest error, NaN/inf disagreements). NaN in ``actual`` never passes.
 - ``check_topk``: top-k indices compared as sets against dense reference scores.
-- ``set_overlap``: per-row share of one top-k index set found in another (the one definition).
+- ``set_overlap`` (from ``reference.py``, its home): per-row share of one top-k index set in another.
 - ``interpreter_worker``: a worker process that runs the kernels in Triton's CPU interpreter.
 - ``make_paged_cache``: a shuffled paged cache whose unowned slots hold NaN.
 - ``far_view``: a small view whose elements lie past 2**31 in a sparse file mapping (offset tests).
@@ -20,6 +20,7 @@ import tempfile
 import torch
 
 from ._triton_common import interpreting as is_interpreted
+from .reference import set_overlap
 
 # (atol, rtol) per operand dtype; fp32 math everywhere, so these bound only rounding of inputs/outputs.
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2)}
@@ -109,17 +110,6 @@ def check_topk(indices: torch.Tensor, scores: torch.Tensor, topk: int, tol: floa
             raise AssertionError(f"{name}: {int(differs.sum())} tie-free rows select a different set, e.g. row "
                                  f"{r}: extra {sorted(set(idx[r].tolist()) - set(ref_set[r].tolist()))}, "
                                  f"missing {sorted(set(ref_set[r].tolist()) - set(idx[r].tolist()))}")
-
-
-def set_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per row, the share of ``a``'s valid indices (>= 0) that ``b`` holds: ``[rows]`` fp32.
-
-    ``a, b [rows, k]`` integer index sets without repeats, -1 padded (rows with no valid index of
-    ``a`` count 1.0). With ``a`` the exact top-k, this is the recall of ``b``."""
-    merged = torch.cat([a.long(), b.long()], 1).sort(1).values      # [rows, 2k]
-    both = ((merged[:, 1:] == merged[:, :-1]) & (merged[:, 1:] >= 0)).sum(1).float()
-    valid = (a >= 0).sum(1).float()
-    return torch.where(valid > 0, both / valid.clamp(min=1), torch.ones_like(valid))
 
 
 @contextlib.contextmanager

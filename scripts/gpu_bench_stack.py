@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from sglang_indexcache import pattern as pat
 from sglang_indexcache.bench import report, runner
 from sglang_indexcache.bench.ops import KernelSet
 from sglang_indexcache.configs import named_config
@@ -85,7 +86,7 @@ def main(argv) -> int:
             continue
         spec = runner.BenchSpec(
             mode=mode, config_name=name, config=config, layers=layers, contexts=contexts,
-            patterns=[("all-F", "F" * layers)] + [(p, runner_pattern(p, layers)) for p in patterns],
+            patterns=[("all-F", pat.all_full(layers))] + [(p, runner_pattern(p, layers)) for p in patterns],
             device=device, dtype=torch.bfloat16, kernels="triton",
             batches=batches, repeats=repeats, warmup=warmup, chunk=16 * K if not smoke else 64,
             deadline=deadline)

@@ -8,13 +8,13 @@ top-k as sets with gathered scores, outputs NaN-poisoned before each run, NaN in
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
 from kernel_research.indexer_fused import fused_chunks
 
+from sglang_indexcache.atomic import atomic_write_json
 from sglang_indexcache.kernels import indexer_topk_decode, indexer_topk_prefill, reference as ref, sparse_mla_decode, testing
 
 SENTINEL = -7
@@ -191,9 +191,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     results = run_checks(args.device)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-                       "results": results}, f, indent=1)
+        atomic_write_json(args.out, {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+                                     "results": results})
     return 0 if all(r["ok"] for r in results) else 1
 
 

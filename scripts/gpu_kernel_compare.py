@@ -115,10 +115,11 @@ def imports():
 
     import sglang_indexcache.kernels as kernels
     from kernel_research import compare_common, sglang_compare, sglang_ops
+    from sglang_indexcache import atomic
     from sglang_indexcache.bench import timing
 
     return types.SimpleNamespace(torch=torch, triton=triton, kernels=kernels, common=compare_common,
-                                 cases=sglang_compare, ops=sglang_ops, timing=timing)
+                                 cases=sglang_compare, ops=sglang_ops, timing=timing, atomic=atomic)
 
 
 def ceilings(mods, device) -> dict:
@@ -173,12 +174,6 @@ def _run_case(mods, env, kind, params):
     return fn(env, *params)
 
 
-def _save(path: Path, doc: dict):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
-
-
 def run(args) -> dict:
     mods = imports()
     torch = mods.torch
@@ -209,12 +204,12 @@ def run(args) -> dict:
                     "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
         case["seconds"] = round(time.monotonic() - t0, 2)
         doc["cases"].append(case)
-        _save(path, doc)
+        mods.atomic.atomic_write_json(path, doc)
         print(f"[{time.monotonic() - start:6.1f}s] {case.get('id', kind)}: {case['status']}", flush=True)
         if env.device.type == "cuda":
             torch.cuda.empty_cache()
     doc["wall_seconds"] = round(time.monotonic() - start, 1)
-    _save(path, doc)
+    mods.atomic.atomic_write_json(path, doc)
     return doc
 
 

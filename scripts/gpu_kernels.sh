@@ -24,5 +24,5 @@ fi
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   [ -n "${SKIP_CHECKS:-}" ] || { $PY scripts/gpu_kernel_checks.py --out "$OUT/kernel_checks.json"; echo "checks exit $?"; }
-  $PY -m sglang_indexcache.bench.kernels --save "$OUT/kernels_bench.json" "$@"; echo "bench exit $?"
+  $PY -m sglang_indexcache bench kernels --save "$OUT/kernels_bench.json" "$@"; echo "bench exit $?"
 } 2>&1 | tee "$OUT/gpu_kernels.log"

@@ -57,7 +57,7 @@ def exact_topk(scores, lengths, topk: int, block_rows: int):
 
 
 def _recall_summary(got, exact, tie_free) -> dict:
-    from sglang_indexcache.kernels.testing import set_overlap
+    from sglang_indexcache.kernels.reference import set_overlap
 
     rec = set_overlap(exact, got.long())[tie_free]
     worst = int(tie_free.nonzero()[rec.argmin()]) if rec.numel() else -1
@@ -152,10 +152,9 @@ def run(args) -> dict:
 
 
 def _save(path: str, doc: dict):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    from sglang_indexcache.atomic import atomic_write_json
+
+    atomic_write_json(path, doc)
 
 
 def parse_args(argv):

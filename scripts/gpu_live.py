@@ -92,7 +92,9 @@ def main(argv=None, clock=None, launcher=None, url: str = host.URL) -> int:
     if args.report:
         text = report.markdown(report.load(args.report))
         if args.md:
-            Path(args.md).write_text(text)
+            from sglang_indexcache.atomic import atomic_write_text
+
+            atomic_write_text(args.md, text)
         else:
             print(text, end="")
         return 0

@@ -2,12 +2,12 @@
 scores, and a few launch variants: ``python3 scripts/gpu_topk_profile.py OUT.json`` (run from a tree
 where ``sglang_indexcache.kernels`` imports, e.g. inside scripts/gpu_indexer.sh's layout)."""
 
-import json
 import sys
 
 import torch
 import triton
 
+from sglang_indexcache.atomic import atomic_write_json
 from sglang_indexcache.kernels import topk_sampled as ts
 from sglang_indexcache.kernels.topk import topk_rows
 
@@ -63,8 +63,7 @@ def main(path):
         torch.cuda.empty_cache()
     for r in rows:
         print(r, flush=True)
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
+    atomic_write_json(path, rows)
 
 
 if __name__ == "__main__":

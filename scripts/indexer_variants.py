@@ -23,7 +23,7 @@ import logging
 import math
 
 from sglang_indexcache.atomic import atomic_write_json
-from sglang_indexcache.bench.floor import roofline_seconds
+from sglang_indexcache.bench.floor import roofline_bound, roofline_seconds
 from sglang_indexcache.bench.kernel_bench_ops import prefill_scores_only
 from sglang_indexcache.bench.timing import measure_ceilings
 
@@ -72,7 +72,7 @@ def _row(doc, path, case: dict, ms: float, flops: float, nbytes: float):
     row = {**case, "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1), "gbps": round(nbytes / ms / 1e6, 1)}
     floor = 1e3 * roofline_seconds(flops, nbytes, peak * 1e12, c["copy_gbps"] * 1e9)  # ms
     row["floor_ms"], row["of_floor"] = round(floor, 4), round(floor / ms, 3)
-    if case.get("dtype") == "fp8" and flops / (peak * 1e9) >= nbytes / (c["copy_gbps"] * 1e6):
+    if case.get("dtype") == "fp8" and roofline_bound(flops, nbytes, peak * 1e12, c["copy_gbps"] * 1e9) == "compute":
         row["of_bf16_floor"] = round(flops / (c["bf16_tflops"] * 1e9) / ms, 3)
     doc["rows"].append(row)
     log.info("%s", row)
@@ -98,7 +98,7 @@ def sweep(torch, bench, doc, path, heads: int, dtype: str, n: int = 32768) -> di
     for rows, bn, nw, ns, km in SWEEP:
         cfg = {"rows": rows, "block_n": bn, "num_warps": nw, "num_stages": ns, "keys_major": km}
         case = {"kind": "prefill-sweep", "heads": heads, "dtype": dtype, "context": n, "config": cfg}
-        ms = _try(doc, path, case, prefill_scores_only(torch, q, w, k, ks, cu, cfg), bench, flops, 0)
+        ms = _try(doc, path, case, prefill_scores_only(q, w, k, ks, cu, cfg), bench, flops, 0)
         if ms is not None and ms < best_ms:
             best, best_ms = cfg, ms
     doc["best_config"][f"{heads}-{dtype}"] = best
@@ -117,7 +117,7 @@ def prefill_rows(torch, bench, doc, path, heads: int, dtype: str, config: dict, 
         q, w, k, ks, cu = _prefill_inputs(torch, n, heads, dtype)
         flops = heads * D * n * (n + 1.0)
         base = {"kind": "prefill", "heads": heads, "dtype": dtype, "context": n}
-        _try(doc, path, {**base, "impl": "scores only"}, prefill_scores_only(torch, q, w, k, ks, cu, config),
+        _try(doc, path, {**base, "impl": "scores only"}, prefill_scores_only(q, w, k, ks, cu, config),
              bench, flops, 0)
         for sel in ("triton", "radix", "torch"):
             fn = lambda sel=sel: indexer_topk_prefill(q, w, k, cu, TOPK, 0.1, ks, selector=sel, **config)  # noqa: E731

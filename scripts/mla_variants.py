@@ -28,7 +28,7 @@ import argparse
 import logging
 
 from sglang_indexcache.atomic import atomic_write_json
-from sglang_indexcache.bench.kernel_bench_ops import DATA_MODES, _inputs
+from kernel_research.mla_inputs import DATA_MODES, mla_inputs
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def _time_case(bench, torch, doc, out_path, case: dict, shared_table: bool, fmla
     from sglang_indexcache.kernels.sparse_mla_decode import _sparse_mla_kernel
 
     b, ctx, heads = case["batch"], case["context"], case["heads"]
-    q, cache, table, idx, rows = _inputs(torch, b, ctx, heads, shared_table, bench.device,
-                                         case.get("data", "random"))
+    q, cache, table, idx, rows = mla_inputs(b, ctx, heads, shared_table, bench.device, case.get("data", "random"))
     scale = D_QK ** -0.5
     flops = 2.0 * b * heads * TOPK * (D_QK + D_V)
     nbytes = b * TOPK * 2 * D_QK

@@ -12,8 +12,9 @@ import sys
 
 import torch
 
-from sglang_indexcache.bench import kernel_bench_ops as mv
-from sglang_indexcache.bench.kernel_bench_ops import _paged
+from kernel_research.mla_inputs import mla_inputs
+from sglang_indexcache.bench.kernel_bench_ops import paged_cache
+from sglang_indexcache.bench.shapes import D_QK
 from sglang_indexcache.kernels import indexer_topk_decode, sparse_mla_decode, topk_rows_sampled
 from sglang_indexcache.kernels.indexer_scores import prefill_scores
 
@@ -25,8 +26,8 @@ def main(case: str, dev=torch.device("cuda"), ctx: int = 131072, batch: int = 64
     torch.manual_seed(0)
     if case in ("mla-decode", "mla-prefill"):
         b, shared = (batch, False) if case == "mla-decode" else (rows, True)
-        q, cache, table, idx, _ = mv._inputs(torch, b, ctx, 128, shared, dev)
-        run = lambda: sparse_mla_decode(q, cache, table, idx, mv.D_QK ** -0.5)  # noqa: E731
+        q, cache, table, idx, _ = mla_inputs(b, ctx, 128, shared, dev)
+        run = lambda: sparse_mla_decode(q, cache, table, idx, D_QK ** -0.5)  # noqa: E731
     elif case == "indexer-prefill":
         n, h = ctx, 32
         q = torch.randn(n, h, 128, device=dev).bfloat16()
@@ -41,7 +42,7 @@ def main(case: str, dev=torch.device("cuda"), ctx: int = 131072, batch: int = 64
             topk_rows_sampled(buf[0], 2048, lengths=lens)
     elif case == "indexer-decode":
         b, h = batch, 64
-        cache, table, _ = _paged(b, ctx, 128, torch.bfloat16, dev)
+        cache, table, _ = paged_cache(b, ctx, 128, torch.bfloat16, dev)
         q = torch.randn(b, h, 128, device=dev).bfloat16()
         w = torch.rand(b, h, device=dev)
         lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)

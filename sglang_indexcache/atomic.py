@@ -17,8 +17,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "held_interrupts", "staged_files",
-           "staged_dir"]
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_json", "atomic_savefig", "held_interrupts",
+           "staged_files", "staged_dir"]
 
 
 @contextlib.contextmanager
@@ -55,6 +55,18 @@ def atomic_write_text(path, text: str) -> None:
 def atomic_write_json(path, document, indent: int = 1) -> None:
     """``atomic_write_text`` of ``document`` as JSON (a newline at the end)."""
     atomic_write_text(path, json.dumps(document, indent=indent) + "\n")
+
+
+def atomic_savefig(fig, path, **kwargs) -> Path:
+    """Save the matplotlib figure ``fig`` to ``path`` atomically, in the format of ``path``'s suffix
+    (PNG without one), then close it. ``kwargs`` go to ``savefig`` (``dpi``)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kwargs)
+    plt.close(fig)
+    return path
 
 
 @contextlib.contextmanager

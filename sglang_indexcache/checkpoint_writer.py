@@ -24,9 +24,10 @@ import math
 import shutil
 from pathlib import Path
 
+from . import checks
 from . import pattern as pat
 from . import progress
-from .atomic import staged_dir
+from .atomic import atomic_path, atomic_write_json, staged_dir
 from .configs import GLM_5, TINY_MODEL_DIR
 from .errors import UsageError
 from .model_info import INDEXER_MARK, LAYER_RE
@@ -143,10 +144,11 @@ def write_weights(out: Path, shapes: dict, device: str = "cpu", seed: int = 0, s
                 weight_map[name] = file
                 total += 2 * math.prod(shapes[name])
                 bar.update(math.prod(shapes[name]))
-            save_file(tensors, str(out / file), metadata={"format": "pt"})
+            with atomic_path(out / file) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": "pt"})
             log.info("wrote %s (%d tensors)", file, len(names))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1) + "\n")
+    atomic_write_json(out / "model.safetensors.index.json", index)
     return files
 
 
@@ -162,10 +164,10 @@ def write_checkpoint(out, hidden: int, layers: int, intermediate: int, flavour: 
     if pattern is not None:
         pattern = pat.validate(pattern, layers)
     config = checkpoint_config(hidden, layers, intermediate, flavour, pattern, overrides)
-    _check_device(device)
+    checks.torch_device(device)
     summary = {"path": str(out), "flavour": flavour, "pattern": pattern, "layers": layers, "hidden": hidden}
     with staged_dir(out) as staged:  # Ctrl-C leaves no half-written checkpoint
-        (staged / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_json(staged / "config.json", config, indent=2)
         for name in TOKENIZER_FILES:
             shutil.copyfile(TINY_MODEL_DIR / name, staged / name)
         if weights != "none":
@@ -177,11 +179,3 @@ def write_checkpoint(out, hidden: int, layers: int, intermediate: int, flavour: 
             summary["indexer_layers"] = sorted({_layer(n) for n in shapes if INDEXER_MARK in n})
     return summary
 
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if device not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device here (use --device cpu)")

@@ -8,6 +8,7 @@ accepts full-size shapes.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from .errors import UsageError
 from .resources import embedded_model
@@ -58,3 +59,18 @@ def named_config(name: str) -> dict:
     if name not in NAMED:
         raise UsageError(f"unknown config {name!r}; choose one of tiny, {', '.join(NAMED)}")
     return dict(NAMED[name])
+
+
+def load_config(name: str) -> dict:
+    """A named config (:func:`named_config`), or the JSON of a ``config.json`` file named by path."""
+    if name.endswith(".json") or Path(name).exists():
+        path = Path(name)
+        if path.is_dir():
+            raise UsageError(f"--config {path} is a directory; give a config.json file (or a named config)")
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist")
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"config file {path} is not valid JSON: {exc}") from None
+    return named_config(name)

@@ -15,7 +15,6 @@ import base64
 import csv
 import hashlib
 import io
-import json
 import logging
 import lzma
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from . import gpu_bundle_install, progress
-from .atomic import staged_dir
+from .atomic import atomic_write_json, atomic_write_text, staged_dir
 from .errors import UsageError
 from .gpu_bundle_install import sha256_file
 from .resources import data_dir
@@ -295,11 +294,11 @@ def _write_bundle(out: Path, pins, wheels, sglang_version, python, arch, part_si
     manifest = {"format": "indexcache-gpu-bundle/v1", "sglang": sglang_version, "python": python,
                 "arch": arch, "fa3": keep_fa3, "strip_debug": strip, "platforms": platforms, "archive": ARCHIVE,
                 "part_size": part_size, "parts": parts, "wheels": entries, "smoke_imports": SMOKE_IMPORTS}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    atomic_write_json(out / "manifest.json", manifest)
     shutil.copyfile(gpu_bundle_install.__file__, out / "install.py")
     sums = [(p["sha256"], p["name"]) for p in parts]
     sums += [(sha256_file(out / n), n) for n in ("install.py", "manifest.json")]
-    (out / "SHA256SUMS").write_text("".join(f"{h}  {n}\n" for h, n in sums))
+    atomic_write_text(out / "SHA256SUMS", "".join(f"{h}  {n}\n" for h, n in sums))
     return manifest
 
 

@@ -10,10 +10,13 @@ Everything else in the project (CLI, calibration, SGLang overlay, exports) calls
 from __future__ import annotations
 
 import json
+import re
 
 from .errors import PatternError
 
 FULL, SHARED = "F", "S"
+ALL_F_NAMES = ("all-f", "allf", "full")  # the all-F shorthand's spellings (case-insensitive)
+_EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)  # the every-N shorthand (also everyN)
 ENGINES = ("sglang", "vllm", "transformers")
 # Offsets of `max(i - offset + 1, 0) % freq != 0 -> S` each engine uses when none is configured.
 # SGLang 0.5.23 (`dsa_layer_skips_topk`, no `index_skip_topk_offset`) and the paper authors' vLLM
@@ -61,10 +64,30 @@ def check_num_layers(num_layers) -> int:
     return num_layers
 
 
-def check_every(every) -> int:
+def check_every(every, flag: str = "--every", error: type[Exception] = PatternError) -> int:
+    """``every`` of an every-N pattern when it is a positive int (a bool is not); else ``error``
+    naming ``flag`` (``--every``, the server's ``--index-cache-every``)."""
     if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
-        raise PatternError(f"--every must be a positive integer, got {every!r}")
+        raise error(f"{flag} must be a positive integer, got {every!r}")
     return every
+
+
+def shorthand(text: str) -> tuple[str, int] | None:
+    """The one reading of the shorthands: ``("all-F", 1)`` for ``all-F`` (``allf``, ``full``),
+    ``("every", N)`` for ``every-N`` (``everyN``), None for anything else (surrounding whitespace
+    stripped, case-insensitive). N is not checked here: :func:`uniform` does that."""
+    text = text.strip()
+    if text.lower() in ALL_F_NAMES:
+        return "all-F", 1
+    match = _EVERY_RE.match(text)
+    return ("every", int(match.group(1))) if match else None
+
+
+def refuse_shorthand_lookalike(text: str) -> None:
+    """Refuse ``text`` that starts like a shorthand (``every...``, ``all...``) but is neither."""
+    text = text.strip()
+    if text.lower().startswith(("every", "all")):
+        raise PatternError(f"{text!r} is neither every-N (N a positive integer) nor all-F")
 
 
 def uniform(num_layers: int, every: int) -> str:
@@ -118,6 +141,21 @@ def sglang_config_pattern(config: dict, reads_indexer_types: bool = True,
     if isinstance(freq, int) and freq > 1:
         return from_engine_freq("sglang", n, freq, config.get("index_skip_topk_offset")), "index_topk_freq"
     return None, None
+
+
+def all_full(num_layers: int) -> str:
+    """The all-F pattern of ``num_layers`` layers (every indexer kept: the baseline)."""
+    return FULL * check_num_layers(num_layers)
+
+
+def is_all_full(pattern: str) -> bool:
+    """Whether ``pattern`` keeps every indexer (no S layer)."""
+    return SHARED not in pattern
+
+
+def kept(pattern: str) -> int:
+    """The number of F layers of ``pattern`` (indexers kept)."""
+    return pattern.count(FULL)
 
 
 def full_layers(pattern: str) -> list[int]:
@@ -195,8 +233,8 @@ def layer_ranges(layers) -> str:
 
 
 def describe(pattern: str) -> str:
-    kept = pattern.count(FULL)
-    return f"{pattern} ({kept}/{len(pattern)} indexers kept, {len(pattern) - kept} shared)"
+    full = kept(pattern)
+    return f"{pattern} ({full}/{len(pattern)} indexers kept, {len(pattern) - full} shared)"
 
 
 # ---------------------------------------------------------------- exports ---------------------

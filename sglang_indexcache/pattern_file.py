@@ -10,18 +10,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import re
 from pathlib import Path
 
 from . import __version__
 from . import pattern as pat
-from .atomic import atomic_write_text  # noqa: F401 - also imported from here by commands/
+from .atomic import atomic_write_text
 from .errors import PatternError, PatternFileError
 from .model_info import ModelInfo
 
 FORMAT = "indexcache-pattern/v1"
 METHODS = ("greedy", "uniform", "distilled", "manual")
-EVERY_RE = re.compile(r"^every-?(\d+)$", re.IGNORECASE)
 WEIGHT_FIELDS = ("indexer_weights", "indexer_layers")  # fingerprint fields read from the safetensors
 
 
@@ -121,9 +119,6 @@ def looks_like_file(spec: str) -> bool:
     return spec.endswith(".json") or os.sep in spec or Path(spec).exists()
 
 
-ALL_F_NAMES = ("all-f", "allf", "full")
-
-
 def parse_spec(spec: str) -> tuple[str, object]:
     """The one reading of a command-line pattern spec, before any model is known.
 
@@ -132,15 +127,12 @@ def parse_spec(spec: str) -> tuple[str, object]:
     refused (PatternError).
     """
     text = spec.strip()
-    if text.lower() in ALL_F_NAMES:
-        return "all-F", 1
-    match = EVERY_RE.match(text)
-    if match:
-        return "every", int(match.group(1))
+    short = pat.shorthand(text)
+    if short is not None:
+        return short
     if looks_like_file(text):
         return "file", text
-    if text.lower().startswith(("every", "all-")):
-        raise PatternError(f"{text!r} is neither every-N (N a positive integer) nor all-F")
+    pat.refuse_shorthand_lookalike(text)
     return "pattern", text
 
 

@@ -33,6 +33,18 @@ def require_indexers(pattern: str, have, owner: str, error: type[Exception] = Pa
         )
 
 
+def require_every_indexer(num_layers: int, have, owner: str, need: str,
+                          error: type[Exception] = PatternError) -> None:
+    """Raise ``error`` when any of ``num_layers`` layers is not among ``have``.
+
+    ``need``: what wants every layer's indexer (``"overlap needs every layer's indexer"``); the
+    message reads ``"NEED, but OWNER has no indexer weights for layers 1-2,5"``.
+    """
+    missing = missing_indexers(pat.FULL * num_layers, have)
+    if missing:
+        raise error(f"{need}, but {owner} has no indexer weights for layers {pat.layer_ranges(missing)}")
+
+
 def check_against_model(pattern: str, model: ModelInfo) -> str:
     """Validate ``pattern`` for ``model``: length, layer 0 F, an indexer in every F layer (when the
     weights were read: ``model.weights_checked``)."""

@@ -123,7 +123,7 @@ def test_causal_index_scores_equal_masked_full(seq, chunk):
 
     q, k, w = torch.randn(2, seq, 3, 16), torch.randn(2, seq, 16), torch.randn(2, seq, 3)
     mask = torch.ones(seq, seq, dtype=torch.bool).tril()[None]
-    want = dsa.apply_mask(dsa.index_scores(q, k, w, 0.25), mask)
-    got = dsa.apply_mask(causal_index_scores(q, k, w, 0.25, chunk=chunk), mask)
+    want = dsa.apply_mask(dsa.chunked_index_scores(q, w, k, 0.25), mask)
+    got = dsa.apply_mask(causal_index_scores(q, w, k, 0.25, chunk=chunk), mask)
     assert torch.equal(got.isinf(), want.isinf())
     torch.testing.assert_close(got[mask.expand(2, -1, -1)], want[mask.expand(2, -1, -1)], rtol=1e-5, atol=1e-5)

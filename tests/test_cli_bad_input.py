@@ -18,7 +18,7 @@ import sys
 import pytest
 
 from sglang_indexcache import progress
-from sglang_indexcache.commands.eval_cmd import format_table
+from sglang_indexcache.calibration.pattern_losses import format_table
 from sglang_indexcache.configs import TINY_MODEL_DIR
 
 DRIVER = ("import json, sys\nfrom sglang_indexcache.cli import main\nrc = main(sys.argv[1:])\n"
@@ -220,7 +220,7 @@ def test_demo_ctrl_c_is_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_outputs_are_readable_by_others(tmp_path):
-    from sglang_indexcache.pattern_file import atomic_write_text
+    from sglang_indexcache.atomic import atomic_write_text
 
     old = os.umask(0o022)
     try:

@@ -58,8 +58,8 @@ def test_indexer_logits_has_gradients():
 
 def test_chunked_scores_equal_unchunked(monkeypatch):
     q, k, w = torch.randn(2, 9, 3, 8), torch.randn(2, 9, 8), torch.randn(2, 9, 3)
-    full = dsa.index_scores(q, k, w, 0.5)
+    full = dsa.chunked_index_scores(q, w, k, 0.5)
     monkeypatch.setattr(dsa, "MAX_CHUNK_ELEMENTS", 2 * 3 * 9 * 2)   # chunks of 2 queries
-    torch.testing.assert_close(dsa.index_scores(q, k, w, 0.5), full)
+    torch.testing.assert_close(dsa.chunked_index_scores(q, w, k, 0.5), full)
     direct = (torch.relu(torch.einsum("bshd,btd->bsht", q, k) * 0.5) * w[..., None]).sum(2)
     torch.testing.assert_close(full, direct)

@@ -16,7 +16,8 @@ from sglang_indexcache.calibration.backend import TransformersBackend
 from sglang_indexcache.calibration.data import TokenBlocks
 from sglang_indexcache.calibration.evaluators import NonFiniteLossError
 from sglang_indexcache.calibration.recorder import SearchStopped
-from sglang_indexcache.calibration.run import calibrate, state_path
+from sglang_indexcache.calibration.paths import state_path
+from sglang_indexcache.calibration.run import calibrate
 from sglang_indexcache.calibration.server_backend import ServerBackend, ServerError
 from sglang_indexcache.model_info import ModelInfo
 
@@ -303,3 +304,14 @@ def test_stride_search_resumes(backend, blocks, info, tmp_path):
     assert resumed["decode_stride"] == full["decode_stride"] and not state_path(out).exists()
     assert resumed["decode_stride_calibration"]["loss"] == pytest.approx(full["decode_stride_calibration"]["loss"])
     assert backend.decode_stride == [1] * LAYERS and backend.pattern == pat.FULL * LAYERS  # left as it was
+
+
+def test_load_server_backend_reads_the_served_checkpoint(fake_server):
+    """calibrate --url's backend: the server, with the tokenizer and config of the checkpoint it serves."""
+    from sglang_indexcache.calibration.session import load_server_backend
+    from sglang_indexcache.configs import TINY_MODEL_DIR
+
+    backend, tokenizer, config = load_server_backend(fake_server, TINY_MODEL_DIR, LAYERS, api_key="secret",
+                                                     in_flight=2)
+    assert isinstance(backend, ServerBackend) and backend.in_flight == 2 and backend.num_layers == LAYERS
+    assert config.num_hidden_layers == 12 and tokenizer("def f():")["input_ids"]

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from kernel_research import sglang_ops as so  # noqa: E402
 from kernel_research.compare_common import exact_recall  # noqa: E402
 from sglang_indexcache.bench.timing import spread  # noqa: E402
-from sglang_indexcache.kernels.testing import set_overlap  # noqa: E402
+from sglang_indexcache.kernels.reference import set_overlap  # noqa: E402
 
 
 def test_set_overlap_ignores_padding_and_order():

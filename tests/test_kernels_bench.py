@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sglang_indexcache.bench import kernels as bench_kernels
 from sglang_indexcache.cli import main
+from sglang_indexcache.commands.options import int_list
 
 
 def test_number_lists():
-    assert bench_kernels._ints("8k, 200,128K") == [8192, 200, 131072]
+    assert int_list("8k, 200,128K", "--contexts") == [8192, 200, 131072]
 
 
 @pytest.mark.parametrize("args,match", [
@@ -50,25 +50,26 @@ def test_occupancy_bounds():
 @pytest.mark.parametrize("shared_table", [False, True])
 def test_mla_diagnose_index_sets(data, shared_table):
     """The diagnostic index sets select what they claim, through the page table the kernel gets."""
-    from sglang_indexcache.bench import kernel_bench_ops as mv
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from kernel_research.mla_inputs import TOPK, mla_inputs
     from sglang_indexcache.kernels.reference import sparse_mla_decode_ref
 
     torch.manual_seed(0)
     b, ctx, heads = 3, 4096, 4
-    q, cache, table, idx, rows = mv._inputs(torch, b, ctx, heads, shared_table, torch.device("cpu"), data)
-    assert idx.shape == rows.shape == (b, mv.TOPK) and int(idx.min()) >= 0 and int(idx.max()) < ctx
+    q, cache, table, idx, rows = mla_inputs(b, ctx, heads, shared_table, torch.device("cpu"), data)
+    assert idx.shape == rows.shape == (b, TOPK) and int(idx.min()) >= 0 and int(idx.max()) < ctx
     assert torch.equal(rows.long(), table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64)
-    assert all(len(set(r.tolist())) == mv.TOPK for r in rows)        # no repeated row in a request
+    assert all(len(set(r.tolist())) == TOPK for r in rows)        # no repeated row in a request
     if data == "contiguous":
-        assert torch.equal(rows - rows[:, :1], torch.arange(mv.TOPK, dtype=rows.dtype).expand(b, -1))
+        assert torch.equal(rows - rows[:, :1], torch.arange(TOPK, dtype=rows.dtype).expand(b, -1))
     if data == "l2" or shared_table:
         assert all(torch.equal(rows[0], r) for r in rows) == (data != "random")
     if data == "random" and not shared_table:
-        assert len(set(rows.flatten().tolist())) == b * mv.TOPK    # each request its own rows
+        assert len(set(rows.flatten().tolist())) == b * TOPK    # each request its own rows
     out = sparse_mla_decode_ref(q[:1, :, :], cache, table[:1], idx[:1], 0.1)
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="data must be one of"):
-        mv._inputs(torch, b, ctx, heads, shared_table, torch.device("cpu"), "sorted")
+        mla_inputs(b, ctx, heads, shared_table, torch.device("cpu"), "sorted")
 
 
 @pytest.mark.interpreter
@@ -86,3 +87,25 @@ def test_ncu_targets_smoke():
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("smoke ok:") == 4, result.stdout
+
+
+@pytest.mark.interpreter
+def test_cpu_smoke_saves_rows(tmp_path):
+    """`bench kernels --device cpu` under the interpreter runs the library end to end at a tiny size:
+    the saved document holds the timed rows that the printed table shows."""
+    import json
+    import os
+    import subprocess
+
+    save = tmp_path / "kernels.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-m", "sglang_indexcache", "--quiet", "bench", "kernels", "--device", "cpu",
+                             "--shapes", "glm-5", "--ops", "indexer-decode", "--batch", "1", "--contexts", "4k",
+                             "--budget", "0.01", "--save", str(save)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    doc = json.loads(save.read_text())
+    impls = {row["impl"] for row in doc["rows"] if row["kernel"] == "indexer_decode"}
+    assert {"triton bf16 (ours)", "torch gather+einsum+topk"} <= impls, impls
+    assert all(row["ms"] > 0 and row["context"] == 4096 for row in doc["rows"])
+    assert result.stdout.count("indexer_decode | glm-5") == len(doc["rows"])

@@ -128,3 +128,18 @@ def test_pattern_module_is_pure():
     import sys
     code = "import sys, sglang_indexcache.pattern, sglang_indexcache.pattern_file; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_shorthands_and_counts():
+    assert pat.shorthand(" All-F ") == ("all-F", 1) and pat.shorthand("FULL") == ("all-F", 1)
+    assert pat.shorthand("every4") == ("every", 4) and pat.shorthand("Every-12") == ("every", 12)
+    assert pat.shorthand("FSFS") is None and pat.shorthand("every-x") is None
+    with pytest.raises(PatternError, match="neither every-N"):
+        pat.refuse_shorthand_lookalike("every-x")
+    pat.refuse_shorthand_lookalike("FSSF")  # a plain pattern is left to parse()
+    assert pat.all_full(3) == "FFF" and pat.kept("FSFS") == 2
+    assert pat.is_all_full("FFF") and not pat.is_all_full("FSF")
+    with pytest.raises(PatternError, match="positive integer"):
+        pat.all_full(0)
+    with pytest.raises(PatternError, match="--index-cache-every must be a positive integer, got 0"):
+        pat.check_every(0, "--index-cache-every")

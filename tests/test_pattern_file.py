@@ -5,6 +5,7 @@ import json
 import pytest
 
 from sglang_indexcache import pattern_file
+from sglang_indexcache.atomic import atomic_write_text
 from sglang_indexcache.errors import ModelDirError, PatternError, PatternFileError
 from sglang_indexcache.model_info import load_model_info
 from sglang_indexcache.validation import check_against_model
@@ -145,8 +146,8 @@ def test_truncated_safetensors(dsa_checkpoint):
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
-    pattern_file.atomic_write_text(tmp_path / "x.json", "1")
-    pattern_file.atomic_write_text(tmp_path / "x.json", "2")
+    atomic_write_text(tmp_path / "x.json", "1")
+    atomic_write_text(tmp_path / "x.json", "2")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
     assert (tmp_path / "x.json").read_text() == "2"
 

@@ -12,6 +12,7 @@ import torch
 from sglang_indexcache.cli import main as cli_main
 from sglang_indexcache.configs import TINY_MODEL_DIR
 from sglang_indexcache.errors import UsageError
+from sglang_indexcache.models import swap
 from sglang_indexcache.training import corpus, dsa_losses, evaluate, tiny
 
 MICRO = {  # a 3-layer model that trains a step in well under a second on 2 CPU cores
@@ -106,16 +107,16 @@ def test_dense_and_sparse_modes_match_transformers(tokenizer, stream):
     for layer in model.model.layers:
         layer.self_attn.indexer.index_topk = MICRO["index_topk"]
     assert not torch.allclose(dense_ref, sparse_ref, atol=1e-4)  # the sparsity is real
-    dsa_losses.wrap_indexers(model, "dense")
+    swap.wrap_indexers(model, dsa_losses.TrainIndexer, require_all=True, mode="dense")
     torch.testing.assert_close(_logits(model, batch), dense_ref, atol=1e-5, rtol=1e-5)
-    dsa_losses.wrap_indexers(model, "sparse")
+    swap.wrap_indexers(model, dsa_losses.TrainIndexer, require_all=True, mode="sparse")
     torch.testing.assert_close(_logits(model, batch), sparse_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_stage_losses_reach_disjoint_parameters(tokenizer, stream):
     model = micro_model(tokenizer).train()
     model.set_attn_implementation("eager")
-    wrappers = dsa_losses.wrap_indexers(model, "sparse")
+    wrappers = swap.wrap_indexers(model, dsa_losses.TrainIndexer, require_all=True, mode="sparse")
     probe = dsa_losses.AttentionProbe(model)
     batch = tiny.sample_batch(stream, 2, SEQ, 0, 2, 0)
     out = model(input_ids=batch, labels=batch)
@@ -240,3 +241,23 @@ def test_pattern_losses_apply_and_restore_indexers(tokenizer, stream):
     counts = np.bincount(stream.astype(np.int64), minlength=len(tokenizer)) + 1.0
     manual = -np.log(counts / counts.sum())[blocks[:, 1:].numpy()].mean()
     assert math.isclose(unigram, manual, rel_tol=1e-9)
+
+
+def test_run_trains_evaluates_and_writes_the_summary(tmp_path, tokenizer, stream):
+    """tiny.run, the library side of `train-tiny`: a prepared corpus is reused, the three stages run,
+    the held-out losses of the saved model and the unigram baseline land in work_dir/summary.json."""
+    out, work = tmp_path / "m", tmp_path / "w"
+    tokenizer.save_pretrained(out)
+    (out / "data").mkdir()
+    (out / "data" / "evaluation.txt").write_text("".join(TEXTS[:20]))
+    work.mkdir()
+    np.save(work / "train_tokens.npy", stream)
+    args = tiny.TrainArgs(out_dir=str(out), work_dir=str(work), steps=dict.fromkeys(tiny.STAGES, 2),
+                          lr=dict.fromkeys(tiny.STAGES, 1e-3), batch_size=2, seq_len=SEQ, save_every=2, log_every=1,
+                          vocab_size=len(tokenizer), model=MICRO, bf16=False)
+    summary = tiny.run(args, eval_batch_size=2)
+    assert json.loads((work / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert list(summary["stages"]) == list(tiny.STAGES)
+    assert set(summary["heldout"]["losses"]) == {"all-F", "every-2", "every-4", "only-0", "unigram"}
+    assert all(math.isfinite(v) for v in summary["heldout"]["losses"].values())
+    assert (out / "model.safetensors").is_file()

@@ -7,5 +7,6 @@ on ``sys.path``) and by their tests:
   (``scripts/gpu_kernel_compare.py``);
 - ``indexer_fused``: the fused prefill variant (no score tile; slower, off the serving path), plugged
   into ``indexer_topk_prefill`` through its ``chunk_topk`` hook;
-- ``resources``: registers, spills and occupancy of a compiled kernel (``scripts/mla_variants.py``).
+- ``resources``: registers, spills and occupancy of a compiled kernel (``scripts/mla_variants.py``);
+- ``mla_inputs``: the diagnostic index sets of the sparse MLA studies (``mla_variants.py``, ``ncu_targets.py``).
 """

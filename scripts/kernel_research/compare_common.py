@@ -1,7 +1,7 @@
 """Checks and records shared by the cases of ``scripts/gpu_kernel_compare.py``. Timing is
 ``bench.timing`` (``Bench.timed``: every call's CUDA-event time, L2 flushed, eager or replayed from
 a CUDA graph; ``spread``: median, p10, p90), floors ``bench.floor.roofline_seconds``, set overlap
-``kernels.testing.set_overlap``.
+``kernels.reference.set_overlap``.
 
 - ``overlap_summary``: mean / min per-row overlap of two top-k index sets (-1 padding ignored).
 - ``exact_recall``: selected sets against the exact top-k of fp32 reference scores, plainly and with a
@@ -18,7 +18,7 @@ import torch
 
 from sglang_indexcache.bench.floor import roofline_seconds
 from sglang_indexcache.bench.timing import Bench, spread
-from sglang_indexcache.kernels.testing import set_overlap
+from sglang_indexcache.kernels.reference import set_overlap
 
 log = logging.getLogger(__name__)
 

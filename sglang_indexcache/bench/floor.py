@@ -9,6 +9,8 @@ with the indexer counted only in F layers.
 
 from __future__ import annotations
 
+from .. import pattern as pat
+
 
 def roofline_seconds(flops: float, nbytes: float, flops_per_s: float, bytes_per_s: float) -> float:
     """The floor of one piece of work: ``max(FLOPs / matmul rate, bytes / copy rate)`` (the one
@@ -16,9 +18,15 @@ def roofline_seconds(flops: float, nbytes: float, flops_per_s: float, bytes_per_
     return max(flops / flops_per_s, nbytes / bytes_per_s)
 
 
+def roofline_bound(flops: float, nbytes: float, flops_per_s: float, bytes_per_s: float) -> str:
+    """Which side of :func:`roofline_seconds` sets the floor: ``"memory"`` or ``"compute"`` (a tie
+    counts as compute)."""
+    return "memory" if nbytes / bytes_per_s > flops / flops_per_s else "compute"
+
+
 def pattern_floor(per_layer: dict[str, float], pattern: str) -> float:
     """Floor seconds of the stack: every layer's attention + dense, the indexer of the F layers."""
-    full = pattern.count("F")
+    full = pat.kept(pattern)
     return len(pattern) * (per_layer["attention"] + per_layer["dense"]) + full * per_layer["indexer"]
 
 

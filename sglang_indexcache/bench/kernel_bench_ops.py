@@ -32,7 +32,7 @@ class Context:
     device: str = "cuda"
 
 
-def _paged(b: int, ctx: int, width: int, dtype, device):
+def paged_cache(b: int, ctx: int, width: int, dtype, device):
     """Cache [pages, 64, width] for b requests of ctx tokens, shuffled page table, flat rows [b, ctx]."""
     per = math.ceil(ctx / 64)
     pages = b * per
@@ -43,7 +43,7 @@ def _paged(b: int, ctx: int, width: int, dtype, device):
     return cache, page_table, rows
 
 
-def prefill_scores_only(torch, q, w, k, ks, cu, config, budget_bytes=1 << 30):
+def prefill_scores_only(q, w, k, ks, cu, config, budget_bytes=1 << 30):
     """The score kernel over every chunk of query positions, as ``indexer_topk_prefill`` runs it."""
     n = q.shape[0]
     chunk = max(1, min(n, budget_bytes // (4 * n)))
@@ -55,41 +55,6 @@ def prefill_scores_only(torch, q, w, k, ks, cu, config, budget_bytes=1 << 30):
             prefill_scores(q, w, k, cu, 0.1, buf[:rows * (p0 + rows)].view(1, rows, p0 + rows), p0, rows,
                            k_scale=ks, **config)
     return run
-
-
-DATA_MODES = ("random", "contiguous", "l2")
-
-
-def _inputs(torch, b: int, ctx: int, heads: int, shared_table: bool, device, data: str = "random"):
-    """q [b, h, 576], cache [pages, 64, 576], page_table [b, pages/req], idx [b, topk], rows [b, topk].
-
-    ``data``: ``random`` top-k sets over a random page table; ``contiguous``: each request's rows
-    are consecutive cache rows (identity page table, indices 0..topk-1 of its own pages); ``l2``:
-    every request uses the same page table row and indices (one request's rows, L2-resident)."""
-    if data not in DATA_MODES:
-        raise ValueError(f"data must be one of {DATA_MODES}, got {data!r}")
-    per = math.ceil(ctx / 64)
-    if data != "random":
-        n_req = 1 if (shared_table or data == "l2") else b
-        cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
-        table = torch.arange(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
-        table = table.expand(b, -1).contiguous() if n_req == 1 else table
-        one = torch.randperm(ctx, device=device)[:TOPK] if data == "l2" else torch.arange(TOPK, device=device)
-        idx = one.int().expand(b, -1).contiguous()
-        rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
-        q = torch.randn(b, heads, D_QK, device=device).bfloat16()
-        return q, cache, table, idx, rows
-    n_req = 1 if shared_table else b
-    cache = torch.randn(n_req * per, 64, D_QK, device=device).bfloat16()
-    table = torch.randperm(n_req * per, device=device, dtype=torch.int32).view(n_req, per)
-    if shared_table:
-        table = table.expand(b, -1).contiguous()                    # one request's row per query
-    idx = torch.empty(b, TOPK, dtype=torch.int32, device=device)
-    for a in range(0, b, 256):                                      # bounded memory for the draw
-        idx[a:a + 256] = torch.rand(min(256, b - a), ctx, device=device).topk(TOPK, dim=1).indices.int()
-    rows = (table.long().gather(1, idx.long() // 64) * 64 + idx.long() % 64).int()
-    q = torch.randn(b, heads, D_QK, device=device).bfloat16()
-    return q, cache, table, idx, rows
 
 
 def torch_sparse_mla(q, kv_flat, rows, valid, scale):
@@ -108,7 +73,7 @@ def mla_rows(c: Context, shape: str, heads: int, batches, contexts):
     scale = D_QK ** -0.5
     for ctx in contexts:
         for b in batches:
-            cache, page_table, rows = _paged(b, ctx, D_QK, torch.bfloat16, c.device)
+            cache, page_table, rows = paged_cache(b, ctx, D_QK, torch.bfloat16, c.device)
             flat = cache.view(-1, 1, D_QK)
             sets = []
             for _ in range(3):                                      # rotating queries and index sets
@@ -165,7 +130,7 @@ def indexer_decode_rows(c: Context, shape: str, heads: int, batches, contexts):
     c.doc["anchors"]["deep_gemm"] = kernel_anchors.probe_deep_gemm() + " (indexer compared with the FLOP/byte floor)"
     for ctx in contexts:
         for b in batches:
-            cache, page_table, rows = _paged(b, ctx, D_IDX, torch.bfloat16, c.device)
+            cache, page_table, rows = paged_cache(b, ctx, D_IDX, torch.bfloat16, c.device)
             lens = torch.full((b,), ctx, dtype=torch.int32, device=c.device)
             qs = [torch.randn(b, heads, D_IDX, device=c.device).bfloat16() for _ in range(3)]
             w = torch.rand(b, heads, device=c.device)
@@ -214,7 +179,7 @@ def indexer_prefill_rows(c: Context, shape: str, heads: int, contexts):
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton (ours)", c.bench.ms(
             lambda: it.indexer_topk_prefill(q, w, k, cu, TOPK, 0.1)), flops, nbytes, c.ceil, **extra))
 
-        scores_only = prefill_scores_only(torch, q, w, k, None, cu, {})
+        scores_only = prefill_scores_only(q, w, k, None, cu, {})
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton scores only", c.bench.ms(scores_only),
                                    flops, nbytes, c.ceil, **extra))
         c.doc["rows"].append(c.row("indexer_prefill", shape, "triton scores + torch.topk", c.bench.ms(
@@ -239,7 +204,7 @@ def mla_sweep(c: Context, heads: int, batches, ctx: int = 32768):
     from ..kernels import sparse_mla_decode
 
     for b in batches:
-        cache, page_table, _ = _paged(b, ctx, D_QK, torch.bfloat16, c.device)
+        cache, page_table, _ = paged_cache(b, ctx, D_QK, torch.bfloat16, c.device)
         q = torch.randn(b, heads, D_QK, device=c.device).bfloat16()
         idx = torch.rand(b, ctx, device=c.device).topk(TOPK, dim=1).indices.int()
         flops = 2.0 * b * heads * TOPK * (D_QK + D_V)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from .. import pattern as pat
+from ..atomic import atomic_savefig
 
 
 def _fmt_s(seconds: float) -> str:
@@ -50,7 +51,7 @@ def plot(doc: dict, path) -> None:
 
     series: dict = {}
     for r in doc["rows"]:
-        if r["pattern_string"].count("S") == 0:
+        if pat.is_all_full(r["pattern_string"]):
             continue
         key = r["pattern"] + (f" b={r['batch']}" if "batch" in r else "")
         series.setdefault(key, []).append((r["context"], r["speedup"], r["limit"]))
@@ -67,6 +68,4 @@ def plot(doc: dict, path) -> None:
     ax.set_title(f"{doc['mode']} {doc['config']} x{doc['layers']} layers, {doc['device']}", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=120)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import pattern as pat
 from .. import progress
 from . import floor as floor_model
 from .ops import KernelSet
@@ -78,12 +79,12 @@ def _row(label, pattern, result, all_f, floors_layer, layers) -> dict:
     limits = []                                    # per all-F run: its own Amdahl bound
     for run in all_f["runs"]:
         idx_layers = run["layers"].get("indexer", {})
-        removed = sum(idx_layers.get(i, 0.0) for i, c in enumerate(pattern) if c == "S")
+        removed = sum(idx_layers.get(i, 0.0) for i, c in enumerate(pattern) if c == pat.SHARED)
         limits.append(run["seconds"] / (run["seconds"] - removed) if run["seconds"] > removed else float("inf"))
     floor_p = floor_model.pattern_floor(floors_layer, pattern)
-    floor_f = floor_model.pattern_floor(floors_layer, "F" * layers)
+    floor_f = floor_model.pattern_floor(floors_layer, pat.all_full(layers))
     comps = {c: result["components"].get(c, 0.0) for c in COMPONENTS}
-    full = pattern.count("F")
+    full = pat.kept(pattern)
     floors = {"indexer": full * floors_layer["indexer"], "attention": layers * floors_layer["attention"],
               "dense": layers * floors_layer["dense"]}
     return {
@@ -111,7 +112,7 @@ def _gather_floor(floors_layer: dict, layers: int, comps: dict) -> dict:
 def _measure(run_once, patterns, repeats, warmup, bar, desc) -> dict[str, dict]:
     """Median results per pattern string: warm-up runs of the cheapest pattern (fewest F layers: it
     still runs every kind of work once), then the patterns interleave."""
-    cheapest = min((p for _, p in patterns), key=lambda p: p.count("F"))
+    cheapest = min((p for _, p in patterns), key=pat.kept)
     for _ in range(warmup):
         bar.set_description(f"{desc} warm-up")
         run_once(cheapest)
@@ -142,7 +143,7 @@ def _header(spec: BenchSpec, stack: Stack, ceilings: dict) -> dict:
 
 
 def _check_patterns(spec: BenchSpec):
-    if not spec.patterns or spec.patterns[0][1] != "F" * spec.layers:
+    if not spec.patterns or not pat.is_all_full(spec.patterns[0][1]):
         raise ValueError("the first pattern must be all-F (the baseline of every row)")
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 
+from .. import pattern as pat
+
 # On the H200 (SGLang 0.5.17, CUDA graphs) the 8-layer stack decoded at 1.5-2.5 ms per step and four
 # near-identical instances spread 3,162-5,185 tok/s (host-bound), while the 32-layer stack at 5.9-8.2
 # ms per step gave stock and patched every-4 within 0.2% (docs/perf.md): a step under 3 ms is suspect.
@@ -79,7 +81,7 @@ def indexer_cost(docs: dict, setup) -> dict | None:
     for tag, doc in docs.items():
         pattern, step = pattern_of(doc), step_ms(doc, setup)
         if pattern and step:
-            points.append((tag, len(pattern), pattern.count("F"), step))
+            points.append((tag, len(pattern), pat.kept(pattern), step))
     depths = {p[1] for p in points}
     if len(depths) != 1 or len({p[2] for p in points}) < 2:
         return None
@@ -106,9 +108,9 @@ def bounds(docs: dict, setup) -> list[dict]:
         pattern, step = pattern_of(doc), step_ms(doc, setup)
         if not pattern or not step or len(pattern) != fit["layers"]:
             continue
-        removed = fit["layers"] - pattern.count("F")
+        removed = fit["layers"] - pat.kept(pattern)
         denominator = fit["all_f_step_ms"] - removed * fit["cost_ms"]
-        rows.append({"tag": tag, "kept": pattern.count("F"), "layers": fit["layers"], "step_ms": step,
+        rows.append({"tag": tag, "kept": pat.kept(pattern), "layers": fit["layers"], "step_ms": step,
                      "speedup": fit["all_f_step_ms"] / step,
                      "bound": fit["all_f_step_ms"] / denominator if denominator > 0 else None})
     return rows
@@ -130,7 +132,7 @@ def warnings(docs: dict, baseline: str) -> list[str]:
             pattern = pattern_of(doc)
             if tag == baseline or base_step is None or not pattern or not base_pattern:
                 continue
-            if pattern.count("F") == base_pattern.count("F"):
+            if pat.kept(pattern) == pat.kept(base_pattern):
                 continue
             effect = abs(base_step / step - 1)
             noise = max(x for x in (spread(doc, setup), spread(docs[baseline], setup), 0.0) if x is not None)

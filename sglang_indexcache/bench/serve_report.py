@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..atomic import atomic_savefig
 from ..errors import UsageError
 from . import serve_analysis as analysis
 from .serve_run import FORMAT, FORMAT_V1, normalize
@@ -194,6 +195,4 @@ def plot(docs: dict, path, stat: str = "min") -> None:
     ax.set_title(f"TTFT, batch 1 ({', '.join(devices)})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=120)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import os
 
-from ..bench import kernels as kernel_bench
-from ..errors import PatternError, UsageError
-from . import bench_serve
+from .. import checks
+from .. import pattern as pat
+from ..errors import PatternError
+from . import bench_kernels, bench_serve
 from .options import add_force, check_output, int_list, non_negative_int, positive_int
 
 CONFIG_NAMES = ("tiny", "glm-5", "deepseek-v3.2", "glm-30b-a3b")
@@ -31,9 +32,6 @@ MODES = {
     "decode": ("decode steps at each cached length",
                "Times single decode steps of the whole stack for --batch requests that each hold the"
                " context in paged caches, under all-F and each pattern (docs/cli.md, 'bench')."),
-    "kernels": ("the DSA kernels alone (sglang_indexcache.bench.kernels)",
-                "Times the sparse MLA decode and indexer kernels against the device's measured ceilings"
-                " (a CUDA GPU; --device cpu smoke-tests it under TRITON_INTERPRET=1 at tiny sizes)."),
 }
 
 
@@ -72,34 +70,15 @@ def add_arguments(parser):
     _common(parsers["prefill"], "prefill")
     _common(parsers["decode"], "decode")
     parsers["decode"].add_argument("--batch", default="1,8", help="comma-separated decode batch sizes (default 1,8)")
-    kernel_bench.add_kernel_arguments(parsers["kernels"])
-    add_force(parsers["kernels"])
+    bench_kernels.add_arguments(modes)
     bench_serve.add_arguments(modes)
-
-
-def _config(name: str) -> dict:
-    from pathlib import Path
-
-    from ..configs import named_config
-
-    if name.endswith(".json") or Path(name).exists():
-        path = Path(name)
-        if path.is_dir():
-            raise UsageError(f"--config {path} is a directory; give a config.json file (or a named config)")
-        if not path.is_file():
-            raise UsageError(f"config file {path} does not exist")
-        try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"config file {path} is not valid JSON: {exc}") from None
-    return named_config(name)
 
 
 def _patterns(args, layers: int, model_layers: int) -> list[tuple[str, str]]:
     from .. import pattern_file
 
     specs = [s for s in args.patterns.split(",") if s.strip()] + list(args.pattern_file)
-    out, seen = [("all-F", "F" * layers)], {"F" * layers}
+    out, seen = [("all-F", pat.all_full(layers))], {pat.all_full(layers)}
     for spec in specs:
         try:
             pattern = pattern_file.resolve(spec, layers)
@@ -128,10 +107,8 @@ def _check(args) -> None:
     for flag in ("save", "plot"):
         if getattr(args, flag, None):
             check_output(f"--{flag}", getattr(args, flag), "file", force=args.force, inputs=inputs)
-    if args.mode == "kernels":
-        if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UsageError("bench kernels --device cpu runs the Triton kernels in Triton's interpreter:"
-                             " set TRITON_INTERPRET=1 (TRITON_INTERPRET=1 indexcache bench kernels --device cpu)")
+    if args.mode == bench_kernels.MODE:
+        bench_kernels.check(args)
         return
     int_list(args.contexts or "1", "--contexts")
     if args.mode == "decode":
@@ -139,7 +116,9 @@ def _check(args) -> None:
 
 
 def _spec(args):
-    config = _config(args.config)
+    from ..configs import load_config
+
+    config = load_config(args.config)
     model_layers = int(config.get("num_hidden_layers", LAYER_CAP))
     layers = args.layers if args.layers is not None else min(model_layers, LAYER_CAP)
     patterns = _patterns(args, layers, model_layers)  # refused before torch loads
@@ -148,10 +127,7 @@ def _spec(args):
     from ..bench.runner import BenchSpec
     from ..bench.stack import DTYPES
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+    device = checks.torch_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     default_contexts = "4k,8k,16k" if device.type == "cpu" else "8k,32k,64k,128k"
@@ -165,19 +141,15 @@ def _spec(args):
     )
 
 
-def _run_kernels(args) -> int:
-    return int(kernel_bench.run_kernels(args) or 0)
-
-
 def run(args) -> int:
     if args.mode in bench_serve.MODES:
         return bench_serve.run(args)
     _check(args)
-    if args.mode == "kernels":
-        return _run_kernels(args)
+    if args.mode == bench_kernels.MODE:
+        return bench_kernels.run(args)
     spec = _spec(args)
     from ..bench import report, runner
-    from ..pattern_file import atomic_write_text
+    from ..atomic import atomic_write_text
 
     save = (lambda doc: atomic_write_text(args.save, json.dumps(doc, indent=1) + "\n")) if args.save else None
     doc = (runner.run_prefill if spec.mode == "prefill" else runner.run_decode)(spec, on_rows=save)

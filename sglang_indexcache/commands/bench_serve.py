@@ -140,7 +140,7 @@ def _run_serve(args) -> int:
     import logging
 
     from ..bench import serve_run
-    from ..pattern_file import atomic_write_text
+    from ..atomic import atomic_write_text
 
     spec = _spec(args)
     client = _client(args)
@@ -168,7 +168,7 @@ def _run_report(args) -> int:
     if args.plot:
         serve_report.plot(docs, args.plot, args.stat)
     if args.out:
-        from ..pattern_file import atomic_write_text
+        from ..atomic import atomic_write_text
 
         atomic_write_text(args.out, text)
     else:

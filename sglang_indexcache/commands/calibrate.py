@@ -19,6 +19,7 @@ until the effective stride reaches T; the file written is P's with ``decode_stri
 
 from __future__ import annotations
 
+from .. import pattern as pat
 from .options import add_data_arguments, add_force, add_model, check_output, positive_float, positive_int
 
 SCREEN_TOP = 3
@@ -120,8 +121,6 @@ def _check_search_kind(args) -> None:
 
 
 def _stride_summary(document, out) -> str:
-    from .. import pattern as pat
-
     cal, pattern = document["decode_stride_calibration"], document["pattern"]
     base, loss, uniform = cal["baseline_loss"], cal["loss"], cal["uniform"]
     strides = document["decode_stride"]
@@ -139,7 +138,7 @@ def _summary(document, out) -> str:
     pattern = document["pattern"]
     base, loss, uniform = cal["baseline_loss"], cal["loss"], cal["uniform"]
     lines = [
-        f"wrote {out}: {pattern} ({pattern.count('F')}/{len(pattern)} F)",
+        f"wrote {out}: {pattern} ({pat.kept(pattern)}/{len(pattern)} F)",
         f"calibration loss: all-F {base:.4f}, greedy {loss:.4f} ({100 * (loss - base) / base:+.2f}%),"
         f" uniform {uniform['pattern']} {uniform['loss']:.4f} ({100 * (uniform['loss'] - base) / base:+.2f}%)",
         f"layer-forwards: {cal['layer_forwards']} (naive search: {cal['naive_layer_forwards']},"
@@ -164,16 +163,12 @@ def run(args) -> int:
 
         check_against_model(pattern_file.resolve(args.pattern, info.num_dsa_layers, info), info)
     from ..calibration.run import calibrate
-    from ..calibration.session import load_backend, load_data
+    from ..calibration.session import load_backend, load_data, load_server_backend
 
     if args.url:
-        from transformers import AutoConfig, AutoTokenizer
-
-        from ..calibration.server_backend import ServerBackend
-
-        backend = ServerBackend(args.url, api_key=args.api_key or os.environ.get("INDEXCACHE_API_KEY"),
-                                num_layers=info.num_dsa_layers, in_flight=args.in_flight)
-        tokenizer, config = AutoTokenizer.from_pretrained(args.model), AutoConfig.from_pretrained(args.model)
+        backend, tokenizer, config = load_server_backend(
+            args.url, args.model, info.num_dsa_layers, api_key=args.api_key or os.environ.get("INDEXCACHE_API_KEY"),
+            in_flight=args.in_flight)
     else:
         backend = load_backend(args.model, threads=args.threads)
         tokenizer, config = backend.tokenizer, backend.config

@@ -97,10 +97,11 @@ def _run(out_dir: Path) -> int:
     from ..atomic import atomic_write_text, staged_files
     from ..calibration.data import load_blocks
     from ..calibration.plots import plot_overlap
-    from ..calibration.run import calibrate, plot_path, state_path
+    from ..calibration.paths import plot_path, state_path
+    from ..calibration.run import calibrate
     from ..calibration.session import load_backend
     from ..model_info import load_model_info
-    from .eval_cmd import evaluate, format_table
+    from ..calibration.pattern_losses import evaluate, format_table
 
     started = time.monotonic()
     info = load_model_info(TINY_MODEL_DIR)

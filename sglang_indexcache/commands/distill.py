@@ -11,6 +11,7 @@ defaults on the embedded model on 2 idle CPU cores (docs/cli.md).
 
 from __future__ import annotations
 
+from .. import pattern as pat
 from .options import add_force, add_model, check_output, positive_float, positive_int
 
 DEFAULT_STEPS, DEFAULT_BATCH, DEFAULT_EVAL_TOKENS = 60, 4, 32768
@@ -61,7 +62,7 @@ def check_arguments(args) -> str:
 
     info = load_model_info(args.model)
     pattern = pattern_file.resolve(args.pattern, info.num_dsa_layers, info)
-    if "S" not in pattern:
+    if pat.is_all_full(pattern):
         raise UsageError(f"--pattern {args.pattern} is all F: no indexer serves another layer, so there is"
                          " nothing to distill (give a pattern with S layers, e.g. every-4)")
     state = Path(args.out).joinpath(*DISTILL_STATE)

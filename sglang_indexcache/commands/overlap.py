@@ -28,12 +28,12 @@ def run(args) -> int:
     from ..calibration.session import seq_len_for
     from ..errors import UsageError
     from ..model_info import load_model_info
+    from ..validation import require_every_indexer
 
     out = check_output("--out", args.out, "dir", force=args.force, inputs=(args.model, args.data))
     info = load_model_info(args.model)
-    missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
-    if missing:
-        raise UsageError(f"{args.model} lacks indexer weights for layers {missing}: overlap needs every layer's")
+    require_every_indexer(info.num_dsa_layers, info.layers_with_indexer, args.model,
+                          "overlap needs every layer's indexer", UsageError)
     topk, seq_len = int(info.config["index_topk"]), seq_len_for(SimpleNamespace(**info.config), args.seq_len)
     if seq_len <= topk:
         raise UsageError(f"--seq-len {seq_len} must exceed the model's index_topk {topk}")

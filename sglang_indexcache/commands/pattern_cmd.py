@@ -9,7 +9,6 @@ SGLang 0.5.23 really selects for ``index_topk_freq=4``.
 from __future__ import annotations
 
 from .. import pattern as pat
-from .. import pattern_file
 from ..errors import UsageError
 
 
@@ -28,16 +27,15 @@ def add_arguments(parser):
 def _shorthand(args) -> None:
     """Turn ``every-N`` into ``--every N`` and ``all-F`` into ``--every 1`` (both need --layers)."""
     text = args.pattern.strip()
-    match = pattern_file.EVERY_RE.match(text)
-    if match is None and text.lower() not in ("all-f", "allf", "full"):
-        if text.lower().startswith(("every", "all")):
-            raise UsageError(f"{text!r} is neither every-N (N a positive integer) nor all-F")
+    short = pat.shorthand(text)
+    if short is None:
+        pat.refuse_shorthand_lookalike(text)
         return
     if args.every is not None:
         raise UsageError(f"give either {text} or --every N, not both")
     if args.layers is None:
         raise UsageError(f"{text} needs --layers L (the model's number of DSA layers)")
-    args.every, args.pattern = (int(match.group(1)) if match else 1), None
+    args.every, args.pattern = short[1], None
 
 
 def run(args) -> int:

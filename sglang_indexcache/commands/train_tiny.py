@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sglang_indexcache import checks
 from sglang_indexcache.commands.options import add_force, check_output, positive_int
 from sglang_indexcache.configs import TINY_MODEL_DIR
 from sglang_indexcache.errors import UsageError
@@ -87,82 +88,25 @@ def parse_args(args):
     )
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: no CUDA device is available here")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device}: use cpu or cuda")
-
-
-def _corpus(targs, rebuild: bool):
-    """Tokenizer and training stream, built unless already present."""
-    from transformers import AutoTokenizer
-
-    from sglang_indexcache.training import corpus
-
-    out, work = Path(targs.out_dir), Path(targs.work_dir)
-    ready = all(p.is_file() for p in (out / "tokenizer.json", out / "data" / "evaluation.txt",
-                                      work / "train_tokens.npy"))
-    if rebuild or not ready:
-        corpus.build(out, work, vocab_size=targs.vocab_size)
-    return AutoTokenizer.from_pretrained(out), corpus.load_train_stream(work)
-
-
-def evaluate_saved(out_dir, stream, device: str, batch_size: int, seq_len: int) -> dict:
-    """Held-out losses of the saved model (float32) on ``out_dir/data/evaluation.txt``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sglang_indexcache.calibration.data import load_blocks
-    from sglang_indexcache.training import evaluate
-
-    tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    blocks = load_blocks(Path(out_dir) / "data" / "evaluation.txt", tokenizer, seq_len)
-    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).to(device).eval()
-    if device == "cpu":
-        from sglang_indexcache.dsa_torch import install_fast_indexers
-
-        install_fast_indexers(model)
-    losses = evaluate.pattern_losses(model, blocks.input_ids, evaluate.standard_patterns(
-        model.config.num_hidden_layers), batch_size)
-    losses["unigram"] = evaluate.unigram_loss(stream, blocks.input_ids, len(tokenizer))
-    return {"data": blocks.describe(), "losses": {k: round(v, 4) for k, v in losses.items()}}
-
-
 def run(args) -> int:
-    import time
-
     targs = parse_args(args)
-    from sglang_indexcache.pattern_file import atomic_write_text
-    from sglang_indexcache.training import tiny
+    from sglang_indexcache.training import corpus, tiny
 
-    _check_device(targs.device)
-    t0 = time.perf_counter()
-    tokenizer, stream = _corpus(targs, args.rebuild_corpus)
+    checks.torch_device(targs.device)
     if args.corpus_only:
+        tokenizer, stream = corpus.prepare(targs.out_dir, targs.work_dir, targs.vocab_size, args.rebuild_corpus)
         print(json.dumps({"tokenizer": targs.out_dir, "vocab_size": len(tokenizer), "train_tokens": int(stream.size),
                           "stream": str(Path(targs.work_dir) / "train_tokens.npy")}, indent=2))
         return 0
     try:
-        summary = tiny.train(targs, stream, tokenizer, resume=args.resume)
+        summary = tiny.run(targs, resume=args.resume, rebuild_corpus=args.rebuild_corpus,
+                           eval_batch_size=None if args.no_eval else args.eval_batch_size)
     except KeyboardInterrupt:
         from sglang_indexcache.errors import Interrupted
 
         state = Path(targs.work_dir) / "state.pt"
         raise Interrupted(f"the training so far is saved in {state}: the same command with --resume continues"
                           " from the last saved step" if state.is_file() else "") from None
-    summary["train_seconds"] = round(time.perf_counter() - t0, 1)
-    summary["args"] = {k: v for k, v in vars(targs).items()}
-    if not args.no_eval:
-        summary["heldout"] = evaluate_saved(targs.out_dir, stream, targs.device, args.eval_batch_size,
-                                            targs.seq_len)
-    atomic_write_text(Path(targs.work_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: summary[k] for k in ("parameters", "stages", "train_seconds", "heldout")
                       if k in summary}, indent=2))
     return 0

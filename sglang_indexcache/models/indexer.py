@@ -45,10 +45,11 @@ def indexer_qkw(indexer, hidden_states, q_resid, position_embeddings):
     return q, k, w * indexer.n_heads ** -0.5  # w: [B, S, H]
 
 
-def index_scores(q, k, w, softmax_scale: float) -> torch.Tensor:
-    """``I [B, S, T]`` from ``q [B, S, H, D]``, ``k [B, T, D]``, ``w [B, S, H]`` (no mask), float32.
+def chunked_index_scores(q, w, k, softmax_scale: float) -> torch.Tensor:
+    """``I [B, S, T]`` from ``q [B, S, H, D]``, ``w [B, S, H]``, ``k [B, T, D]`` (no mask), float32.
 
-    Computed in query chunks so the ``[B, chunk, H, T]`` intermediate stays bounded.
+    :func:`~sglang_indexcache.kernels.reference.index_scores` (same argument order) computed in query
+    chunks so the ``[B, chunk, H, T]`` intermediate stays bounded.
     """
     batch, seq, heads, _ = q.shape
     keys = k.shape[1]
@@ -58,10 +59,10 @@ def index_scores(q, k, w, softmax_scale: float) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def causal_index_scores(q, k, w, softmax_scale: float, chunk: int = QUERY_CHUNK) -> torch.Tensor:
+def causal_index_scores(q, w, k, softmax_scale: float, chunk: int = QUERY_CHUNK) -> torch.Tensor:
     """``I [B, S, T]`` (float32) with ``-inf`` on keys after each query chunk's last query.
 
-    ``q [B, S, H, D]``, ``k [B, T, D]``, ``w [B, S, H]`` as in :func:`index_scores`; query s is
+    ``q [B, S, H, D]``, ``w [B, S, H]``, ``k [B, T, D]`` as in :func:`chunked_index_scores`; query s is
     position s (prefill without a cache, ``S == T``). Query chunk ``[s0, s1)`` needs keys ``[0, s1)``
     only: about half the FLOPs of a long sequence.
     """
@@ -76,7 +77,7 @@ def causal_index_scores(q, k, w, softmax_scale: float, chunk: int = QUERY_CHUNK)
 def indexer_logits(indexer, hidden_states, q_resid, position_embeddings) -> torch.Tensor:
     """Unmasked index scores ``[B, S, S]`` (float32) of one layer's indexer; differentiable."""
     q, k, w = indexer_qkw(indexer, hidden_states, q_resid, position_embeddings)
-    return index_scores(q, k, w, indexer.softmax_scale)
+    return chunked_index_scores(q, w, k, indexer.softmax_scale)
 
 
 def apply_mask(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -111,10 +112,10 @@ class FastIndexer(IndexerWrapper):
         self.decode_stride = 1
         self.decode_drop = "lowest"  # which stored entries go first when over budget (decode_reuse.DROPS)
 
-    def scores(self, q, k, w, attention_mask, prefill: bool) -> torch.Tensor:
-        """Masked index scores ``[B, S, T]`` from the indexer's ``q``, ``k``, ``w``; ``prefill``: no
+    def scores(self, q, w, k, attention_mask, prefill: bool) -> torch.Tensor:
+        """Masked index scores ``[B, S, T]`` from the indexer's ``q``, ``w``, ``k``; ``prefill``: no
         KV cache (key s is token s)."""
-        return apply_mask(index_scores(q, k, w, self.inner.softmax_scale), attention_mask)
+        return apply_mask(chunked_index_scores(q, w, k, self.inner.softmax_scale), attention_mask)
 
     @torch.no_grad()
     def forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None,
@@ -125,19 +126,19 @@ class FastIndexer(IndexerWrapper):
         if self.decode_stride > 1:
             if past_key_values is not None:
                 raise ValueError("decode-stride reuse is simulated on whole blocks only (no KV cache)")
-            topk = self.strided_topk(q, k, w, attention_mask)
+            topk = self.strided_topk(q, w, k, attention_mask)
         else:
-            scores = self.scores(q, k, w, attention_mask, prefill=past_key_values is None)
+            scores = self.scores(q, w, k, attention_mask, prefill=past_key_values is None)
             topk = causal_topk(scores, self.inner.index_topk)
         if self.recorder is not None:
             self.recorder(self.layer_idx, topk)
         return topk
 
-    def strided_topk(self, q, k, w, attention_mask) -> torch.Tensor:
+    def strided_topk(self, q, w, k, attention_mask) -> torch.Tensor:
         """``[B, S, k]`` int32 under ``decode_stride``: scores and top-k at the refresh rows only."""
         seq, stride = q.shape[1], self.decode_stride
         rows = refresh_rows(seq, stride, q.device)                     # [R]
-        scores = apply_mask(index_scores(q[:, rows], k, w[:, rows], self.inner.softmax_scale),
+        scores = apply_mask(chunked_index_scores(q[:, rows], w[:, rows], k, self.inner.softmax_scale),
                             attention_mask[..., rows, :])              # [B, R, T]
         stored = scores.topk(min(self.inner.index_topk, scores.shape[-1]), dim=-1)  # sorted, best first
         indices, values = drop_order(stored.indices, stored.values, self.decode_drop)
@@ -147,10 +148,10 @@ class FastIndexer(IndexerWrapper):
 class CausalIndexer(FastIndexer):
     """Same forward signature and top-k as ``FastIndexer``; skips the future keys of a prefill."""
 
-    def scores(self, q, k, w, attention_mask, prefill: bool) -> torch.Tensor:
+    def scores(self, q, w, k, attention_mask, prefill: bool) -> torch.Tensor:
         if not prefill or q.shape[1] != attention_mask.shape[-1]:   # every key is scored
-            return super().scores(q, k, w, attention_mask, prefill)
-        return apply_mask(causal_index_scores(q, k, w, self.inner.softmax_scale), attention_mask)
+            return super().scores(q, w, k, attention_mask, prefill)
+        return apply_mask(causal_index_scores(q, w, k, self.inner.softmax_scale), attention_mask)
 
 
 def install_fast_indexers(model) -> list[FastIndexer | None]:

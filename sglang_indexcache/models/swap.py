@@ -19,6 +19,7 @@ import contextlib
 from torch import nn
 
 from .. import pattern as pat
+from ..validation import require_every_indexer
 
 __all__ = ["IndexerWrapper", "inner_indexer", "current_indexers", "wrap_indexers", "unwrap_indexers",
            "set_indexers", "apply_pattern", "swapped_indexers"]
@@ -52,16 +53,23 @@ def current_indexers(model) -> list:
 def wrap_indexers(model, wrapper: type[IndexerWrapper], require_all: bool = False, **kwargs) -> list:
     """Put ``wrapper(inner, **kwargs)`` in every layer that has an indexer; return the slots' contents.
 
-    A slot that already holds a ``wrapper`` is kept (idempotent). ``require_all`` refuses a layer
-    without an indexer (``ValueError``); otherwise such a layer stays ``None``.
+    A slot that already holds a ``wrapper`` is kept and given ``kwargs`` as attributes (idempotent:
+    ``mode="sparse"`` switches a training wrapper's mode). ``require_all`` refuses a model with a
+    layer without an indexer (``ValueError``); otherwise such a layer stays ``None``.
     """
-    for layer in model.model.layers:
+    layers = model.model.layers
+    if require_all:
+        require_every_indexer(len(layers), [i for i, layer in enumerate(layers) if layer.self_attn.indexer is not None],
+                              "the model", "training needs every layer's indexer (indexer_types all 'full')",
+                              ValueError)
+    for layer in layers:
         attn = layer.self_attn
         if attn.indexer is None:
-            if require_all:
-                raise ValueError(f"layer {attn.layer_idx} has no indexer; train with indexer_types all 'full'")
             continue
-        if not isinstance(attn.indexer, wrapper):
+        if isinstance(attn.indexer, wrapper):
+            for name, value in kwargs.items():
+                setattr(attn.indexer, name, value)
+        else:
             attn.indexer = wrapper(inner_indexer(attn.indexer), **kwargs)
     return current_indexers(model)
 

@@ -13,20 +13,18 @@ from .. import pattern as pat
 
 
 def recall(own: np.ndarray, reused: np.ndarray) -> np.ndarray:
-    """Per token, the share of ``own``'s valid indices that ``reused`` also holds.
+    """Per token, the share of ``own``'s valid indices that ``reused`` also holds
+    (``kernels.reference.set_overlap``, the one definition).
 
     own, reused: int ``[t, topk]`` (-1 = padding). Returns float64 ``[t]``; NaN where ``own`` has
     no valid index.
     """
-    t = own.shape[0]
-    span = int(max(own.max(initial=0), reused.max(initial=0))) + 2
-    row = np.arange(t, dtype=np.int64)[:, None] * span  # [t, 1]: makes indices unique per row
-    own_keys = np.where(own >= 0, own.astype(np.int64) + row, -1)  # [t, topk]
-    reused_keys = np.where(reused >= 0, reused.astype(np.int64) + row, -2)  # [t, topk]
-    hit = np.isin(own_keys, reused_keys) & (own >= 0)  # [t, topk]
-    valid = (own >= 0).sum(axis=1)  # [t]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(valid > 0, hit.sum(axis=1) / np.maximum(valid, 1), np.nan)
+    import torch
+
+    from ..kernels.reference import set_overlap
+
+    share = set_overlap(torch.from_numpy(np.asarray(own)), torch.from_numpy(np.asarray(reused))).double().numpy()
+    return np.where((np.asarray(own) >= 0).any(axis=1), share, np.nan)
 
 
 def shared_layer_recall(topk: np.ndarray, pattern: str) -> dict:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 
 from .. import pattern as pat
 from .. import pattern_file
+from ..checks import positive_int
 from ..errors import UsageError
 from ..model_info import ModelInfo, load_model_info
-from ..validation import check_against_model
+from ..validation import check_against_model, require_every_indexer
 from . import shared_layers
 from .stride_state import StridePlan
 
@@ -214,11 +215,8 @@ def _resolve_cached(flags: Flags) -> Settings:
     resolved, source, file_strides = _flag_pattern(flags, info)
     strides, stride_source = _strides(flags, resolved, file_strides)
     if flags.calibration and info.weights_checked:
-        missing = sorted(set(range(info.num_dsa_layers)) - info.layers_with_indexer)
-        if missing:
-            raise IndexCacheError(
-                f"--index-cache-calibration keeps every layer's indexer, but {flags.model_path} has no indexer"
-                f" weights for layers {pat.layer_ranges(missing)}")
+        require_every_indexer(info.num_dsa_layers, info.layers_with_indexer, flags.model_path,
+                              "--index-cache-calibration keeps every layer's indexer", IndexCacheError)
     ckpt, key = _checkpoint_pattern(info.config)
     return Settings(resolved, source, flags.calibration, ckpt, key, strides, stride_source)
 
@@ -245,23 +243,18 @@ def _strides(flags: Flags, pattern: str, file_strides) -> tuple[tuple[int, ...] 
     return tuple(strides), source
 
 
-def _positive(cfg, field: str) -> None:
-    value = getattr(cfg, field, None)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        flag = "--" + field.replace("_", "-")
-        raise IndexCacheError(f"{flag} must be a positive integer, got {value!r}")
-
-
 def resolve(cfg) -> Settings | None:
     """The resolved settings for ``cfg``, or None when no IndexCache flag is set."""
-    _positive(cfg, STRIDE_FIELD)
+    if getattr(cfg, STRIDE_FIELD, None) is not None:
+        positive_int(getattr(cfg, STRIDE_FIELD), "--index-cache-decode-stride", IndexCacheError)
     if not enabled(cfg):
         if getattr(cfg, STRIDE_FIELD, None) is not None:
             raise IndexCacheError(
                 "--index-cache-decode-stride needs a pattern: add --index-cache-pattern, --index-cache-every N"
                 " (--index-cache-every 1 for all F layers), --index-cache-pattern-file or --index-cache-calibration")
         return None
-    _positive(cfg, "index_cache_every")
+    if getattr(cfg, "index_cache_every", None) is not None:
+        pat.check_every(cfg.index_cache_every, "--index-cache-every", IndexCacheError)
     return _resolve_cached(Flags.of(cfg))
 
 

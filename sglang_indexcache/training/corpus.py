@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from sglang_indexcache.errors import DataError
-from sglang_indexcache.atomic import atomic_write_text
+from sglang_indexcache.atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,8 @@ def build(out_dir: str | Path, work_dir: str | Path, vocab_size: int = 4096, hel
     atomic_write_text(data / "calibration.txt", calibration)
     atomic_write_text(data / "evaluation.txt", evaluation)
     stream = encode_stream(train_texts, tokenizer)
-    tmp = work_dir / "train_tokens.tmp.npy"
-    np.save(tmp, stream)
-    tmp.replace(work_dir / "train_tokens.npy")
+    with atomic_path(work_dir / "train_tokens.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, stream)  # a file object: np.save would add ".npy" to the temporary name
     meta = {
         "python": sys.version.split()[0], "documents": len(docs), "train_documents": len(train),
         "heldout_documents": len(heldout), "train_tokens": int(stream.size), "vocab_size": len(tokenizer),
@@ -168,6 +167,19 @@ def build(out_dir: str | Path, work_dir: str | Path, vocab_size: int = 4096, hel
     atomic_write_text(work_dir / "corpus.json", json.dumps(meta, indent=2) + "\n")
     log.info("corpus: %s", meta)
     return meta
+
+
+def prepare(out_dir: str | Path, work_dir: str | Path, vocab_size: int = 4096, rebuild: bool = False):
+    """The tokenizer (from ``out_dir``) and training stream (from ``work_dir``) of a tiny-model run,
+    built first (:func:`build`) when ``rebuild`` or when any of them is missing."""
+    from transformers import AutoTokenizer
+
+    out, work = Path(out_dir), Path(work_dir)
+    ready = all(p.is_file() for p in (out / "tokenizer.json", out / "data" / "evaluation.txt",
+                                      work / "train_tokens.npy"))
+    if rebuild or not ready:
+        build(out, work, vocab_size=vocab_size)
+    return AutoTokenizer.from_pretrained(out), load_train_stream(work)
 
 
 def load_train_stream(work_dir: str | Path) -> np.ndarray:

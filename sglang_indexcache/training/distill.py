@@ -76,7 +76,7 @@ class _Selector(swap.IndexerWrapper):
         if self.dense:
             return torch.arange(seq, dtype=torch.int32).expand(batch, seq, seq)  # [B, S, T]
         q, k, w = dsa.indexer_qkw(self.inner, hidden_states, q_resid, position_embeddings)
-        scores = dsa.apply_mask(dsa.index_scores(q, k, w, self.inner.softmax_scale), attention_mask)
+        scores = dsa.apply_mask(dsa.chunked_index_scores(q, w, k, self.inner.softmax_scale), attention_mask)
         self.topk = dsa.causal_topk(scores, self.inner.index_topk)  # [B, S, k]
         return self.topk
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, atomic_savefig
 from ..errors import ModelDirError
 
 STATE_FORMAT = "indexcache-distill-state/v1"
@@ -126,9 +126,7 @@ def plot_losses(history: list[dict], path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    atomic_savefig(fig, path, dpi=110)
 
 
 def model_card(report: dict) -> str:

@@ -182,7 +182,7 @@ def run(cfg: DistillConfig) -> dict:
     distiller.freeze()
     if state is None:
         t0 = time.perf_counter()
-        before = _lm_losses(backend, eval_ids, {"all_f": "F" * info.num_dsa_layers, "pattern": pattern},
+        before = _lm_losses(backend, eval_ids, {"all_f": pattern_mod.all_full(info.num_dsa_layers), "pattern": pattern},
                             cfg.batch_size)
         state = {"settings": settings, "step": 0, "history": [], "before": before,
                  "eval_seconds": time.perf_counter() - t0}
@@ -229,7 +229,7 @@ def _finish(cfg, info, pattern, distiller, state, after, train, eval_desc) -> di
             "rewritten_shards": rewritten, "history": state["history"],
         }
         document = pattern_file.make_document(
-            pattern, load_model_info(staged), method="distilled", keep_ratio=pattern.count("F") / len(pattern),
+            pattern, load_model_info(staged), method="distilled", keep_ratio=pattern_mod.kept(pattern) / len(pattern),
             data=train.describe(), baseline_loss=before["all_f"], loss=after["pattern"], distill_form=cfg.form,
             single_layer=cfg.single_layer, steps=state["step"])
         pattern_file.write(staged / "pattern.json", document)

@@ -1,6 +1,8 @@
 """The DSA indexer-training losses over a transformers ``GlmMoeDsaForCausalLM`` (PAPER.md).
 
-Each layer's indexer is wrapped in a :class:`TrainIndexer` that has three modes:
+Each layer's indexer is wrapped in a :class:`TrainIndexer` (``models.swap.wrap_indexers(model,
+TrainIndexer, require_all=True, mode=...)``; ``swap.unwrap_indexers`` puts the originals back) that
+has three modes:
 
 - ``"dense"``: the indexer is bypassed and every causal position is selected (dense attention);
 - ``"warmup"``: index scores ``I [B, S, T]`` are computed WITH gradients (``models.indexer``) and kept,
@@ -58,18 +60,6 @@ class TrainIndexer(swap.IndexerWrapper):
         # every key position: the index mask is empty and the causal mask alone applies
         all_keys = torch.arange(seq, device=hidden_states.device, dtype=torch.int32)
         return all_keys.expand(batch, seq, seq)
-
-
-def wrap_indexers(model, mode: str = "dense") -> list[TrainIndexer]:
-    """Wrap every layer's indexer (idempotent); return the wrappers, one per layer."""
-    wrappers = swap.wrap_indexers(model, TrainIndexer, require_all=True, mode=mode)
-    for wrapper in wrappers:
-        wrapper.mode = mode
-    return wrappers
-
-
-def unwrap_indexers(model) -> None:
-    swap.unwrap_indexers(model)
 
 
 class AttentionProbe:

@@ -7,12 +7,15 @@ Losses are total nats over total predicted tokens (STYLE.md).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from sglang_indexcache import pattern as pattern_mod
 from sglang_indexcache.models import lm_loss as lm
 from sglang_indexcache.models.swap import apply_pattern, current_indexers
+from sglang_indexcache.validation import require_every_indexer
 
 
 def lm_loss(model, blocks: torch.Tensor, batch_size: int = 4, autocast: bool = False) -> float:
@@ -24,20 +27,20 @@ def pattern_losses(model, blocks: torch.Tensor, patterns: dict[str, str], batch_
                    autocast: bool = False) -> dict[str, float]:
     """``{label: loss}`` for each ``{label: pattern}``; the model's indexers are restored after."""
     indexers = current_indexers(model)
-    if any(ix is None for ix in indexers):
-        raise ValueError("pattern_losses needs a model loaded with every layer's indexer")
+    require_every_indexer(len(indexers), [i for i, ix in enumerate(indexers) if ix is not None], "the model",
+                          "pattern_losses needs every layer's indexer", ValueError)
     try:
         losses = lm.pattern_losses(lambda p: apply_pattern(model, indexers, p), lm.forward_nll(model, autocast),
                                    blocks, patterns, batch_size)
         return {label: result.mean for label, result in losses.items()}
     finally:
-        apply_pattern(model, indexers, "F" * len(indexers))
+        apply_pattern(model, indexers, pattern_mod.FULL * len(indexers))
 
 
 def standard_patterns(num_layers: int) -> dict[str, str]:
     """all-F, every-2, every-4 and only layer 0 full (``every-N`` = ``pattern.uniform(n, N)``)."""
     return {
-        "all-F": "F" * num_layers,
+        "all-F": pattern_mod.FULL * num_layers,
         "every-2": pattern_mod.uniform(num_layers, 2),
         "every-4": pattern_mod.uniform(num_layers, 4),
         "only-0": pattern_mod.uniform(num_layers, num_layers),
@@ -51,3 +54,21 @@ def unigram_loss(train_stream: np.ndarray, blocks: torch.Tensor, vocab_size: int
     logp = np.log(counts / counts.sum())
     targets = blocks[:, 1:].reshape(-1).numpy()
     return float(-logp[targets].mean())
+
+
+def heldout_losses(model_dir, stream: np.ndarray, device: str, batch_size: int, seq_len: int) -> dict:
+    """Held-out losses of a saved tiny model (float32) on ``model_dir/data/evaluation.txt``: the
+    :func:`standard_patterns` and the unigram baseline of the training ``stream``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sglang_indexcache.calibration.data import load_blocks
+    from sglang_indexcache.models.indexer import install_fast_indexers
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    blocks = load_blocks(Path(model_dir) / "data" / "evaluation.txt", tokenizer, seq_len)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    if device == "cpu":
+        install_fast_indexers(model)
+    losses = pattern_losses(model, blocks.input_ids, standard_patterns(model.config.num_hidden_layers), batch_size)
+    losses["unigram"] = unigram_loss(stream, blocks.input_ids, len(tokenizer))
+    return {"data": blocks.describe(), "losses": {k: round(v, 4) for k, v in losses.items()}}

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from sglang_indexcache import progress
-from sglang_indexcache.atomic import atomic_path, atomic_write_text
+from sglang_indexcache.atomic import atomic_path, atomic_write_json, atomic_write_text
 from sglang_indexcache.errors import UsageError
+from sglang_indexcache.models import swap
 from sglang_indexcache.training import dsa_losses
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def run_stage(model, stream, args: TrainArgs, stage_idx: int, start_step: int, s
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model.set_attn_implementation("sdpa" if stage == "dense" else "eager")
-    wrappers = dsa_losses.wrap_indexers(model, mode=stage)
+    wrappers = swap.wrap_indexers(model, dsa_losses.TrainIndexer, require_all=True, mode=stage)
     probe = dsa_losses.AttentionProbe(model) if stage != "dense" else None
     optimizer = make_optimizer(stage_parameters(model, stage), args.lr[stage])
     if state is not None and state.get("stage") == stage_idx:
@@ -225,9 +226,9 @@ def train(args: TrainArgs, stream: np.ndarray, tokenizer, resume: bool = False) 
     config = build_config(len(tokenizer), tokenizer.eos_token_id, args.model)
     model = GlmMoeDsaForCausalLM(config)
     if state is not None:
-        dsa_losses.wrap_indexers(model)
+        swap.wrap_indexers(model, dsa_losses.TrainIndexer, require_all=True)  # the state's parameter names
         model.load_state_dict(state["model"])
-        dsa_losses.unwrap_indexers(model)
+        swap.unwrap_indexers(model)
     model.to(args.device).train()
     summary = {"parameters": sum(p.numel() for p in model.parameters()), "stages": {}}
     start_stage = state["stage"] if state else 0
@@ -241,8 +242,25 @@ def train(args: TrainArgs, stream: np.ndarray, tokenizer, resume: bool = False) 
         summary["stages"][stage] = {"steps": args.steps[stage], "seconds": round(time.perf_counter() - t0, 1),
                                     "final": losses}
         state = None
-    dsa_losses.unwrap_indexers(model)
+    swap.unwrap_indexers(model)
     save_model(model, args.out_dir)
+    return summary
+
+
+def run(args: TrainArgs, resume: bool = False, rebuild_corpus: bool = False, eval_batch_size: int | None = 4) -> dict:
+    """The whole recipe: the corpus (built unless present: ``corpus.prepare``), the three stages
+    (:func:`train`), then the held-out losses (``evaluate.heldout_losses``; none when
+    ``eval_batch_size`` is None). The summary is written to ``work_dir/summary.json`` and returned."""
+    from sglang_indexcache.training import corpus, evaluate
+
+    t0 = time.perf_counter()
+    tokenizer, stream = corpus.prepare(args.out_dir, args.work_dir, args.vocab_size, rebuild_corpus)
+    summary = train(args, stream, tokenizer, resume=resume)
+    summary["train_seconds"] = round(time.perf_counter() - t0, 1)
+    summary["args"] = dict(vars(args))
+    if eval_batch_size is not None:
+        summary["heldout"] = evaluate.heldout_losses(args.out_dir, stream, args.device, eval_batch_size, args.seq_len)
+    atomic_write_json(Path(args.work_dir) / "summary.json", summary, indent=2)
     return summary
 
 
