@@ -119,7 +119,7 @@ def test_inputs_of_verbs_without_force(name, files, tmp_path):
 RESUME_CASES = {
     "calibrate": (_cal(out="{tmp}/r/p.json"), "r/p.json.state.json", "pass --resume to continue it"),
     "distill": (_distill("{tmp}/r"), "r/distill/state.pt", "pass --resume to continue it"),
-    "train-tiny": (["train-tiny", "--out", "{tmp}/r/model", "--work-dir", "{tmp}/r/work"], "r/work/state.pt",
+    "train-tiny": (["train-tiny", "--out", "{tmp}/r/model", "--work-dir", "{tmp}/r/scratch"], "r/scratch/state.pt",
                    "pass --resume to continue it"),
 }
 
